@@ -1,0 +1,104 @@
+"""gradtel's configuration, read from the environment once (the OpenTelemetry variables plus GRADTEL_*).
+
+Every variable is documented in the README's configuration table. Values are parsed, never evaluated: a bad
+value is a clear ``ValueError`` naming the variable and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+EXPORTERS = ("prometheus", "otlp", "console", "none")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9464
+#: Default SDK cardinality limit per metric: far above a model's series count, so nothing folds silently
+#: into the SDK's overflow series (opentelemetry-sdk's own default is 2,000).
+DEFAULT_MAX_SERIES = 100_000
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _exporters(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("OTEL_METRICS_EXPORTER", "prometheus")
+    kinds = tuple(k.strip().lower() for k in raw.split(",") if k.strip()) or ("prometheus",)
+    unknown = [k for k in kinds if k not in EXPORTERS]
+    if unknown:
+        raise ValueError(f"OTEL_METRICS_EXPORTER must be a comma-separated list of {', '.join(EXPORTERS)}; "
+                         f"got {raw!r}")
+    return tuple(k for k in kinds if k != "none")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Where and how gradtel exports."""
+
+    exporters: tuple[str, ...] = ("prometheus",)
+    prometheus_host: str = DEFAULT_HOST
+    prometheus_port: int = DEFAULT_PORT
+    otlp_protocol: str = "http/protobuf"
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    max_series: int = DEFAULT_MAX_SERIES
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    tls_client_cafile: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        protocol = (env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                    or "http/protobuf").strip()
+        if protocol not in ("grpc", "http/protobuf"):
+            raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL must be 'grpc' or 'http/protobuf', got {protocol!r}")
+        certfile, keyfile = env.get("GRADTEL_TLS_CERT_FILE"), env.get("GRADTEL_TLS_KEY_FILE")
+        if bool(certfile) != bool(keyfile):
+            raise ValueError("GRADTEL_TLS_CERT_FILE and GRADTEL_TLS_KEY_FILE must be set together")
+        return cls(
+            exporters=_exporters(env),
+            prometheus_host=env.get("OTEL_EXPORTER_PROMETHEUS_HOST", DEFAULT_HOST) or DEFAULT_HOST,
+            prometheus_port=_int(env, "OTEL_EXPORTER_PROMETHEUS_PORT", DEFAULT_PORT),
+            otlp_protocol=protocol,
+            run_id=env.get("GRADTEL_RUN_ID") or uuid.uuid4().hex[:12],
+            max_series=_int(env, "GRADTEL_MAX_SERIES", DEFAULT_MAX_SERIES, minimum=1),
+            tls_certfile=certfile or None,
+            tls_keyfile=keyfile or None,
+            tls_client_cafile=env.get("GRADTEL_TLS_CLIENT_CA_FILE") or None,
+        )
+
+    def resource(self) -> Any:
+        """The run id, host and process, merged over OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME (read by
+        the SDK); service.name defaults to ``gradtel`` instead of the SDK's ``unknown_service``."""
+        from opentelemetry.sdk.resources import Resource
+
+        resource = Resource.create({
+            "gradtel.run_id": self.run_id,
+            "host.name": socket.gethostname(),
+            "process.pid": os.getpid(),
+        })
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "gradtel"}))
+        return resource
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """Arguments for prometheus_client's start_http_server: TLS, and client certificates when a CA is set."""
+        if not self.tls_certfile:
+            return {}
+        kwargs: dict[str, Any] = {"certfile": self.tls_certfile, "keyfile": self.tls_keyfile}
+        if self.tls_client_cafile:
+            kwargs.update(client_cafile=self.tls_client_cafile, client_auth_required=True)
+        return kwargs

@@ -1,0 +1,275 @@
+"""Export through OpenTelemetry: a MeterProvider whose observable instruments read gradtel's latest snapshot.
+
+Configured from the standard OpenTelemetry environment (see :mod:`gradtel.config`). The data path runs one way:
+at collection time (a Prometheus scrape, or the OTLP reader's timer) the callbacks read one snapshot per
+optimizer table and turn it into observations. Nothing here ever touches the training step, and any failure is
+logged once and leaves training alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from gradtel import instrumenting, metrics
+from gradtel.config import Config
+from gradtel.handle import Handle, VariableRecord
+
+log = logging.getLogger("gradtel")
+
+#: The instrumentation scope of gradtel's meter.
+METER_NAME = "gradtel"
+#: Several instruments are collected in one scrape: they share one snapshot younger than this.
+SNAPSHOT_TTL_S = 0.5
+
+
+@dataclass(frozen=True)
+class _OptimizerView:
+    name: str
+    steps: int
+    global_norm: float
+    records: list[VariableRecord]
+
+
+class SnapshotCache:
+    """Reads every handle's tables at most once per ``SNAPSHOT_TTL_S`` so all instruments agree."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._views: list[_OptimizerView] = []
+        self._failed = False
+
+    def views(self) -> list[_OptimizerView]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at > SNAPSHOT_TTL_S:
+                self._views = [self._read(h) for h in instrumenting.handles()]
+                self._at = now
+            return self._views
+
+    def _read(self, handle: Handle) -> _OptimizerView:
+        try:
+            steps, global_norm = handle.totals()
+            return _OptimizerView(handle.name, steps, global_norm, handle.records())
+        except Exception:
+            if not self._failed:
+                self._failed = True
+                log.warning("gradtel: reading the statistics of %r failed; its series are skipped.",
+                            handle.name, exc_info=True)
+            return _OptimizerView(handle.name, 0, float("nan"), [])
+
+
+class Instruments:
+    """gradtel's observable instruments on one meter; each callback yields observations from the cache."""
+
+    def __init__(self, meter: otel_metrics.Meter, run_id: str, cache: SnapshotCache) -> None:
+        self._run = run_id
+        self._cache = cache
+        self._failed = False
+        sources = {
+            metrics.STEPS: self._steps,
+            metrics.MISSING: self._missing,
+            metrics.ZERO: self._per_variable("zero_steps"),
+            metrics.NONFINITE: self._per_variable("nonfinite_steps"),
+            metrics.NORM: self._per_variable("norm", skip_missing=True),
+            metrics.MAX_ABS: self._per_variable("max_abs", skip_missing=True),
+            metrics.GLOBAL_NORM: self._global_norm,
+            metrics.VARIABLES: self._variables,
+        }
+        for metric, callback in sources.items():
+            create = (meter.create_observable_counter if metric.kind is metrics.Kind.COUNTER
+                      else meter.create_observable_gauge)
+            create(metric.otel_name, callbacks=[self._guarded(callback)], unit=metric.unit,
+                   description=metric.description)
+
+    def _guarded(self, callback: Any) -> Any:
+        def safe(options: CallbackOptions) -> Iterable[Observation]:
+            try:
+                return list(callback())
+            except Exception:
+                if not self._failed:
+                    self._failed = True
+                    log.warning("gradtel: an export callback failed; collections skip it (logged once).",
+                                exc_info=True)
+                return []
+
+        return safe
+
+    def _base(self, optimizer: str) -> dict[str, str]:
+        return {"run": self._run, "optimizer": optimizer}
+
+    def _variable_attrs(self, record: VariableRecord) -> dict[str, str]:
+        return {**self._base(record.optimizer), "variable": record.name, "layer": record.layer}
+
+    def _steps(self) -> Iterable[Observation]:
+        for view in self._cache.views():
+            yield Observation(view.steps, self._base(view.name))
+
+    def _global_norm(self) -> Iterable[Observation]:
+        for view in self._cache.views():
+            if view.steps:
+                yield Observation(view.global_norm, self._base(view.name))
+
+    def _variables(self) -> Iterable[Observation]:
+        for view in self._cache.views():
+            counts = dict.fromkeys(metrics.STATES, 0)
+            for record in view.records:
+                counts[record.state] += 1
+            for state, count in counts.items():
+                yield Observation(count, {**self._base(view.name), "state": state})
+
+    def _missing(self) -> Iterable[Observation]:
+        # A variable gets a missing series once it has been missing; 'cause' is bounded (causes.py names).
+        for view in self._cache.views():
+            for record in view.records:
+                if record.missing_steps:
+                    cause = record.cause.category if record.cause is not None else "unknown"
+                    attrs = {**self._variable_attrs(record), "cause": cause,
+                             "expected": "true" if record.expected_missing else "false"}
+                    yield Observation(record.missing_steps, attrs)
+
+    def _per_variable(self, field: str, skip_missing: bool = False) -> Any:
+        def observe() -> Iterable[Observation]:
+            for view in self._cache.views():
+                for record in view.records:
+                    if skip_missing and record.state in ("missing", "expected_missing"):
+                        continue
+                    yield Observation(getattr(record, field), self._variable_attrs(record))
+
+        return observe
+
+
+class Exporter:
+    """The running export: the MeterProvider (gradtel's own, or the application's), readers and endpoint."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.endpoint: tuple[str, int] | None = None
+        self._owned_provider: Any = None
+        self._server: Any = None
+        provider = otel_metrics.get_meter_provider()
+        if _is_configured(provider):
+            log.info("gradtel: using the application's global MeterProvider (its views and limits apply).")
+        else:
+            provider = self._owned_provider = self._build_provider()
+        self.cache = SnapshotCache()
+        self.instruments = Instruments(provider.get_meter(METER_NAME, _version()), config.run_id, self.cache)
+
+    def _build_provider(self) -> Any:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.view import View
+
+        readers = [r for r in (self._reader(kind) for kind in self.config.exporters) if r is not None]
+        view = View(instrument_name="gradtel*", aggregation_cardinality_limit=self.config.max_series)
+        return MeterProvider(metric_readers=readers, resource=self.config.resource(), views=[view])
+
+    def _reader(self, kind: str) -> Any:
+        if kind == "prometheus":
+            return self._prometheus_reader()
+        if kind == "otlp":
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            return PeriodicExportingMetricReader(_otlp_exporter(self.config.otlp_protocol))
+        if kind == "console":
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
+            return PeriodicExportingMetricReader(ConsoleMetricExporter())
+        return None
+
+    def _prometheus_reader(self) -> Any:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry(auto_describe=True)
+        reader = PrometheusMetricReader(registry=registry)
+        host, port = self.config.prometheus_host, self.config.prometheus_port
+        try:
+            self._server, _ = start_http_server(port, addr=host, registry=registry, **self.config.tls_kwargs())
+            self.endpoint = (host, self._server.server_address[1])
+            log.info("gradtel: serving metrics on http://%s:%d/metrics", host, self.endpoint[1])
+        except OSError as error:
+            log.warning("gradtel: cannot serve metrics on %s:%d (%s); training goes on without this "
+                        "endpoint. Set OTEL_EXPORTER_PROMETHEUS_PORT to a free port.", host, port, error)
+        return reader
+
+    def force_flush(self, timeout_s: float = 5.0) -> None:
+        if self._owned_provider is not None:
+            self._owned_provider.force_flush(int(timeout_s * 1000))
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Final flush and stop: the OTLP readers push once more; the endpoint closes."""
+        if self._owned_provider is not None:
+            self._owned_provider.shutdown(int(timeout_s * 1000))
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def _otlp_exporter(protocol: str) -> Any:
+    try:
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    except ImportError as error:
+        raise RuntimeError("OTEL_METRICS_EXPORTER=otlp needs the OTLP exporter: pip install 'gradtel[otlp]'") \
+            from error
+    return OTLPMetricExporter()
+
+
+def _is_configured(provider: Any) -> bool:
+    """True when the application installed a real global MeterProvider (not the API's proxy or no-op)."""
+    from opentelemetry.metrics import NoOpMeterProvider
+
+    return not (type(provider).__name__ == "_ProxyMeterProvider" or isinstance(provider, NoOpMeterProvider))
+
+
+def _version() -> str:
+    from gradtel import __version__
+
+    return __version__
+
+
+_lock = threading.Lock()
+_exporter: Exporter | None = None
+_failed = False
+
+
+def ensure_started(config: Config | None = None) -> Exporter | None:
+    """Start the export once per process (idempotent). Returns None when disabled or when it failed."""
+    global _exporter, _failed
+    with _lock:
+        if _exporter is not None or _failed:
+            return _exporter
+        try:
+            config = config or Config.from_env()
+            if not config.exporters:
+                return None
+            _exporter = Exporter(config)
+        except Exception:
+            _failed = True
+            log.warning("gradtel: starting the metrics export failed; training goes on without it.",
+                        exc_info=True)
+        return _exporter
+
+
+def current() -> Exporter | None:
+    return _exporter
+
+
+def shutdown() -> None:
+    """Flush and stop the export (called at process exit by ``gradtel run`` and by tests)."""
+    global _exporter, _failed
+    with _lock:
+        exporter, _exporter, _failed = _exporter, None, False
+    if exporter is not None:
+        exporter.shutdown()
+

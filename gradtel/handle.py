@@ -1,0 +1,209 @@
+"""The per-optimizer state gradtel keeps: which variables it saw, their tables, and how to read them back.
+
+``Handle.observe`` runs inside the optimizer's funnel. In graph mode (``tf.function``, ``model.fit``, XLA) it
+runs once per trace and builds the statistics ops into the step; in eager mode it runs each step and calls a
+``tf.function`` of the same ops, so there is no per-variable Python work per step either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradtel import stats
+from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
+
+log = logging.getLogger("gradtel")
+
+
+@dataclass(frozen=True)
+class VariableRecord:
+    """The latest statistics of one variable, as the exporter and the report see them."""
+
+    optimizer: str
+    name: str
+    layer: str
+    expected_missing: bool
+    cause: Any  # gradtel.diagnosis.Cause | None: why the gradient is missing (or zero), once diagnosed
+    steps: int
+    missing_steps: int
+    zero_steps: int
+    nonfinite_steps: int
+    norm: float
+    max_abs: float
+    rows_touched: int
+    state: str  # ok | missing | zero | nonfinite | expected_missing
+
+
+@dataclass
+class _Table:
+    """A StatsTable plus the names of its variables and what the diagnosis said about them."""
+
+    stats: stats.StatsTable
+    variable_ids: tuple[int, ...]
+    names: list[str]
+    layers: list[str]
+    expected: list[bool]
+    causes: dict[int, Any] = field(default_factory=dict)
+    compiled: Any = None  # tf.function of stats.update, for eager steps
+
+
+class Handle:
+    """What ``gradtel.instrument`` returns: the live link between one optimizer and gradtel's tables."""
+
+    def __init__(self, name: str, flavour: str, expect_missing: PatternSet, loss_scale: Any = None) -> None:
+        self.name = name
+        self.flavour = flavour
+        self.expect_missing = expect_missing
+        self.active = True
+        self._loss_scale = loss_scale
+        self._lock = threading.Lock()
+        self._tables: dict[tuple[int, ...], _Table] = {}
+        self._names: dict[int, str] = {}  # id(variable) -> display name, stable for the handle's life
+        self._taken: dict[str, int] = {}
+        self._failed = False
+        self._had_instance_method = False
+        self._saved_method: Any = None
+
+    def __repr__(self) -> str:
+        return f"<gradtel.Handle optimizer={self.name!r} tables={len(self._tables)} active={self.active}>"
+
+    # --- inside the step -------------------------------------------------------------------------------
+    def observe(self, grads: Sequence[Any], variables: Sequence[Any] | None) -> None:
+        """Record one step's gradients. Never raises: a failure is logged once and training goes on."""
+        if variables is None or len(grads) == 0 or len(grads) != len(variables):
+            return
+        try:
+            import tensorflow as tf
+
+            table = self._table_for(variables)
+            grads = self._unscaled(grads)
+            if tf.inside_function():
+                table.stats.update(grads)
+            else:
+                if table.compiled is None:
+                    table.compiled = tf.function(table.stats.update)
+                table.compiled(list(grads))
+        except Exception:
+            self._log_failure_once("recording gradient statistics")
+
+    @contextlib.contextmanager
+    def enriched_errors(self, grads: Sequence[Any], variables: Sequence[Any] | None) -> Iterator[None]:
+        """Keras's 'No gradients provided for any variable' error, followed by gradtel's explanation."""
+        try:
+            yield
+        except ValueError as error:
+            if not str(error).startswith("No gradients provided") or variables is None:
+                raise
+            raise ValueError(f"{error}\n{self._explain_missing(variables)}") from error
+
+    def _explain_missing(self, variables: Sequence[Any]) -> str:
+        table = self._tables.get(tuple(id(v) for v in variables))
+        lines = ["gradtel: every gradient is missing."]
+        for i, v in enumerate(variables):
+            cause = table.causes.get(i) if table else None
+            name = table.names[i] if table else variable_path(v)
+            if cause is None:
+                lines.append(f"  - {name}: cause not diagnosed")
+            else:
+                where = f" at {cause.location}" if cause.location else ""
+                lines.append(f"  - {name}: {cause.category}{where}: {cause.explanation}")
+        return "\n".join(lines)
+
+    def _unscaled(self, grads: Sequence[Any]) -> list[Any]:
+        if self._loss_scale is None:
+            return list(grads)
+        import tensorflow as tf
+
+        scale = tf.cast(tf.convert_to_tensor(self._loss_scale), tf.float32)
+
+        def unscale(g: Any) -> Any:
+            if g is None:
+                return None
+            if isinstance(g, tf.IndexedSlices):
+                return tf.IndexedSlices(g.values / tf.cast(scale, g.values.dtype), g.indices, g.dense_shape)
+            return g / tf.cast(scale, g.dtype)
+
+        return [unscale(g) for g in grads]
+
+    def _table_for(self, variables: Sequence[Any]) -> _Table:
+        key = tuple(id(v) for v in variables)
+        with self._lock:
+            table = self._tables.get(key)
+            if table is None:
+                new = [v for v in variables if id(v) not in self._names]
+                for v, display in zip(new, unique_names([variable_path(v) for v in new], self._taken)):
+                    self._names[id(v)] = display
+                names = [self._names[id(v)] for v in variables]
+                table = _Table(
+                    stats=stats.StatsTable(len(variables), f"{self.name}_{len(self._tables)}"),
+                    variable_ids=key,
+                    names=names,
+                    layers=[layer_of(variable_path(v)) for v in variables],
+                    expected=[self.expect_missing.matches(n) for n in names],
+                )
+                self._tables[key] = table
+            return table
+
+    def _log_failure_once(self, what: str) -> None:
+        if not self._failed:
+            self._failed = True
+            log.warning("gradtel: %s failed for optimizer %r; training goes on without these statistics.",
+                        what, self.name, exc_info=True)
+
+    # --- from the exporter's and the report's threads -------------------------------------------------
+    def totals(self) -> tuple[int, float]:
+        """(steps observed, global norm at the latest step) across this optimizer's tables."""
+        steps, global_norm = 0, float("nan")
+        for table in self._snapshot_tables():
+            snap = table[1]
+            steps += snap.steps
+            if snap.steps:
+                global_norm = snap.global_norm
+        return steps, global_norm
+
+    def records(self) -> list[VariableRecord]:
+        """The latest statistics of every variable this optimizer has seen (one read per table)."""
+        out: dict[str, VariableRecord] = {}
+        for table, snap in self._snapshot_tables():
+            rows = snap.rows
+            for i, name in enumerate(table.names):
+                steps_seen = int(rows[stats.STEPS_SEEN, i])
+                if steps_seen == 0:
+                    continue
+                state = snap.state_name(i)
+                if state == "missing" and table.expected[i]:
+                    state = "expected_missing"
+                previous = out.get(name)
+                record = VariableRecord(
+                    optimizer=self.name, name=name, layer=table.layers[i], expected_missing=table.expected[i],
+                    cause=table.causes.get(i),
+                    steps=steps_seen, missing_steps=int(rows[stats.MISSING, i]),
+                    zero_steps=int(rows[stats.ZERO, i]), nonfinite_steps=int(rows[stats.NONFINITE, i]),
+                    norm=float(rows[stats.NORM, i]), max_abs=float(rows[stats.MAX_ABS, i]),
+                    rows_touched=int(rows[stats.ROWS_TOUCHED, i]), state=state,
+                )
+                out[name] = record if previous is None else _merge(previous, record)
+        return list(out.values())
+
+    def _snapshot_tables(self) -> list[tuple[_Table, stats.Snapshot]]:
+        with self._lock:
+            tables = list(self._tables.values())
+        return [(t, t.stats.snapshot()) for t in tables]
+
+
+def _merge(older: VariableRecord, newer: VariableRecord) -> VariableRecord:
+    """One variable seen through two variable lists: counts add up, the latest values come from ``newer``."""
+    return VariableRecord(
+        **{**newer.__dict__,
+           "steps": older.steps + newer.steps,
+           "missing_steps": older.missing_steps + newer.missing_steps,
+           "zero_steps": older.zero_steps + newer.zero_steps,
+           "nonfinite_steps": older.nonfinite_steps + newer.nonfinite_steps,
+           "cause": newer.cause or older.cause},
+    )
+

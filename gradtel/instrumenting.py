@@ -1,0 +1,179 @@
+"""Instrumenting optimizers: patch the instance's gradient funnel, measure, hand on unchanged.
+
+Keras 3 routes every update (custom loops, ``model.fit``, ``LossScaleOptimizer``) through ``optimizer.apply``;
+tf_keras through ``optimizer.apply_gradients``. gradtel replaces that method on the optimizer INSTANCE (never
+the class, never a wrapper optimizer: checkpoint keys stay as they are) with a function that records the
+gradients' statistics and calls the original. ``uninstrument`` deletes the instance attribute again, which
+restores the class's method exactly.
+
+The patch is read when a step is traced: functions traced before ``instrument`` keep the old method (see the
+Keras callback, which forces a re-trace).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gradtel.handle import Handle
+from gradtel.naming import PatternSet
+
+log = logging.getLogger("gradtel")
+
+SUPPORTED = (
+    "a Keras 3 optimizer (keras.optimizers.Optimizer with the TensorFlow backend, LossScaleOptimizer included) "
+    "or a tf_keras 2.x optimizer (tf_keras.optimizers.Optimizer or tf_keras.optimizers.legacy.Optimizer)"
+)
+
+_lock = threading.RLock()
+#: Every handle ever created in this process, in order (kept after uninstrument: its counts stay reportable).
+_handles: list[Handle] = []
+#: optimizer -> its live handle.
+_live: weakref.WeakKeyDictionary[Any, Handle] = weakref.WeakKeyDictionary()
+
+
+def _flavour(optimizer: Any) -> str:
+    """'keras3' or 'tf_keras', from the optimizer's class hierarchy; TypeError for anything else."""
+    modules = [klass.__module__ for klass in type(optimizer).__mro__]
+    if any(m.startswith("keras.") for m in modules) and hasattr(optimizer, "_filter_empty_gradients"):
+        return "keras3"
+    if any(m.startswith("tf_keras.") for m in modules) and hasattr(optimizer, "apply_gradients"):
+        return "tf_keras"
+    raise TypeError(f"gradtel.instrument() expected {SUPPORTED}; got {type(optimizer).__module__}."
+                    f"{type(optimizer).__qualname__}")
+
+
+def _unique_optimizer_name(requested: str | None, optimizer: Any) -> str:
+    base = requested or str(getattr(optimizer, "name", None) or type(optimizer).__name__.lower())
+    taken = {h.name for h in _handles}
+    if requested or base not in taken:
+        return base
+    n = 2
+    while f"{base}_{n}" in taken:
+        n += 1
+    return f"{base}_{n}"
+
+
+def _keras3_wrapper(optimizer: Any, original: Callable[..., Any], handle: Handle) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def apply(grads: Iterable[Any], trainable_variables: Iterable[Any] | None = None) -> Any:
+        grads = list(grads)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        variables = trainable_variables
+        if variables is None and getattr(optimizer, "built", False):
+            variables = list(optimizer._trainable_variables)
+        handle.observe(grads, variables)
+        with handle.enriched_errors(grads, variables):
+            return original(grads, trainable_variables)
+
+    return apply
+
+
+def _tf_keras_wrapper(optimizer: Any, original: Callable[..., Any], handle: Handle) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def apply_gradients(grads_and_vars: Iterable[tuple[Any, Any]], *args: Any, **kwargs: Any) -> Any:
+        pairs = list(grads_and_vars)  # may be a one-shot zip: consume it once, hand on the list
+        grads = [g for g, _ in pairs]
+        variables = [v for _, v in pairs]
+        handle.observe(grads, variables)
+        with handle.enriched_errors(grads, variables):
+            return original(pairs, *args, **kwargs)
+
+    return apply_gradients
+
+
+_METHOD = {"keras3": "apply", "tf_keras": "apply_gradients"}
+_WRAPPER = {"keras3": _keras3_wrapper, "tf_keras": _tf_keras_wrapper}
+
+
+def instrument(
+    optimizer: Any,
+    *,
+    name: str | None = None,
+    expect_missing: Iterable[str] | str | None = None,
+    start_exporter: bool = True,
+) -> Handle:
+    """Measure every gradient ``optimizer`` applies, per variable and per step, inside the compiled step.
+
+    Args:
+        optimizer: a Keras 3 or tf_keras optimizer. Instrumenting twice returns the same handle.
+        name: the ``optimizer`` label (default: the optimizer's name, made unique in the process). Name the
+            optimizers of a GAN ("generator", "discriminator") to tell their series apart.
+        expect_missing: glob patterns (or ``re:`` regexes) of variable paths meant to get no gradient
+            (frozen backbones): reported as ``expected_missing``, not as faults, and ignored by the alerts.
+        start_exporter: set up the OpenTelemetry export from the environment if it is not running yet.
+
+    Returns:
+        The :class:`~gradtel.handle.Handle`: ``handle.records()`` reads the latest statistics.
+    """
+    flavour = _flavour(optimizer)
+    with _lock:
+        existing = _live.get(optimizer)
+        if existing is not None:
+            return existing
+        if getattr(optimizer, "iterations", None) is not None and _iterations(optimizer) > 0:
+            log.warning(
+                "gradtel: optimizer %r has already taken steps; functions traced before instrumenting "
+                "(a tf.function step, model.fit's train_function) keep running without gradtel until they are "
+                "traced again. Use gradtel.keras.GradientTelemetry() with fit, or instrument before training.",
+                getattr(optimizer, "name", optimizer),
+            )
+        handle = Handle(
+            name=_unique_optimizer_name(name, optimizer),
+            flavour=flavour,
+            expect_missing=PatternSet(expect_missing),
+            loss_scale=_loss_scale_of(optimizer) if flavour == "keras3" else None,
+        )
+        method = _METHOD[flavour]
+        handle._had_instance_method = method in vars(optimizer)
+        handle._saved_method = vars(optimizer).get(method)
+        original = getattr(optimizer, method)
+        object.__setattr__(optimizer, method, _WRAPPER[flavour](optimizer, original, handle))
+        _live[optimizer] = handle
+        _handles.append(handle)
+    if start_exporter:
+        from gradtel import export
+
+        export.ensure_started()
+    return handle
+
+
+def uninstrument(optimizer: Any) -> None:
+    """Restore ``optimizer`` exactly as it was; a no-op if it is not instrumented. Its counts stay reportable."""
+    with _lock:
+        handle = _live.pop(optimizer, None)
+        if handle is None:
+            return
+        method = _METHOD[handle.flavour]
+        if handle._had_instance_method:
+            object.__setattr__(optimizer, method, handle._saved_method)
+        else:
+            object.__delattr__(optimizer, method)
+        handle.active = False
+
+
+def is_instrumented(optimizer: Any) -> bool:
+    return optimizer in _live
+
+
+def handles() -> list[Handle]:
+    """All handles of this process (instrumented now or earlier), in creation order."""
+    with _lock:
+        return list(_handles)
+
+
+def _iterations(optimizer: Any) -> int:
+    try:
+        return int(optimizer.iterations.numpy())
+    except Exception:  # not readable here (inside a trace, under a strategy): assume fresh
+        return 0
+
+
+def _loss_scale_of(optimizer: Any) -> Any:
+    """Keras 3 LossScaleOptimizer receives SCALED gradients: gradtel divides its statistics by this scale."""
+    return getattr(optimizer, "dynamic_scale", None) if hasattr(optimizer, "inner_optimizer") else None

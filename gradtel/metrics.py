@@ -1,0 +1,84 @@
+"""The single table of gradtel's exported metrics.
+
+The Prometheus names below are gradtel's public interface: the dashboards, the alert rules, the docs and
+users' own queries depend on them. Everything that names a metric (the exporter, the dashboard generator,
+the rule generator, the README check) reads it from here, so a rename happens in one place.
+
+OpenTelemetry instrument names are the Prometheus names without the ``_total`` suffix that the Prometheus
+exporter appends to counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Kind(str, Enum):
+    """OpenTelemetry instrument kind (all observable: they read gradtel's snapshot at collection time)."""
+
+    COUNTER = "counter"
+    GAUGE = "gauge"
+
+
+#: Labels carried by every gradtel series. ``run`` tells restarts and concurrent runs of one job apart.
+COMMON_LABELS: tuple[str, ...] = ("run", "optimizer")
+#: Labels of per-variable series.
+VARIABLE_LABELS: tuple[str, ...] = (*COMMON_LABELS, "variable", "layer")
+
+#: Values of the ``state`` label of ``gradtel_variables`` (a variable's state at its latest step).
+STATES: tuple[str, ...] = ("ok", "missing", "zero", "nonfinite", "expected_missing")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One exported metric: its Prometheus name, kind, labels and meaning."""
+
+    name: str
+    kind: Kind
+    labels: tuple[str, ...]
+    unit: str
+    description: str
+
+    @property
+    def otel_name(self) -> str:
+        """The OpenTelemetry instrument name (the exporter adds ``_total`` to counters)."""
+        return self.name.removesuffix("_total") if self.kind is Kind.COUNTER else self.name
+
+
+STEPS = Metric(
+    "gradtel_steps_total", Kind.COUNTER, COMMON_LABELS, "",
+    "Optimizer steps observed by gradtel.",
+)
+MISSING = Metric(
+    "gradtel_gradient_missing_total", Kind.COUNTER, (*VARIABLE_LABELS, "cause", "expected"), "",
+    "Steps whose gradient for the variable was None. 'cause' is the diagnosed root cause category; "
+    "'expected' is \"true\" for variables declared with expect_missing.",
+)
+ZERO = Metric(
+    "gradtel_gradient_zero_total", Kind.COUNTER, VARIABLE_LABELS, "",
+    "Steps whose gradient for the variable was all zeros.",
+)
+NONFINITE = Metric(
+    "gradtel_gradient_nonfinite_total", Kind.COUNTER, VARIABLE_LABELS, "",
+    "Steps whose gradient for the variable held NaN or Inf.",
+)
+NORM = Metric(
+    "gradtel_gradient_norm", Kind.GAUGE, VARIABLE_LABELS, "",
+    "L2 norm of the variable's gradient at the latest step (NaN when the gradient was missing or non-finite).",
+)
+MAX_ABS = Metric(
+    "gradtel_gradient_max_abs", Kind.GAUGE, VARIABLE_LABELS, "",
+    "Largest absolute gradient element of the variable at the latest step.",
+)
+GLOBAL_NORM = Metric(
+    "gradtel_gradient_global_norm", Kind.GAUGE, COMMON_LABELS, "",
+    "Global L2 norm over all present gradients at the latest step (as tf.linalg.global_norm).",
+)
+VARIABLES = Metric(
+    "gradtel_variables", Kind.GAUGE, (*COMMON_LABELS, "state"), "",
+    "Variables whose latest gradient was in each state: ok, missing, zero, nonfinite, expected_missing.",
+)
+
+#: Every metric gradtel exports, in documentation order.
+ALL: tuple[Metric, ...] = (STEPS, MISSING, ZERO, NONFINITE, NORM, MAX_ABS, GLOBAL_NORM, VARIABLES)
