@@ -136,7 +136,7 @@ class Handle:
             table = self._tables.get(key)
             if table is None:
                 new = [v for v in variables if id(v) not in self._names]
-                for v, display in zip(new, unique_names([variable_path(v) for v in new], self._taken)):
+                for v, display in zip(new, unique_names([variable_path(v) for v in new], self._taken), strict=True):
                     self._names[id(v)] = display
                 names = [self._names[id(v)] for v in variables]
                 table = _Table(
