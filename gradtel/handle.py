@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradtel import stats
+from gradtel import layout
 from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
 
 log = logging.getLogger("gradtel")
@@ -43,7 +43,7 @@ class VariableRecord:
 class _Table:
     """A StatsTable plus the names of its variables and what the diagnosis said about them."""
 
-    stats: stats.StatsTable
+    stats: Any  # gradtel.stats.StatsTable (imported lazily: it needs TensorFlow)
     variable_ids: tuple[int, ...]
     names: list[str]
     layers: list[str]
@@ -139,6 +139,8 @@ class Handle:
                 for v, display in zip(new, unique_names([variable_path(v) for v in new], self._taken), strict=True):
                     self._names[id(v)] = display
                 names = [self._names[id(v)] for v in variables]
+                from gradtel import stats
+
                 table = _Table(
                     stats=stats.StatsTable(len(variables), f"{self.name}_{len(self._tables)}"),
                     variable_ids=key,
@@ -172,7 +174,7 @@ class Handle:
         for table, snap in self._snapshot_tables():
             rows = snap.rows
             for i, name in enumerate(table.names):
-                steps_seen = int(rows[stats.STEPS_SEEN, i])
+                steps_seen = int(rows[layout.STEPS_SEEN, i])
                 if steps_seen == 0:
                     continue
                 state = snap.state_name(i)
@@ -182,15 +184,15 @@ class Handle:
                 record = VariableRecord(
                     optimizer=self.name, name=name, layer=table.layers[i], expected_missing=table.expected[i],
                     cause=table.causes.get(i),
-                    steps=steps_seen, missing_steps=int(rows[stats.MISSING, i]),
-                    zero_steps=int(rows[stats.ZERO, i]), nonfinite_steps=int(rows[stats.NONFINITE, i]),
-                    norm=float(rows[stats.NORM, i]), max_abs=float(rows[stats.MAX_ABS, i]),
-                    rows_touched=int(rows[stats.ROWS_TOUCHED, i]), state=state,
+                    steps=steps_seen, missing_steps=int(rows[layout.MISSING, i]),
+                    zero_steps=int(rows[layout.ZERO, i]), nonfinite_steps=int(rows[layout.NONFINITE, i]),
+                    norm=float(rows[layout.NORM, i]), max_abs=float(rows[layout.MAX_ABS, i]),
+                    rows_touched=int(rows[layout.ROWS_TOUCHED, i]), state=state,
                 )
                 out[name] = record if previous is None else _merge(previous, record)
         return list(out.values())
 
-    def _snapshot_tables(self) -> list[tuple[_Table, stats.Snapshot]]:
+    def _snapshot_tables(self) -> list[tuple[_Table, layout.Snapshot]]:
         with self._lock:
             tables = list(self._tables.values())
         return [(t, t.stats.snapshot()) for t in tables]

@@ -13,38 +13,25 @@ That is about one extra read of the gradients, against the several reads and wri
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-#: Per-variable rows of the packed accumulator.
-MISSING, ZERO, NONFINITE, STEPS_SEEN, NORM, MAX_ABS, STATE, ROWS_TOUCHED = range(8)
-N_ROWS = 8
-#: Counter rows accumulate; the others hold the latest step's value.
-_COUNTER_ROWS = (MISSING, ZERO, NONFINITE, STEPS_SEEN)
-#: Optimizer-level slots, stored before the per-variable rows.
-G_STEPS, G_GLOBAL_NORM = range(2)
-N_GLOBALS = 2
-
-#: Values of the STATE row.
-STATE_OK, STATE_MISSING, STATE_ZERO, STATE_NONFINITE = 0.0, 1.0, 2.0, 3.0
-STATE_NAMES = {STATE_OK: "ok", STATE_MISSING: "missing", STATE_ZERO: "zero", STATE_NONFINITE: "nonfinite"}
+from gradtel.layout import (
+    COUNTER_ROWS,
+    G_GLOBAL_NORM,
+    G_STEPS,
+    N_GLOBALS,
+    N_ROWS,
+    STATE_MISSING,
+    STATE_NONFINITE,
+    STATE_OK,
+    STATE_ZERO,
+    Snapshot,
+)
 
 #: Gradients with at most this many elements (and a static shape) are reduced together in one segment pass.
 SMALL_GRADIENT_ELEMENTS = 1 << 16
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """One consistent read of a table: optimizer-level values and a [N_ROWS, n_variables] array."""
-
-    steps: int
-    global_norm: float
-    rows: np.ndarray
-
-    def state_name(self, i: int) -> str:
-        return STATE_NAMES.get(float(self.rows[STATE, i]), "ok")
 
 
 def _as_measurable(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor | None]:
@@ -118,10 +105,10 @@ class StatsTable:
                 trainable=False, name=f"gradtel_{name}", dtype=tf.float64,
             )
         keep = np.zeros([N_ROWS, n_variables], bool)
-        keep[list(_COUNTER_ROWS)] = True
+        keep[list(COUNTER_ROWS)] = True
         self._accumulate = np.concatenate([[True, False], keep.reshape(-1)])
 
-    def update(self, grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Operation:
+    def update(self, grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> None:
         """Build (graph) or run (eager) the ops that fold one step's gradients into the table.
 
         ``grads`` is aligned with the table's variables; None marks a missing gradient (static per trace).
@@ -171,7 +158,7 @@ class StatsTable:
         ])
         delta = tf.concat([tf.stack([tf.constant(1.0, tf.float64), global_norm]), tf.reshape(rows, [-1])], 0)
         old = self.variable.read_value()
-        return self.variable.assign(tf.where(self._accumulate, old + delta, delta), read_value=False)
+        self.variable.assign(tf.where(self._accumulate, old + delta, delta), read_value=False)
 
     def snapshot(self) -> Snapshot:
         """One read of the packed variable (safe from any thread while the step runs)."""

@@ -1,0 +1,138 @@
+"""The in-graph statistics against independently computed values, in eager, tf.function and XLA steps."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradtel
+from gradtel import layout, stats
+from tests.core.helpers import by_name, numpy_norm
+
+MODES = ["eager", "function", "jit"]
+
+
+def make_step(optimizer: keras.optimizers.Optimizer, variables: list, mode: str):
+    """A step applying given gradients; None positions stay None (static, like a real disconnected variable)."""
+
+    def step(*grads):
+        optimizer.apply_gradients(zip(list(grads), variables, strict=True))
+
+    if mode == "eager":
+        return step
+    return tf.function(step, jit_compile=(mode == "jit"))
+
+
+@pytest.fixture
+def variables():
+    return [
+        keras.Variable(np.zeros((3, 4), "float32"), name="w"),
+        keras.Variable(np.zeros((4,), "float32"), name="b"),
+        keras.Variable(np.zeros((300, 300), "float32"), name="big"),  # above the small-gradient threshold
+        keras.Variable(np.zeros((2,), "float32"), name="unused"),
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_norms_counts_and_states_match_independent_computation(variables, mode):
+    opt = keras.optimizers.SGD(0.0)
+    handle = gradtel.instrument(opt, name=f"stats-{mode}", start_exporter=False)
+    step = make_step(opt, variables, mode)
+    rng = np.random.default_rng(1)
+    steps = [
+        [rng.normal(size=(3, 4)), rng.normal(size=(4,)), rng.normal(size=(300, 300))],
+        [np.zeros((3, 4)), rng.normal(size=(4,)) * 1e-30, rng.normal(size=(300, 300))],  # zero; tiny but not zero
+        [rng.normal(size=(3, 4)), np.full((4,), np.nan), np.full((300, 300), np.inf)],
+        [rng.normal(size=(3, 4)) * 1e3, rng.normal(size=(4,)), rng.normal(size=(300, 300))],
+    ]
+    for grads in steps:
+        step(*[tf.constant(g, tf.float32) for g in grads], None)
+
+    records = by_name(handle)
+    last = [np.asarray(g, np.float32) for g in steps[-1]]
+    for name, g in zip(["w", "b", "big"], last, strict=True):
+        assert records[name].norm == pytest.approx(numpy_norm(g), rel=1e-5)
+        assert records[name].max_abs == pytest.approx(float(np.max(np.abs(g))), rel=1e-6)
+        assert records[name].state == "ok"
+        assert records[name].steps == 4
+        assert records[name].missing_steps == 0
+    assert (records["w"].zero_steps, records["b"].zero_steps, records["big"].zero_steps) == (1, 0, 0)
+    assert (records["w"].nonfinite_steps, records["b"].nonfinite_steps, records["big"].nonfinite_steps) == (0, 1, 1)
+    assert records["unused"].missing_steps == 4
+    assert records["unused"].state == "missing"
+    assert math.isnan(records["unused"].norm)
+
+    steps_seen, global_norm = handle.totals()
+    assert steps_seen == 4
+    expected_global = float(tf.linalg.global_norm([tf.constant(g) for g in last]))
+    assert global_norm == pytest.approx(expected_global, rel=1e-5)
+    gradtel.uninstrument(opt)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_indexed_slices_norm_is_exact_with_repeated_indices(mode):
+    table = keras.Variable(np.zeros((50, 3), "float32"), name="embedding")
+    opt = keras.optimizers.SGD(0.0)
+    handle = gradtel.instrument(opt, name=f"embed-{mode}", start_exporter=False)
+    step = make_step(opt, [table], mode)
+    values = tf.constant(np.arange(15, dtype="float32").reshape(5, 3) - 7.0)
+    indices = tf.constant([4, 9, 4, 4, 30])  # row 4 three times: its gradient is the SUM of three slices
+    slices = tf.IndexedSlices(values, indices, tf.constant([50, 3]))
+    step(slices)
+
+    record = by_name(handle)["embedding"]
+    dense = tf.convert_to_tensor(slices)  # TensorFlow's own densification sums repeated rows
+    assert record.norm == pytest.approx(numpy_norm(dense), rel=1e-6)
+    assert record.norm != pytest.approx(float(np.linalg.norm(values.numpy())), rel=1e-3)
+    assert record.max_abs == pytest.approx(float(np.max(np.abs(dense.numpy()))))
+    assert record.rows_touched == 3
+    gradtel.uninstrument(opt)
+
+
+def table_record(grads: list, fn=tf.function) -> np.ndarray:
+    """Run StatsTable.update directly (dtypes an optimizer would not accept) and return the rows."""
+    table = stats.StatsTable(len(grads), "direct")
+    fn(table.update)(grads)
+    return table.snapshot().rows
+
+
+def test_float16_is_measured_in_float32_and_underflow_shows_as_zero():
+    g = np.array([60000.0, 60000.0, -3.0], np.float16)  # its sum of squares overflows float16
+    underflowed = tf.cast(tf.constant([1e-9, -1e-9]), tf.float16)  # 0 in float16
+    rows = table_record([tf.constant(g), underflowed])
+    assert rows[layout.NORM, 0] == pytest.approx(numpy_norm(g.astype(np.float64)), rel=1e-6)
+    assert rows[layout.NONFINITE, 0] == 0
+    assert rows[layout.ZERO, 1] == 1
+
+
+def test_float32_sum_of_squares_overflow_still_gives_the_exact_finite_norm():
+    g = np.full((1000,), 3e19, np.float32)  # finite elements whose squares overflow float32
+    rows = table_record([tf.constant(g)])
+    assert rows[layout.NONFINITE, 0] == 0
+    assert rows[layout.NORM, 0] == pytest.approx(numpy_norm(g), rel=1e-6)
+
+
+def test_empty_gradient_counts_as_zero_not_nonfinite():
+    rows = table_record([tf.zeros((0, 4))])
+    assert (rows[layout.ZERO, 0], rows[layout.NONFINITE, 0], rows[layout.NORM, 0]) == (1, 0, 0)
+
+
+def test_step_graph_holds_only_numeric_ops():
+    """XLA-safe and no host round trip: no print, py_function, numpy_function or summary op in the step."""
+    variables = [keras.Variable(np.zeros((3,), "float32"), name="v")]
+    opt = keras.optimizers.Adam()
+    gradtel.instrument(opt, name="graph-ops", start_exporter=False)
+    step = make_step(opt, variables, "function")
+    graph = step.get_concrete_function(tf.TensorSpec((3,), tf.float32)).graph
+    op_types = {op.type for op in graph.get_operations()}
+    for fn in graph._functions.values():
+        op_types |= {node.op for node in fn.definition.node_def}
+    forbidden = {"PrintV2", "Print", "PyFunc", "EagerPyFunc", "PyFuncStateless", "WriteSummary",
+                 "WriteScalarSummary", "WriteHistogramSummary"}
+    assert not op_types & forbidden
+    assert "UnsortedSegmentSum" in op_types  # gradtel's statistics are in the step
+    gradtel.uninstrument(opt)
