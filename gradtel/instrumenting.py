@@ -177,3 +177,11 @@ def _iterations(optimizer: Any) -> int:
 def _loss_scale_of(optimizer: Any) -> Any:
     """Keras 3 LossScaleOptimizer receives SCALED gradients: gradtel divides its statistics by this scale."""
     return getattr(optimizer, "dynamic_scale", None) if hasattr(optimizer, "inner_optimizer") else None
+
+
+def uninstrument_all() -> None:
+    """Uninstrument every optimizer that is instrumented now."""
+    with _lock:
+        optimizers = list(_live.keys())
+    for optimizer in optimizers:
+        uninstrument(optimizer)

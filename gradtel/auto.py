@@ -1,0 +1,143 @@
+"""Zero-code instrumentation: every Keras 3 / tf_keras optimizer created in the process gets instrumented.
+
+Used by ``gradtel run`` and by the OpenTelemetry instrumentor. Keras is NOT imported here: importing it early
+would run before the script sets ``KERAS_BACKEND`` or ``TF_USE_LEGACY_KERAS``. Instead a post-import hook patches
+the optimizer base classes' ``__init__`` when (and if) the script imports them. An optimizer is instrumented when
+its outermost ``__init__`` returns; a loss-scale wrapper takes over from its inner optimizer, which is then
+uninstrumented, so no step is counted twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger("gradtel")
+
+#: module -> classes whose __init__ is wrapped (base classes, and loss-scale wrappers that may not call them).
+TARGETS: dict[str, tuple[str, ...]] = {
+    "keras.src.optimizers.base_optimizer": ("BaseOptimizer",),
+    "keras.src.optimizers.loss_scale_optimizer": ("LossScaleOptimizer",),
+    "tf_keras.src.optimizers.optimizer": ("_BaseOptimizer",),
+    "tf_keras.src.optimizers.legacy.optimizer_v2": ("OptimizerV2",),
+    "tf_keras.src.mixed_precision.loss_scale_optimizer": ("LossScaleOptimizer", "LossScaleOptimizerV3"),
+}
+
+_lock = threading.RLock()
+_depth = threading.local()
+_options: dict[str, Any] = {}
+_patched: list[tuple[type, Callable[..., None]]] = []
+_finder: _PostImportFinder | None = None
+_failed = False
+
+
+def _after_init(optimizer: Any) -> None:
+    from gradtel.instrumenting import instrument, uninstrument
+
+    global _failed
+    try:
+        inner = getattr(optimizer, "inner_optimizer", None)
+        if inner is not None:
+            uninstrument(inner)
+        instrument(optimizer, **_options)
+    except Exception:
+        if not _failed:
+            _failed = True
+            log.warning("gradtel: could not instrument %s; it trains without gradtel.",
+                        type(optimizer).__name__, exc_info=True)
+
+
+def _wrap_init(cls: type) -> None:
+    original = cls.__dict__["__init__"]
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        _depth.n = getattr(_depth, "n", 0) + 1
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            _depth.n -= 1
+        if _depth.n == 0:
+            _after_init(self)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    _patched.append((cls, original))
+
+
+def _patch_module(module: ModuleType) -> None:
+    with _lock:
+        for name in TARGETS.get(module.__name__, ()):
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and "__init__" in cls.__dict__ and all(c is not cls for c, _ in _patched):
+                _wrap_init(cls)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs the real loader, then patches the freshly executed module."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        try:
+            _patch_module(module)
+        except Exception:
+            log.warning("gradtel: patching %s failed; optimizers train without gradtel.", module.__name__,
+                        exc_info=True)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Finds TARGETS modules through the other finders and wraps their loader."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> Any:
+        if fullname not in TARGETS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+def enable(**options: Any) -> None:
+    """Instrument every optimizer created from now on (and patch modules already imported)."""
+    global _finder
+    with _lock:
+        _options.clear()
+        _options.update(options)
+        if _finder is None:
+            _finder = _PostImportFinder()
+            sys.meta_path.insert(0, _finder)
+        for name in TARGETS:
+            if name in sys.modules:
+                _patch_module(sys.modules[name])
+
+
+def disable() -> None:
+    """Stop instrumenting new optimizers and uninstrument those that are instrumented."""
+    global _finder
+    from gradtel.instrumenting import uninstrument_all
+
+    with _lock:
+        if _finder is not None and _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)
+        _finder = None
+        while _patched:
+            cls, original = _patched.pop()
+            cls.__init__ = original  # type: ignore[misc]
+    uninstrument_all()
