@@ -1,4 +1,4 @@
-"""The ``gradtel`` command line: ``demo`` (and the subcommands later issues add)."""
+"""The ``gradtel`` command line: ``demo`` and ``stack``."""
 
 from __future__ import annotations
 
@@ -40,7 +40,21 @@ def _parser() -> argparse.ArgumentParser:
                       help="make the 'calibration' variable's gradient NaN from STEP on")
     demo.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                       help="keep serving the metrics this long after training ends")
+
+    stack = commands.add_parser("stack", add_help=False,
+                                help="run Prometheus and Alertmanager on loopback with the shipped configs "
+                                     "(gradtel stack --help)")
+    stack.add_argument("args", nargs=argparse.REMAINDER)  # handed to gradtel.localstack as they are
     return parser
+
+
+def _stack(args: argparse.Namespace) -> int:
+    try:
+        from gradtel import localstack
+    except ImportError as error:
+        print(f"gradtel stack needs PyYAML: pip install 'gradtel[stack]' ({error})", file=sys.stderr)
+        return 2
+    return localstack.main(args.args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -65,9 +79,14 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["stack"]:  # its options, --help included, belong to gradtel.localstack
+        return _stack(argparse.Namespace(args=argv[1:]))
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "stack":
+        return _stack(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
