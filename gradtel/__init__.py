@@ -11,4 +11,11 @@ from gradtel.instrumenting import instrument, is_instrumented, uninstrument
 
 __version__ = "0.1.0"
 
-__all__ = ["Handle", "VariableRecord", "__version__", "instrument", "is_instrumented", "uninstrument"]
+__all__ = ["Handle", "VariableRecord", "__version__", "instrument", "is_instrumented", "report", "uninstrument"]
+
+
+def report() -> dict:
+    """The ``gradtel.report/v1`` report of every optimizer instrumented in this process (see docs/report.md)."""
+    from gradtel import reporting
+
+    return reporting.build()

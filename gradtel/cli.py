@@ -1,10 +1,11 @@
-"""The ``gradtel`` command line: ``demo`` and ``stack``."""
+"""The ``gradtel`` command line: ``demo``, ``run``, ``check`` and ``stack``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import pathlib
 import sys
 import time
 from collections.abc import Sequence
@@ -41,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                       help="keep serving the metrics this long after training ends")
 
+    run = commands.add_parser("run", help="run an unmodified training script with every optimizer instrumented",
+                              usage="gradtel run [options] -- python SCRIPT.py [ARGS]")
+    check = commands.add_parser("check", help="pre-flight gate: run the script until N steps, print the diagnosis, "
+                                "exit 1 if any unexpected variable is unhealthy",
+                                usage="gradtel check [options] -- python SCRIPT.py [ARGS]")
+    for sub in (run, check):
+        sub.add_argument("--report", metavar="FILE", help="write the JSON report (gradtel.report/v1) at the end")
+        sub.add_argument("--expect-missing", action="append", default=[], metavar="PATTERN",
+                         help="variable paths (glob, or re:REGEX) meant to get no gradient; repeatable")
+        sub.add_argument("--port", type=_port, default=None, help="metrics port (OTEL_EXPORTER_PROMETHEUS_PORT)")
+        sub.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                         help="the command to run, e.g. -- python train.py --epochs 3")
+    check.add_argument("--steps", type=_non_negative, default=1, help="optimizer steps to measure (default 1)")
+    check.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+
     stack = commands.add_parser("stack", add_help=False,
                                 help="run Prometheus and Alertmanager on loopback with the shipped configs "
                                      "(gradtel stack --help)")
@@ -55,6 +71,34 @@ def _stack(args: argparse.Namespace) -> int:
         print(f"gradtel stack needs PyYAML: pip install 'gradtel[stack]' ({error})", file=sys.stderr)
         return 2
     return localstack.main(args.args)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Replace this process with the user's command, gradtel's bootstrap first on its PYTHONPATH."""
+    from gradtel import runner
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        print(f"gradtel {args.command}: expected a command after --, e.g. gradtel {args.command} -- python train.py",
+              file=sys.stderr)
+        return 2
+    checking = args.command == "check"
+    options = runner.RunOptions(report=args.report, expect_missing=args.expect_missing,
+                                check_steps=max(1, args.steps) if checking else None,
+                                json_output=checking and args.json)
+    env = dict(os.environ)
+    bootstrap = str(pathlib.Path(__file__).resolve().parent / "_bootstrap")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap, env.get("PYTHONPATH")) if p)
+    env[runner.ENV] = options.to_env()
+    if args.port is not None:
+        env["OTEL_EXPORTER_PROMETHEUS_PORT"] = str(args.port)
+    if checking:
+        env.setdefault("OTEL_METRICS_EXPORTER", "none")  # a gate needs no endpoint
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as error:
+        print(f"gradtel {args.command}: cannot run {command[0]!r}: {error}", file=sys.stderr)
+        return 127
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -85,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command in ("run", "check"):
+        return _launch(args)
     if args.command == "stack":
         return _stack(args)
     raise AssertionError(f"unhandled command {args.command}")

@@ -131,7 +131,7 @@ class Instruments:
         for view in self._cache.views():
             for record in view.records:
                 if record.missing_steps:
-                    cause = record.cause.category if record.cause is not None else "unknown"
+                    cause = record.missing_cause.category if record.missing_cause is not None else "unknown"
                     attrs = {**self._variable_attrs(record), "cause": cause,
                              "expected": "true" if record.expected_missing else "false"}
                     yield Observation(record.missing_steps, attrs)

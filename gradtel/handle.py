@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,8 @@ class VariableRecord:
     name: str
     layer: str
     expected_missing: bool
-    cause: Any  # gradtel.diagnosis.Cause | None: why the gradient is missing (or zero), once diagnosed
+    cause: Any  # gradtel.diagnosis.Cause | None: why the latest gradient is missing or zero, once diagnosed
+    missing_cause: Any  # the Cause of the variable's missing steps (labels the missing counter), or None
     steps: int
     missing_steps: int
     zero_steps: int
@@ -48,15 +50,19 @@ class _Table:
     names: list[str]
     layers: list[str]
     expected: list[bool]
-    causes: dict[int, Any] = field(default_factory=dict)
+    causes: dict[int, Any] = field(default_factory=dict)  # index -> Cause of a None gradient
+    zero_hints: dict[int, Any] = field(default_factory=dict)  # index -> likely Cause if it turns out all-zero
     compiled: Any = None  # tf.function of stats.update, for eager steps
 
 
 class Handle:
     """What ``gradtel.instrument`` returns: the live link between one optimizer and gradtel's tables."""
 
-    def __init__(self, name: str, flavour: str, expect_missing: PatternSet, loss_scale: Any = None) -> None:
+    def __init__(
+        self, name: str, flavour: str, expect_missing: PatternSet, loss_scale: Any = None, diagnoser: Any = None,
+    ) -> None:
         self.name = name
+        self._diagnoser = diagnoser
         self.flavour = flavour
         self.expect_missing = expect_missing
         self.active = True
@@ -64,6 +70,7 @@ class Handle:
         self._lock = threading.Lock()
         self._tables: dict[tuple[int, ...], _Table] = {}
         self._names: dict[int, str] = {}  # id(variable) -> display name, stable for the handle's life
+        self._variables: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._taken: dict[str, int] = {}
         self._failed = False
         self._had_instance_method = False
@@ -81,6 +88,7 @@ class Handle:
             import tensorflow as tf
 
             table = self._table_for(variables)
+            self._diagnose(table, grads, variables)
             grads = self._unscaled(grads)
             if tf.inside_function():
                 table.stats.update(grads)
@@ -90,6 +98,17 @@ class Handle:
                 table.compiled(list(grads))
         except Exception:
             self._log_failure_once("recording gradient statistics")
+
+    def _diagnose(self, table: _Table, grads: Sequence[Any], variables: Sequence[Any]) -> None:
+        """Why gradients are None (graph: once per trace; eager: cheap unless the missing set is new)."""
+        if self._diagnoser is None:
+            return
+        try:
+            diagnosis = self._diagnoser.diagnose(list(grads), list(variables))
+            table.causes.update(diagnosis.causes)
+            table.zero_hints.update(diagnosis.zero_hints)
+        except Exception:
+            self._log_failure_once("diagnosing missing gradients")
 
     @contextlib.contextmanager
     def enriched_errors(self, grads: Sequence[Any], variables: Sequence[Any] | None) -> Iterator[None]:
@@ -138,6 +157,8 @@ class Handle:
                 new = [v for v in variables if id(v) not in self._names]
                 for v, display in zip(new, unique_names([variable_path(v) for v in new], self._taken), strict=True):
                     self._names[id(v)] = display
+                    with contextlib.suppress(TypeError):  # not weak-referenceable: not listed by variables()
+                        self._variables[id(v)] = v
                 names = [self._names[id(v)] for v in variables]
                 from gradtel import stats
 
@@ -156,6 +177,10 @@ class Handle:
             self._failed = True
             log.warning("gradtel: %s failed for optimizer %r; training goes on without these statistics.",
                         what, self.name, exc_info=True)
+
+    def variables(self) -> list[Any]:
+        """The live variables this optimizer has been given (weak references: gradtel keeps none alive)."""
+        return list(self._variables.values())
 
     # --- from the exporter's and the report's threads -------------------------------------------------
     def totals(self) -> tuple[int, float]:
@@ -181,9 +206,12 @@ class Handle:
                 if state == "missing" and table.expected[i]:
                     state = "expected_missing"
                 previous = out.get(name)
+                missing_cause = table.causes.get(i) if rows[layout.MISSING, i] else None
+                cause = {"missing": missing_cause, "expected_missing": missing_cause,
+                         "zero": table.zero_hints.get(i)}.get(state)
                 record = VariableRecord(
                     optimizer=self.name, name=name, layer=table.layers[i], expected_missing=table.expected[i],
-                    cause=table.causes.get(i),
+                    cause=cause, missing_cause=missing_cause,
                     steps=steps_seen, missing_steps=int(rows[layout.MISSING, i]),
                     zero_steps=int(rows[layout.ZERO, i]), nonfinite_steps=int(rows[layout.NONFINITE, i]),
                     norm=float(rows[layout.NORM, i]), max_abs=float(rows[layout.MAX_ABS, i]),
@@ -206,6 +234,6 @@ def _merge(older: VariableRecord, newer: VariableRecord) -> VariableRecord:
            "missing_steps": older.missing_steps + newer.missing_steps,
            "zero_steps": older.zero_steps + newer.zero_steps,
            "nonfinite_steps": older.nonfinite_steps + newer.nonfinite_steps,
-           "cause": newer.cause or older.cause},
+           "missing_cause": newer.missing_cause or older.missing_cause},
     )
 

@@ -34,6 +34,24 @@ _lock = threading.RLock()
 _handles: list[Handle] = []
 #: optimizer -> its live handle.
 _live: weakref.WeakKeyDictionary[Any, Handle] = weakref.WeakKeyDictionary()
+_diagnoser: Any = None
+
+
+def current_diagnoser() -> Any:
+    """The Diagnoser if one was installed, else None (never installs one)."""
+    return _diagnoser
+
+
+def diagnoser() -> Any:
+    """The process's Diagnoser, installed with the first instrumented optimizer (it patches GradientTape)."""
+    global _diagnoser
+    with _lock:
+        if _diagnoser is None:
+            from gradtel.diagnosis import Diagnoser
+
+            _diagnoser = Diagnoser()
+            _diagnoser.install()
+        return _diagnoser
 
 
 def _flavour(optimizer: Any) -> str:
@@ -128,6 +146,7 @@ def instrument(
             flavour=flavour,
             expect_missing=PatternSet(expect_missing),
             loss_scale=_loss_scale_of(optimizer) if flavour == "keras3" else None,
+            diagnoser=diagnoser(),
         )
         method = _METHOD[flavour]
         handle._had_instance_method = method in vars(optimizer)

@@ -1,15 +1,43 @@
-"""Plain-text tables for people: the per-variable summary printed by ``gradtel demo`` and ``gradtel check``."""
+"""Plain-text tables for people: ``gradtel demo``'s per-variable summary and ``gradtel check``'s diagnosis."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from gradtel.handle import VariableRecord
 
 
 def _norm(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4g}"
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns with a rule under the first row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def report_table(report: dict[str, Any]) -> str:
+    """``gradtel check``'s diagnosis: variable, status, cause, location; then the fix for each unhealthy one."""
+    rows = [("optimizer", "variable", "status", "cause", "location")]
+    fixes = []
+    for v in report["variables"]:
+        cause = v["cause"] or {}
+        status = v["status"] + (" (expected)" if v["expected"] else "")
+        rows.append((v["optimizer"], v["name"], status, cause.get("category") or "", cause.get("location") or ""))
+        if v["status"] != "ok" and not v["expected"] and cause:
+            fixes.append(f"- {v['name']}: {cause['explanation']}")
+    lines = _columns(rows)
+    if fixes:
+        lines += ["", "How to fix:", *fixes]
+    for finding in report["findings"]:
+        if finding["category"] == "not_optimized":
+            lines += ["", f"Never passed to an optimizer: {', '.join(finding['variables'])}. {finding['explanation']}"]
+    return "\n".join(lines)
 
 
 def variables_table(records: Sequence[VariableRecord]) -> str:
@@ -22,10 +50,7 @@ def variables_table(records: Sequence[VariableRecord]) -> str:
             cause += f" ({r.cause.location})"
         rows.append((r.optimizer, r.name, r.state, _norm(r.norm), str(r.steps), str(r.missing_steps),
                      str(r.zero_steps), str(r.nonfinite_steps), cause))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_columns(rows))
 
 
 def state_counts(records: Sequence[VariableRecord]) -> str:

@@ -1,0 +1,134 @@
+"""The JSON report (``"schema": "gradtel.report/v1"``): every variable's gradient health and its cause.
+
+Documented field by field in docs/report.md. ``gradtel.report()`` returns it as a dict; ``write`` puts it on disk
+atomically (a temporary file in the same directory, fsynced, then renamed), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from typing import Any
+
+from gradtel import causes, instrumenting
+from gradtel.handle import VariableRecord
+
+SCHEMA = "gradtel.report/v1"
+
+
+def _number(value: float) -> float | None:
+    """JSON has no NaN/Inf: a missing or non-finite value is null."""
+    return value if math.isfinite(value) else None
+
+
+def _status(record: VariableRecord) -> str:
+    return "missing" if record.state == "expected_missing" else record.state
+
+
+def _cause(record: VariableRecord) -> dict[str, Any] | None:
+    if record.cause is not None:
+        return record.cause.to_dict()
+    if record.state == "zero":
+        return {"category": "other", "op": None, "location": None, "explanation": causes.fix_for("other")}
+    return None
+
+
+def _variable(record: VariableRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "optimizer": record.optimizer,
+        "layer": record.layer,
+        "status": _status(record),
+        "expected": record.expected_missing,
+        "steps": record.steps,
+        "missing_steps": record.missing_steps,
+        "zero_steps": record.zero_steps,
+        "nonfinite_steps": record.nonfinite_steps,
+        "last_norm": _number(record.norm) if record.state not in ("missing", "expected_missing") else None,
+        "last_max_abs": _number(record.max_abs) if record.state not in ("missing", "expected_missing") else None,
+        "rows_touched": record.rows_touched,
+        "cause": _cause(record),
+    }
+
+
+#: Explanations of the finding categories that are not causes.
+_FINDING_TEXT = {
+    "nonfinite": "These gradients held NaN or Inf at the latest step: lower the learning rate, clip gradients, "
+                 "check the loss for log(0) or division by zero.",
+    "expected_missing": "Declared with expect_missing: intended to get no gradient.",
+    "not_optimized": "These trainable variables influence the loss but were never passed to any optimizer, so they "
+                     "never train (plain tf.Variables in a Python list on a Keras 3 layer are not tracked): track "
+                     "them (add_weight, or a tracked attribute) so they reach the optimizer.",
+}
+
+
+def _finding_category(record: VariableRecord) -> str | None:
+    if record.state in ("nonfinite", "expected_missing"):
+        return record.state
+    if record.state == "ok":
+        return None
+    cause = _cause(record)
+    return cause["category"] if cause else "unknown"
+
+
+def _findings(records: list[VariableRecord], not_optimized: list[str]) -> list[dict[str, Any]]:
+    """Unhealthy variables grouped by cause; expected ones apart; variables no optimizer ever received."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for record in records:
+        category = _finding_category(record)
+        if category is not None:
+            groups[category].append(record.name)
+    if not_optimized:
+        groups["not_optimized"] = list(not_optimized)
+    return [{"category": c, "variables": names, "explanation": _FINDING_TEXT.get(c) or causes.fix_for(c)}
+            for c, names in groups.items()]
+
+
+def _not_optimized() -> list[str]:
+    diagnoser = instrumenting.current_diagnoser()
+    if diagnoser is None:
+        return []
+    optimized = [v for h in instrumenting.handles() for v in h.variables()]
+    return diagnoser.not_optimized(optimized)
+
+
+def build() -> dict[str, Any]:
+    """The report of every optimizer this process instrumented (one read of each table)."""
+    from gradtel import export
+
+    exporter = export.current()
+    run_id = exporter.config.run_id if exporter is not None else os.environ.get("GRADTEL_RUN_ID")
+    optimizers, records = [], []
+    for handle in instrumenting.handles():
+        steps, global_norm = handle.totals()
+        optimizers.append({"name": handle.name, "steps": steps, "last_global_norm": _number(global_norm)})
+        records.extend(handle.records())
+    return {
+        "schema": SCHEMA,
+        "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "optimizers": optimizers,
+        "variables": [_variable(r) for r in records],
+        "findings": _findings(records, _not_optimized()),
+    }
+
+
+def write(path: str, report: dict[str, Any]) -> None:
+    """Write ``report`` to ``path`` atomically: readers see the old file or the whole new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".gradtel-report-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,137 @@
+"""Inside the process launched by ``gradtel run`` / ``gradtel check``: instrument everything, report at the end.
+
+The CLI passes its options in ``GRADTEL_RUN_OPTIONS`` (JSON, parsed, never evaluated). The variable is removed
+from the environment at once, so subprocesses the script starts (data loaders) run uninstrumented and never
+overwrite the report. The report is written when the script ends normally, by an exception, by ``sys.exit``, by
+SIGINT (KeyboardInterrupt) or by SIGTERM; the exit status stays the script's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradtel import auto, export, instrumenting, render, reporting
+
+ENV = "GRADTEL_RUN_OPTIONS"
+log = logging.getLogger("gradtel")
+
+#: ``gradtel check`` exit codes (documented in the README).
+EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_TOO_FEW_STEPS = 0, 1, 3
+#: How often the check watcher looks at the step counters.
+CHECK_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    report: str | None = None
+    expect_missing: list[str] = field(default_factory=list)
+    check_steps: int | None = None  # set by ``gradtel check``: stop after this many steps
+    json_output: bool = False
+
+    def to_env(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_env(cls, raw: str) -> RunOptions:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(f"{ENV} must be a JSON object")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+_options = RunOptions()
+_finished = threading.Event()
+_lock = threading.Lock()
+
+
+def bootstrap_from_env() -> None:
+    """Called from the bootstrap sitecustomize; does nothing in processes gradtel did not launch."""
+    raw = os.environ.pop(ENV, None)
+    if raw is None:
+        return
+    global _options
+    _options = RunOptions.from_env(raw)
+    auto.enable(expect_missing=_options.expect_missing)
+    atexit.register(_at_exit)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    if _options.check_steps:
+        threading.Thread(target=_watch_steps, name="gradtel-check", daemon=True).start()
+
+
+def _finish() -> dict[str, Any] | None:
+    """Write the report and flush the export, once, whichever way the process ends."""
+    with _lock:
+        if _finished.is_set():
+            return None
+        _finished.set()
+        report = None
+        try:
+            report = reporting.build()
+            if _options.report:
+                reporting.write(_options.report, report)
+        except Exception:
+            log.warning("gradtel: writing the report failed", exc_info=True)
+        try:
+            export.shutdown()
+        except Exception:
+            log.warning("gradtel: the final export flush failed", exc_info=True)
+        return report
+
+
+def _at_exit() -> None:
+    report = _finish()
+    if _options.check_steps and report is not None:
+        print(f"gradtel check: the script ended before {_options.check_steps} optimizer step(s) were measured",
+              file=sys.stderr)
+        _print(report)
+        sys.stdout.flush()
+        os._exit(EXIT_TOO_FEW_STEPS)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _finish()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)  # die by the signal, as the script would have
+
+
+def _steps_measured() -> int:
+    return sum(h.totals()[0] for h in instrumenting.handles())
+
+
+def _watch_steps() -> None:
+    """``gradtel check``: once N steps are measured, print the diagnosis and end the process with its verdict."""
+    while not _finished.is_set():
+        try:
+            if _steps_measured() >= (_options.check_steps or 1):
+                report = _finish()
+                if report is not None:
+                    _print(report)
+                    sys.stdout.flush()
+                    os._exit(verdict(report))
+                return
+        except Exception:
+            log.debug("gradtel check: counters not readable yet", exc_info=True)
+        time.sleep(CHECK_POLL_S)
+
+
+def verdict(report: dict[str, Any]) -> int:
+    """1 when any variable not declared expected is missing, zero or non-finite; else 0."""
+    bad = [v for v in report["variables"] if v["status"] != "ok" and not v["expected"]]
+    return EXIT_UNHEALTHY if bad else EXIT_HEALTHY
+
+
+def _print(report: dict[str, Any]) -> None:
+    if _options.json_output:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render.report_table(report))
