@@ -1,0 +1,41 @@
+"""The result types of a diagnosis and the wording of their explanations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from gradtel.causes import fix_for
+
+#: Category used when the diagnosis itself failed or had nothing to go on.
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why one variable's gradient is missing (or would be zero), and where in the user's code."""
+
+    category: str
+    op: str | None
+    location: str | None
+    explanation: str
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict with keys category, op, location and explanation."""
+        return asdict(self)
+
+
+@dataclass
+class Diagnosis:
+    """Causes for the None gradients of one optimizer step, and hints for gradients that may be zero.
+
+    Both dicts are keyed by the index of the variable in the list given to the optimizer.
+    """
+
+    causes: dict[int, Cause] = field(default_factory=dict)
+    zero_hints: dict[int, Cause] = field(default_factory=dict)
+
+
+def make_cause(category: str, detail: str, op: str | None = None, location: str | None = None) -> Cause:
+    """A cause whose explanation is the specific finding followed by the category's generic fix."""
+    where = f" ({location})" if location else ""
+    return Cause(category, op, location, f"{detail}{where}. {fix_for(category)}")

@@ -1,0 +1,282 @@
+"""The walker: why a variable's gradient is None, or what would make it zero, on a DataflowGraph.
+
+The same code serves graph and eager mode. Sets of tensor ids answer every question:
+    B = ancestors of the loss (any edge)            -> does the variable influence the loss at all?
+    R = descendants of the variable's handle        -> what did it feed?
+    G = tensors a gradient from the loss reaches    -> crossing only recorded ops that pass gradients
+                                                       through inputs whose dtype can carry one.
+A path exists when R and B meet. The gradient stops where an edge leaves R - G into G: that op is the cut,
+and its kind names the category (not recorded -> outside_tape, StopGradient, assign, an op without a
+gradient, or an integer edge whose producer is blamed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from gradtel.diagnosis.cause import UNKNOWN, Cause, make_cause
+from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, DataflowGraph, Node
+from gradtel.diagnosis.op_rules import (
+    GATING_ACTIVATIONS,
+    USER_GRADIENT_OPS,
+    ZERO_GRADIENT_OPS,
+    blocking_category,
+    describe_op,
+)
+from gradtel.diagnosis.tape_hook import GradientCall
+
+
+@dataclass
+class Analysis:
+    """One gradient call on one dataflow graph, with the reachability sets computed once and shared."""
+
+    flow: DataflowGraph
+    call: GradientCall
+    step_start: int = -1
+    trainable_keys: set[int] = field(default_factory=set)
+
+    def recorded(self, node: Node) -> bool:
+        """Whether the tape was recording when this op ran (or was created, in a FuncGraph)."""
+        return self.in_tape(node.seq)
+
+    def in_tape(self, seq: int) -> bool:
+        """Whether the tape was recording at this point of the clock."""
+        return any(start < seq <= end for start, end in self.call.intervals)
+
+    def passes(self, node: Node) -> bool:
+        """Whether the gradient crosses this node (opaque nodes are assumed to pass)."""
+        if node.kind == LINK:
+            return True
+        if not self.recorded(node):
+            return False
+        if node.kind in (FUNCTION, CUSTOM_GRADIENT):
+            return True
+        return blocking_category(node.op_type) is None
+
+    @cached_property
+    def loss_ancestors(self) -> set[int]:
+        return self.flow.ancestors(self.call.targets)
+
+    @cached_property
+    def gradient_reach(self) -> set[int]:
+        return self.flow.gradient_ancestors(self.call.targets, self.passes)
+
+    def gradient_reach_avoiding(self, avoid: Callable[[Node], bool]) -> set[int]:
+        """Like gradient_reach, but the gradient may not cross nodes for which ``avoid`` holds."""
+        return self.flow.gradient_ancestors(self.call.targets, lambda n: not avoid(n) and self.passes(n))
+
+    @cached_property
+    def loss_location(self) -> str | None:
+        for key in self.call.targets:
+            node = self.flow.producer.get(key)
+            if node is not None:
+                return node.location()
+        return None
+
+    def step_reads(self, keys: set[int]) -> list[Node]:
+        """Ops that read the variable during the current step."""
+        return [n for n in self.flow.readers(keys) if n.seq > self.step_start]
+
+
+def _cut_nodes(analysis: Analysis, reach_from_var: set[int], reach: set[int]) -> list[tuple[Node, int]]:
+    """(node, input) pairs where the gradient from the loss reaches the node's output but not its input,
+    and the input was computed from the variable; newest (closest to the loss) first."""
+    cuts = []
+    for key in reach_from_var - reach:
+        for node, out in analysis.flow.live_consumers(key):
+            if out in reach:
+                cuts.append((node, key))
+    return sorted(cuts, key=lambda cut: -cut[0].seq)
+
+
+def _integer_source(flow: DataflowGraph, key: int, reach_from_var: set[int]) -> Node | None:
+    """The op that turned a floating path into an integer/bool one: walk back over non-differentiable
+    tensors computed from the variable until an op with a differentiable input on the path."""
+    seen: set[int] = set()
+    stack = [key]
+    while stack:
+        node = flow.producer.get(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        on_path = [(k, ok) for k, ok in zip(node.inputs, node.in_ok, strict=True) if k in reach_from_var]
+        if any(ok for _, ok in on_path):
+            return node
+        stack.extend(k for k, _ in on_path)
+    return None
+
+
+def explain_missing(analysis: Analysis, variable: Any, keys: set[int], name: str) -> Cause:
+    """The cause of a None gradient for a trainable, floating variable whose handle has ``keys``."""
+    reach_from_var = analysis.flow.descendants(keys)
+    if not (reach_from_var & analysis.loss_ancestors):
+        return _no_path(analysis, keys, name, reach_from_var)
+    reach = analysis.gradient_reach
+    if keys & reach:
+        return _unexplained(analysis, variable, keys, name, reach_from_var)
+    cuts = _cut_nodes(analysis, reach_from_var, reach)
+    if not cuts:
+        return make_cause(UNKNOWN, f"No cut was found on the paths from `{name}` to the loss")
+    node, key = cuts[0]
+    return _cut_cause(analysis, node, key, name, reach_from_var)
+
+
+def _no_path(analysis: Analysis, keys: set[int], name: str, reach_from_var: set[int]) -> Cause:
+    """No path from the variable to the loss: its values escaped to NumPy, the loss depends on no
+    variable at all, the variable was not read, or what it fed does not reach the loss."""
+    in_tape = [e for e in analysis.flow.escapes
+               if e.tensor in reach_from_var and e.seq > analysis.step_start and analysis.in_tape(e.seq)]
+    if in_tape:
+        return make_cause(
+            "left_tensorflow",
+            f"A value computed from `{name}` was converted to NumPy inside the tape and the loss was "
+            "computed from the copy",
+            location=in_tape[0].location,
+        )
+    reentry = _numpy_reentry(analysis, reach_from_var)
+    if reentry is not None:
+        return make_cause(
+            "left_tensorflow",
+            f"The loss is computed from a value that re-entered TensorFlow after `{name}` was used here "
+            "(NumPy maths on a tensor)",
+            location=reentry.location(),
+        )
+    if not (analysis.loss_ancestors & analysis.trainable_keys):
+        return make_cause(
+            "loss_disconnected",
+            f"The loss does not depend on any trainable variable, so `{name}` gets no gradient",
+            location=analysis.loss_location,
+        )
+    reads = analysis.step_reads(keys)
+    if not reads:
+        return make_cause("unused", f"`{name}` was not read during this step")
+    recorded_reads = [n for n in reads if analysis.recorded(n)]
+    read = (recorded_reads or reads)[0]
+    return make_cause(
+        "not_on_loss_path",
+        f"`{name}` is read here but nothing computed from it reaches the loss",
+        location=read.location(),
+    )
+
+
+def _numpy_reentry(analysis: Analysis, reach_from_var: set[int]) -> Node | None:
+    """NumPy reads tensors through the buffer protocol, which cannot be hooked; what shows is a loss
+    computed from a tensor created from a NumPy value inside the tape after the variable fed an op. Blame
+    the newest op computed from the variable before that value came back."""
+    flow = analysis.flow
+    returns = [c.seq for c in flow.imports if c.tensor in analysis.loss_ancestors
+               and c.seq > analysis.step_start and analysis.in_tape(c.seq)]
+    if not returns:
+        return None
+    derived = [flow.producer[k] for k in reach_from_var if k in flow.producer]
+    before = [n for n in derived if analysis.step_start < n.seq <= max(returns) and analysis.recorded(n)]
+    return max(before, key=lambda n: n.seq) if before else None
+
+
+def _unexplained(analysis: Analysis, variable: Any, keys: set[int], name: str,
+                 reach_from_var: set[int]) -> Cause:
+    """The gradient could reach the variable by the static rules, yet it is None: the tape did not watch
+    it, or an op whose gradient is user code (custom_gradient, py_function, a function) returned None."""
+    reads = [n for n in analysis.step_reads(keys) if analysis.recorded(n)]
+    if reads and not analysis.call.watches(variable):
+        return make_cause(
+            "outside_tape",
+            f"`{name}` is read while the tape records, but the tape never watched it "
+            "(watch_accessed_variables=False without tape.watch)",
+            location=reads[0].location(),
+        )
+    on_path = [n for n in analysis.flow.nodes
+               if (n.kind in (CUSTOM_GRADIENT, FUNCTION) or n.op_type in USER_GRADIENT_OPS)
+               and any(k in reach_from_var for k in n.inputs)
+               and any(k in analysis.loss_ancestors for k in n.outputs)]
+    if on_path:
+        node = min(on_path, key=lambda n: (n.kind != CUSTOM_GRADIENT, -n.seq))
+        if node.kind == CUSTOM_GRADIENT:
+            label = f"tf.custom_gradient function `{node.label}`" if node.label else "a tf.custom_gradient"
+            return make_cause(
+                "non_differentiable_op",
+                f"The gradient function of {label} returns None for `{name}`",
+                op="custom_gradient", location=node.location(),
+            )
+        return make_cause(
+            "non_differentiable_op",
+            f"The gradient of {describe_op(node.op_type)} on the path from `{name}` to the loss is None",
+            op=node.op_type, location=node.location(),
+        )
+    return make_cause(UNKNOWN, f"No cut was found on the paths from `{name}` to the loss")
+
+
+def _cut_cause(analysis: Analysis, node: Node, key: int, name: str, reach_from_var: set[int]) -> Cause:
+    if node.kind != LINK and not analysis.recorded(node):
+        return make_cause(
+            "outside_tape",
+            f"The value computed from `{name}` here is used in the loss but was computed while the "
+            "GradientTape was not recording",
+            location=node.location(),
+        )
+    index = node.inputs.index(key)
+    if not node.in_ok[index]:
+        source = _integer_source(analysis.flow, key, reach_from_var) or node
+        return make_cause(
+            "non_differentiable_op",
+            f"The path from `{name}` to the loss becomes integer/bool at {describe_op(source.op_type)}, "
+            "which has no gradient",
+            op=source.op_type, location=source.location(),
+        )
+    category = blocking_category(node.op_type) or UNKNOWN
+    details = {
+        "stop_gradient": f"`{name}` reaches the loss only through tf.stop_gradient",
+        "stateful_assign": f"`{name}` reaches the loss only through {node.op_type} (Variable.assign), "
+        "which is not differentiated",
+        "non_differentiable_op": f"`{name}` reaches the loss only through {describe_op(node.op_type)}, "
+        "which has no gradient",
+    }
+    detail = details.get(category, f"The path from `{name}` to the loss stops at {node.op_type}")
+    return make_cause(category, detail, op=node.op_type, location=node.location())
+
+
+_ZERO_RULES: tuple[tuple[str, Callable[[Node], bool]], ...] = (
+    ("zero_gradient_op", lambda n: n.op_type in ZERO_GRADIENT_OPS),
+    ("untaken_branch", lambda n: n.in_branch),
+    ("dead_activation", lambda n: n.op_type in GATING_ACTIVATIONS),
+)
+
+
+def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> Cause | None:
+    """The likely cause if this variable's (present) gradient turns out all-zero, or None."""
+    if float16:
+        return make_cause("underflow", f"`{name}` has a float16 gradient")
+    if not keys & analysis.gradient_reach:
+        return None
+    reach_from_var = None
+    for category, on_node in _ZERO_RULES:
+        if keys & analysis.gradient_reach_avoiding(on_node):
+            continue
+        reach_from_var = reach_from_var or analysis.flow.descendants(keys)
+        culprit = _newest_on_path(analysis, reach_from_var, on_node)
+        op = culprit.op_type if culprit is not None and category != "untaken_branch" else None
+        if category == "untaken_branch":
+            location = culprit.branch_location() if culprit is not None else None
+            detail = f"Every path from `{name}` to the loss runs inside a tf.cond branch"
+        else:
+            location = culprit.location() if culprit is not None else None
+            detail = f"Every path from `{name}` to the loss goes through {op}"
+        return make_cause(category, detail, op=op, location=location)
+    return None
+
+
+def _newest_on_path(analysis: Analysis, reach_from_var: set[int],
+                    on_node: Callable[[Node], bool]) -> Node | None:
+    reach = analysis.gradient_reach
+    found = [n for n in analysis.flow.nodes
+             if on_node(n) and any(k in reach_from_var for k in n.inputs)
+             and any(k in reach for k in n.outputs)]
+    return max(found, key=lambda n: n.seq) if found else None
+
+
+def influences_loss(analysis: Analysis, keys: set[int]) -> bool:
+    """Whether a read of the variable in this step feeds the loss."""
+    return any(out in analysis.loss_ancestors for n in analysis.step_reads(keys) for out in n.outputs)

@@ -1,0 +1,182 @@
+"""One abstract dataflow graph for both execution modes, and the reachability questions asked of it.
+
+Graph mode fills it from a FuncGraph at trace time (graph_source.py), eager mode from an op callback
+(eager_recorder.py); the walker (classify.py) only ever sees this. Tensors are identified by TensorFlow's
+unique tensor ids (``tensor._id``, never reused), so nothing here keeps a tensor or its contents alive.
+
+Variable state is made explicit: an assignment produces a pseudo tensor and every later read of the same
+handle consumes it, so a value that reaches the loss only through ``Variable.assign`` shows as a path
+through the assign op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from gradtel.diagnosis.op_rules import ASSIGN_OPS, READ_OPS
+
+#: Node kinds: a real op, a synthetic edge into/out of a function body, or an op whose gradient is
+#: user code that the walker cannot see into (its gradient may be None even though it is registered).
+OP, LINK, FUNCTION, CUSTOM_GRADIENT = "op", "link", "function", "custom_gradient"
+
+Where = str | Callable[[], str | None] | None
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    """One op (or synthetic link) with its input/output tensor ids and where the user created it."""
+
+    op_type: str
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    seq: int
+    in_ok: tuple[bool, ...]
+    out_ok: tuple[bool, ...]
+    where: Where = None
+    kind: str = OP
+    label: str | None = None
+    branch: Where = None
+    in_branch: bool = False
+
+    def location(self) -> str | None:
+        """The user's ``file:line`` for this op, resolved on first use (tracebacks are costly)."""
+        if callable(self.where):
+            self.where = self.where()
+        return self.where
+
+    def branch_location(self) -> str | None:
+        """Where the tf.cond whose branch holds this op was written."""
+        if callable(self.branch):
+            self.branch = self.branch()
+        return self.branch
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    """A tensor crossing the TensorFlow boundary: copied out (``.numpy()``) or created from a NumPy value."""
+
+    tensor: int
+    seq: int
+    location: str | None
+
+
+class DataflowGraph:
+    """Ops and tensors of one step (graph mode) or of the recorded eager steps."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.producer: dict[int, Node] = {}
+        self.consumers: dict[int, list[Node]] = {}
+        self.escapes: list[Crossing] = []
+        self.imports: list[Crossing] = []
+        self._state: dict[int, int] = {}
+        self._next_pseudo = -1
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def add(self, node: Node) -> None:
+        """Add an op; a later producer of a tensor replaces an earlier one, as on the tape."""
+        if node.op_type in ASSIGN_OPS and node.inputs:
+            self._as_state_write(node)
+        elif node.op_type in READ_OPS and node.inputs and node.inputs[0] in self._state:
+            node.inputs = (*node.inputs, self._state[node.inputs[0]])
+            node.in_ok = (*node.in_ok, True)
+        self.nodes.append(node)
+        for out in node.outputs:
+            self.producer[out] = node
+        for key in set(node.inputs):
+            self.consumers.setdefault(key, []).append(node)
+
+    def _as_state_write(self, node: Node) -> None:
+        """Rewrite an assignment as value (and previous state, for assign_add/sub) -> new pseudo state."""
+        handle = node.inputs[0]
+        state = self._next_pseudo
+        self._next_pseudo -= 1
+        inputs, in_ok = list(node.inputs[1:]), list(node.in_ok[1:])
+        previous = self._state.get(handle)
+        if previous is not None and node.op_type != "AssignVariableOp":
+            inputs.append(previous)
+            in_ok.append(True)
+        node.inputs, node.in_ok = tuple(inputs), tuple(in_ok)
+        node.outputs, node.out_ok = (state,), (True,)
+        self._state[handle] = state
+
+    def add_escape(self, crossing: Crossing) -> None:
+        """Note that a tensor's value left TensorFlow."""
+        self.escapes.append(crossing)
+
+    def add_import(self, crossing: Crossing) -> None:
+        """Note that a tensor was created from a NumPy value."""
+        self.imports.append(crossing)
+
+    def live_consumers(self, key: int) -> Iterable[tuple[Node, int]]:
+        """(node, output) pairs for each output of each consumer of ``key`` that it still produces."""
+        for node in self.consumers.get(key, ()):
+            for out in node.outputs:
+                if self.producer.get(out) is node:
+                    yield node, out
+
+    def readers(self, keys: Iterable[int]) -> list[Node]:
+        """Ops that consume one of these (handle) tensors and produce a value."""
+        found: list[Node] = []
+        for key in keys:
+            found.extend(node for node in self.consumers.get(key, ()) if node.outputs)
+        return found
+
+    def descendants(self, keys: Iterable[int]) -> set[int]:
+        """Every tensor computed from these tensors, over all edges."""
+        seen = set(keys)
+        stack = list(seen)
+        while stack:
+            for _node, out in self.live_consumers(stack.pop()):
+                if out not in seen:
+                    seen.add(out)
+                    stack.append(out)
+        return seen
+
+    def ancestors(self, keys: Iterable[int]) -> set[int]:
+        """Every tensor these tensors were computed from, over all edges."""
+        seen = set(keys)
+        stack = list(seen)
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is None:
+                continue
+            for key in node.inputs:
+                if key not in seen:
+                    seen.add(key)
+                    stack.append(key)
+        return seen
+
+    def gradient_ancestors(self, keys: Iterable[int], passes: Callable[[Node], bool]) -> set[int]:
+        """Every tensor a gradient from these tensors reaches, crossing only nodes for which ``passes``
+        holds and only inputs whose dtype can carry a gradient."""
+        seen = set(keys)
+        stack = list(seen)
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is None or not passes(node):
+                continue
+            for key, ok in zip(node.inputs, node.in_ok, strict=True):
+                if ok and key not in seen:
+                    seen.add(key)
+                    stack.append(key)
+        return seen
+
+    def trim(self, max_nodes: int) -> None:
+        """Keep only the newest half of ``max_nodes`` nodes once there are more than ``max_nodes``."""
+        if len(self.nodes) <= max_nodes:
+            return
+        keep = self.nodes[-(max_nodes // 2):]
+        self.nodes, self.producer, self.consumers = [], {}, {}
+        for node in keep:
+            self.nodes.append(node)
+            for out in node.outputs:
+                self.producer[out] = node
+            for key in set(node.inputs):
+                self.consumers.setdefault(key, []).append(node)
+        oldest = keep[0].seq if keep else 0
+        self.escapes = [e for e in self.escapes if e.seq >= oldest]
+        self.imports = [e for e in self.imports if e.seq >= oldest]

@@ -1,0 +1,244 @@
+"""The Diagnoser: installs the hooks, picks the facts for an optimizer step and asks the walker.
+
+Graph mode (tf.function, model.fit, jit_compile): ``diagnose`` runs at trace time inside the FuncGraph, so the
+whole step graph is there to walk. Eager mode: the recorder is armed at install and re-armed only when a new
+set of missing gradients appears; a step with a known set returns the cached diagnosis at the cost of one
+pass over the gradient list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.eager import context
+from tensorflow.python.framework import ops
+
+from gradtel.diagnosis import graph_source
+from gradtel.diagnosis.cause import UNKNOWN, Cause, Diagnosis, make_cause
+from gradtel.diagnosis.classify import Analysis, explain_missing, influences_loss, zero_hint
+from gradtel.diagnosis.eager_recorder import EagerRecorder
+from gradtel.diagnosis.tape_hook import GradientCall, TapeHook
+from gradtel.diagnosis.variables import (
+    display_name,
+    dtype_of,
+    handle,
+    identity,
+    is_differentiable_dtype,
+    is_trainable,
+    underlying,
+)
+
+_CACHE_SIZE = 64
+_Key = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+class Diagnoser:
+    """One per process. Explains None gradients (and hints at zero ones) for the optimizer wrapper."""
+
+    def __init__(self, max_recorded_ops: int = 100_000) -> None:
+        self._recorder = EagerRecorder(max_recorded_ops)
+        self._tapes = TapeHook(self._recorder.clock, self._recorder.paused)
+        self._eager_cache: OrderedDict[_Key, Diagnosis] = OrderedDict()
+        self._graph_cache: weakref.WeakKeyDictionary[Any, dict[_Key, Diagnosis]] = weakref.WeakKeyDictionary()
+        self._step_start = 0
+        self._step_recorded = False
+        self._influencers: dict[int, tuple[weakref.ref, str]] = {}
+        self._installed = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Patch tf.GradientTape and the eager recorder's hooks, and record the first step."""
+        if self._installed:
+            return
+        try:
+            self._tapes.install()
+            self._recorder.install()
+            self._recorder.arm()
+            self._step_start, self._step_recorded = self._recorder.clock(), True
+            self._installed = True
+        except Exception:
+            self.uninstall()
+
+    def uninstall(self) -> None:
+        """Remove every patch and forget what was recorded."""
+        with contextlib.suppress(Exception):
+            self._tapes.uninstall()
+        with contextlib.suppress(Exception):
+            self._recorder.uninstall()
+        self._eager_cache.clear()
+        self._graph_cache = weakref.WeakKeyDictionary()
+        self._installed = False
+
+    @property
+    def recording(self) -> bool:
+        """Whether eager ops are being recorded right now."""
+        return self._recorder.armed
+
+    # -- diagnosis -------------------------------------------------------------------------------------
+
+    def diagnose(self, grads: list, variables: list) -> Diagnosis:
+        """Causes for the None entries of ``grads`` (and zero hints for the others); never raises."""
+        try:
+            with self._recorder.paused():
+                if context.executing_eagerly():
+                    return self._diagnose_eager(grads, variables)
+                return self._diagnose_graph(grads, variables)
+        except Exception as error:
+            return _failed(grads, error)
+
+    def _diagnose_graph(self, grads: list, variables: list) -> Diagnosis:
+        graph = ops.get_default_graph()
+        key = _key(grads, variables)
+        cached = self._graph_cache.setdefault(graph, {})
+        if key not in cached:
+            cached[key] = self._full(grads, variables, graph, step_start=-1)
+        return cached[key]
+
+    def _diagnose_eager(self, grads: list, variables: list) -> Diagnosis:
+        key = _key(grads, variables)
+        result = self._eager_cache.get(key)
+        if result is None and self._step_recorded:
+            result = self._full(grads, variables, None, self._step_start)
+            self._remember(key, result)
+        if result is None:
+            result = _pending(grads, variables)
+            self._recorder.arm()
+        elif self._recorder.armed:
+            self._recorder.disarm()
+        self._step_start, self._step_recorded = self._recorder.clock(), self._recorder.armed
+        return result
+
+    def _remember(self, key: _Key, result: Diagnosis) -> None:
+        self._eager_cache[key] = result
+        while len(self._eager_cache) > _CACHE_SIZE:
+            self._eager_cache.popitem(last=False)
+
+    def _full(self, grads: list, variables: list, graph: Any, step_start: int) -> Diagnosis:
+        """Walk the step's dataflow graph for every variable (the missing ones and the zero hints)."""
+        call = _best_call(self._tapes, graph, variables)
+        result = Diagnosis()
+        analysis, call_graph = None, None
+        if call is not None:
+            call_graph = call.graph() if call.graph is not None else None
+            if call.graph is None:
+                flow = self._recorder.graph
+            elif call_graph is not None:
+                flow = graph_source.build(call_graph)
+            else:
+                flow = None
+            if flow is not None:
+                analysis = Analysis(flow, call, step_start if call.graph is None else -1)
+                analysis.trainable_keys = {
+                    k for v in (*variables, *call.watched) if is_trainable(v)
+                    for k in _keys(v, call_graph)
+                }
+        for index, (grad, variable) in enumerate(zip(grads, variables, strict=False)):
+            name = display_name(variable)
+            try:
+                if grad is None:
+                    cause = _cheap(variable, name) or _walked(analysis, variable, name, call_graph)
+                    result.causes[index] = cause
+                elif analysis is not None:
+                    hint = zero_hint(analysis, _keys(variable, call_graph), name, _is_float16(grad, variable))
+                    if hint is not None:
+                        result.zero_hints[index] = hint
+            except Exception as error:
+                if grad is None:
+                    result.causes[index] = make_cause(UNKNOWN, f"Diagnosing `{name}` failed ({error!r})")
+        if analysis is not None:
+            self._note_influencers(analysis, call_graph)
+        return result
+
+    def _note_influencers(self, analysis: Analysis, call_graph: Any) -> None:
+        for variable in analysis.call.watched:
+            if not is_trainable(variable) or not is_differentiable_dtype(dtype_of(variable)):
+                continue
+            with contextlib.suppress(Exception):
+                if influences_loss(analysis, _keys(variable, call_graph)):
+                    inner = underlying(variable)
+                    self._influencers[id(inner)] = (weakref.ref(inner), display_name(variable))
+
+    def not_optimized(self, optimized: Iterable[Any]) -> list[str]:
+        """Trainable variables that fed the loss inside a recorded tape but never went to an optimizer."""
+        try:
+            given = {identity(v) for v in optimized}
+            return sorted(
+                name for key, (ref, name) in list(self._influencers.items())
+                if key not in given and ref() is not None
+            )
+        except Exception:
+            return []
+
+
+def _key(grads: list, variables: list) -> _Key:
+    return tuple(id(v) for v in variables), tuple(i for i, g in enumerate(grads) if g is None)
+
+
+def _keys(variable: Any, graph: Any) -> set[int]:
+    """The tensor ids of the variable's handle in the dataflow graph of ``graph`` (None: eager)."""
+    resource = handle(variable)
+    if resource is None:
+        return set()
+    if graph is None:
+        return {resource._id} if hasattr(resource, "_id") else set()
+    return graph_source.variable_keys(graph, resource)
+
+
+def _best_call(tapes: TapeHook, graph: Any, variables: list) -> GradientCall | None:
+    """The newest gradient call whose sources cover most of these variables: in this graph (or an outer
+    one) when tracing, else eager calls, else calls made inside tf.functions."""
+    wanted = {identity(v) for v in variables}
+    candidates: list[GradientCall] = []
+    current = graph
+    while current is not None and not candidates:
+        candidates = tapes.calls_for(current)
+        current = getattr(current, "outer_graph", None)
+    if graph is None:
+        candidates = tapes.calls_for(None) or list(reversed(list(tapes.graph_calls())))
+    if not candidates:
+        return None
+    return max(enumerate(candidates), key=lambda ic: (len(ic[1].sources & wanted), -ic[0]))[1]
+
+
+def _cheap(variable: Any, name: str) -> Cause | None:
+    """Causes that need no graph: a non-floating dtype or trainable=False."""
+    dtype = dtype_of(variable)
+    if dtype is not None and not is_differentiable_dtype(dtype):
+        return make_cause("integer_dtype", f"`{name}` has dtype {tf.as_dtype(dtype).name}")
+    if not is_trainable(variable):
+        return make_cause("not_trainable", f"`{name}` has trainable=False")
+    return None
+
+
+def _walked(analysis: Analysis | None, variable: Any, name: str, graph: Any) -> Cause:
+    if analysis is None:
+        return make_cause(UNKNOWN, f"No GradientTape.gradient call was seen for `{name}`")
+    return explain_missing(analysis, variable, _keys(variable, graph), name)
+
+
+def _is_float16(grad: Any, variable: Any) -> bool:
+    dtypes = {getattr(grad, "dtype", None), dtype_of(variable)}
+    return tf.float16 in dtypes
+
+
+def _pending(grads: list, variables: list) -> Diagnosis:
+    """Eager: a new set of missing gradients in an unrecorded step; the next step is recorded."""
+    causes = {}
+    for index, (grad, variable) in enumerate(zip(grads, variables, strict=False)):
+        if grad is None:
+            name = display_name(variable)
+            causes[index] = _cheap(variable, name) or make_cause(
+                UNKNOWN, f"`{name}` started missing its gradient in an unrecorded eager step; the next step "
+                "is recorded and diagnosed")
+    return Diagnosis(causes)
+
+
+def _failed(grads: list, error: Exception) -> Diagnosis:
+    cause = make_cause(UNKNOWN, f"The diagnosis failed ({error!r})")
+    return Diagnosis({i: cause for i, g in enumerate(grads) if g is None})

@@ -1,0 +1,170 @@
+"""Graph mode: turn a FuncGraph (at trace time) into the abstract dataflow graph.
+
+Control flow and nested functions keep their bodies in separate FuncGraphs (If/Case branches, While bodies,
+PartitionedCall functions). They are inlined with synthetic link nodes, so the walker sees one flat graph
+and can find a cut inside a branch or a nested tf.function. Every inlined op inherits the ``seq`` (op id) of
+the top-level op that holds it, which is what the tape's recording intervals are measured in.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import tensorflow as tf
+
+from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, DataflowGraph, Node, Where
+from gradtel.diagnosis.frames import location_of_traceback
+
+_IF_OPS = frozenset({"If", "StatelessIf"})
+_CASE_OPS = frozenset({"Case", "StatelessCase"})
+_WHILE_OPS = frozenset({"While", "StatelessWhile"})
+_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+_CONTROL_FLOW_OPS = _IF_OPS | _CASE_OPS | _WHILE_OPS | _CALL_OPS
+_MAX_DEPTH = 8
+
+
+def carries_gradient(dtype: Any) -> bool:
+    """Whether a tensor of this dtype can carry a gradient (as backprop_util.IsTrainable)."""
+    dtype = tf.as_dtype(dtype).base_dtype
+    return dtype.is_floating or dtype.is_complex or dtype in (tf.resource, tf.variant)
+
+
+def _op_location(op: Any) -> str | None:
+    try:
+        return location_of_traceback(op.traceback)
+    except Exception:
+        return None
+
+
+def _flags(tensors: Any) -> tuple[bool, ...]:
+    return tuple(carries_gradient(t.dtype) for t in tensors)
+
+
+def build(graph: Any) -> DataflowGraph:
+    """The dataflow graph of a FuncGraph as it stands now (ops added later are not seen)."""
+    flow = DataflowGraph()
+    _add_graph(flow, graph, seq=None, branch=None, depth=0)
+    return flow
+
+
+def _add_graph(flow: DataflowGraph, graph: Any, seq: int | None, branch: Where, depth: int) -> None:
+    for op in graph.get_operations():
+        if op.type == "Placeholder" and op.outputs[0]._id in flow.producer:
+            continue  # a body's argument: already produced by the link from the caller's input
+        op_seq = op._id if seq is None else seq
+        if depth < _MAX_DEPTH and _inline(flow, graph, op, op_seq, branch, depth):
+            continue
+        kind = CUSTOM_GRADIENT if "_gradient_op_type" in op.node_def.attr else _kind_of(op)
+        flow.add(Node(
+            op.type, tuple(t._id for t in op.inputs), tuple(t._id for t in op.outputs), op_seq,
+            _flags(op.inputs), _flags(op.outputs), functools.partial(_op_location, op), kind,
+            branch=branch, in_branch=branch is not None,
+        ))
+
+
+def _kind_of(op: Any) -> str:
+    return FUNCTION if op.type in _CONTROL_FLOW_OPS else "op"
+
+
+def _link(flow: DataflowGraph, sources: list[Any], target: Any, seq: int, op: Any, branch: Where) -> None:
+    flow.add(Node(
+        "Identity", tuple(t._id for t in sources), (target._id,), seq, _flags(sources),
+        (carries_gradient(target.dtype),), functools.partial(_op_location, op), LINK,
+        branch=branch, in_branch=branch is not None,
+    ))
+
+
+def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, depth: int) -> bool:
+    """Add a control-flow or call op as its bodies linked to its inputs and outputs; False if not one."""
+    try:
+        bodies = _bodies(graph, op)
+    except Exception:
+        return False
+    if bodies is None:
+        return False
+    kind, graphs = bodies
+    inputs, outputs = list(op.inputs), list(op.outputs)
+    if kind == "call":
+        (body,) = graphs
+        if len(body.inputs) != len(inputs) or len(body.outputs) != len(outputs):
+            return False
+        for outer, inner in zip(inputs, body.inputs, strict=True):
+            _link(flow, [outer], inner, seq, op, branch)
+        _add_graph(flow, body, seq, branch, depth + 1)
+        for inner, outer in zip(body.outputs, outputs, strict=True):
+            _link(flow, [inner], outer, seq, op, branch)
+        return True
+    if kind == "branches":
+        args = inputs[1:]
+        if any(len(b.inputs) != len(args) or len(b.outputs) != len(outputs) for b in graphs):
+            return False
+        site = functools.partial(_op_location, op)
+        for body in graphs:
+            for outer, inner in zip(args, body.inputs, strict=True):
+                _link(flow, [outer], inner, seq, op, site)
+            _add_graph(flow, body, seq, site, depth + 1)
+        for j, outer in enumerate(outputs):
+            _link(flow, [body.outputs[j] for body in graphs], outer, seq, op, branch)
+        return True
+    (body,) = graphs
+    if not (len(body.inputs) == len(body.outputs) == len(inputs) == len(outputs)):
+        return False
+    for j, inner in enumerate(body.inputs):
+        _link(flow, [inputs[j], body.outputs[j]], inner, seq, op, branch)
+    _add_graph(flow, body, seq, branch, depth + 1)
+    for j, outer in enumerate(outputs):
+        _link(flow, [inputs[j], body.outputs[j]], outer, seq, op, branch)
+    return True
+
+
+def _bodies(graph: Any, op: Any) -> tuple[str, list[Any]] | None:
+    """("call"|"branches"|"loop", body FuncGraphs) for control flow and call ops; None for other ops."""
+    if op.type in _IF_OPS:
+        then_graph, else_graph = getattr(op, "_true_graph", None), getattr(op, "_false_graph", None)
+        if then_graph is None or else_graph is None:
+            names = [op.get_attr("then_branch").name, op.get_attr("else_branch").name]
+            return "branches", [_function_graph(graph, name) for name in names]
+        return "branches", [then_graph, else_graph]
+    if op.type in _CASE_OPS:
+        branch_graphs = getattr(op, "_branch_graphs", None)
+        if branch_graphs is None:
+            branch_graphs = [_function_graph(graph, f.name) for f in op.get_attr("branches")]
+        return "branches", list(branch_graphs)
+    if op.type in _WHILE_OPS:
+        body = getattr(op, "_body_graph", None) or _function_graph(graph, op.get_attr("body").name)
+        return "loop", [body]
+    if op.type in _CALL_OPS:
+        return "call", [_function_graph(graph, op.get_attr("f").name)]
+    return None
+
+
+def _function_graph(graph: Any, name: str) -> Any:
+    """The FuncGraph of a function registered in ``graph`` or one of its outer graphs."""
+    while graph is not None:
+        function = graph._get_function(name)
+        if function is not None and getattr(function, "graph", None) is not None:
+            return function.graph
+        graph = getattr(graph, "outer_graph", None)
+    raise LookupError(name)
+
+
+def variable_keys(graph: Any, handle: Any) -> set[int]:
+    """Tensor ids under which a variable's handle is visible in ``graph``: the captured placeholder,
+    following captures through nested FuncGraphs (an inner graph may capture the outer placeholder)."""
+    chain = []
+    current = graph
+    while current is not None and hasattr(current, "captures"):
+        chain.append(current)
+        current = getattr(current, "outer_graph", None)
+    aliases = {id(handle)}
+    keys: set[int] = set()
+    for func_graph in reversed(chain):
+        keys = set()
+        for external, internal in func_graph.captures:
+            if id(external) in aliases:
+                keys.add(internal._id)
+                aliases.add(id(internal))
+    if getattr(handle, "graph", None) is graph:
+        keys.add(handle._id)
+    return keys

@@ -1,0 +1,56 @@
+"""What the gradient machinery does with each op type: pass the gradient on, stop it, or zero it.
+
+The gradient registry answers most of it: ``tf.no_gradient`` ops are registered with None and unregistered ops
+raise LookupError. A few ops are registered with a gradient function that always returns None, which the
+registry cannot show; they are listed here from TensorFlow's math_grad.py. Integer, bool and string edges
+are handled by the walker from the tensors' dtypes, not here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from tensorflow.python.framework import ops
+
+#: Ops that read a variable: their first input is the variable's resource handle.
+READ_OPS = frozenset({"ReadVariableOp", "ResourceGather", "ResourceGatherNd"})
+#: Ops that write a variable: first input the handle, second the value written.
+ASSIGN_OPS = frozenset({"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp"})
+#: Ops that stop the gradient on purpose.
+STOP_OPS = frozenset({"StopGradient", "PreventGradient"})
+#: Ops registered with a gradient function that always returns None.
+NONE_GRADIENT_OPS = frozenset({"Round", "Floor", "Ceil", "Rint", "ArgMax", "ArgMin", "FloorDiv"})
+#: Ops whose gradient is zero almost everywhere.
+ZERO_GRADIENT_OPS = frozenset({"Sign"})
+#: Activations whose gradient is zero where the unit is inactive.
+GATING_ACTIVATIONS = frozenset({"Relu", "Relu6"})
+#: tf.numpy_function: runs Python, registered without a gradient.
+NUMPY_FUNCTION_OPS = frozenset({"PyFunc", "PyFuncStateless"})
+#: Ops registered with a gradient that may still be None because it depends on user code (tf.py_function).
+USER_GRADIENT_OPS = frozenset({"EagerPyFunc"})
+
+
+@lru_cache(maxsize=1024)
+def blocking_category(op_type: str) -> str | None:
+    """The missing-gradient category an op of this type causes on every path through it, or None if it
+    passes gradients (subject to the dtypes of its inputs and outputs)."""
+    if op_type in STOP_OPS:
+        return "stop_gradient"
+    if op_type in ASSIGN_OPS:
+        return "stateful_assign"
+    if op_type in NONE_GRADIENT_OPS or op_type in NUMPY_FUNCTION_OPS:
+        return "non_differentiable_op"
+    try:
+        registered = ops.gradient_registry.lookup(op_type)
+    except LookupError:
+        return "non_differentiable_op"
+    return "non_differentiable_op" if registered is None else None
+
+
+def describe_op(op_type: str) -> str:
+    """A short user-facing name for an op that cuts or zeroes a path."""
+    if op_type in NUMPY_FUNCTION_OPS:
+        return f"{op_type} (tf.numpy_function)"
+    if op_type in USER_GRADIENT_OPS:
+        return f"{op_type} (tf.py_function)"
+    return op_type

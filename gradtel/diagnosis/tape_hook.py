@@ -1,0 +1,148 @@
+"""Remember what each ``tf.GradientTape`` recorded and differentiated.
+
+Patched at class level (reversibly): ``_push_tape``/``_pop_tape`` mark the intervals during which a tape
+recorded, measured on a clock shared with the op source (op ids in a FuncGraph, the eager recorder's op
+counter in eager mode); ``gradient`` remembers its targets, sources and the tape's watched variables. That
+is everything the walker needs to tell "read outside the tape" from "read inside but cut off".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.eager import backprop, context
+from tensorflow.python.framework import ops
+
+from gradtel.diagnosis.variables import identity
+
+_MAX_CALLS = 8
+_INTERVALS = "_gradtel_intervals"
+
+
+@dataclass(frozen=True)
+class GradientCall:
+    """One ``tape.gradient`` call: what was differentiated, against what, and when the tape recorded."""
+
+    targets: tuple[int, ...]
+    sources: frozenset[int]
+    watched: tuple[Any, ...]
+    intervals: tuple[tuple[int, float], ...]
+    graph: weakref.ref | None
+    seq: int
+
+    def watches(self, variable: Any) -> bool:
+        """Whether the tape watched this variable."""
+        key = identity(variable)
+        return any(identity(v) == key for v in self.watched)
+
+
+def _graph_clock(graph: Any) -> int:
+    """The id of the newest op in ``graph`` (op ids grow with creation)."""
+    operations = graph.get_operations()
+    return operations[-1]._id if operations else 0
+
+
+class TapeHook:
+    """Installs the GradientTape patches and keeps the most recent gradient calls per graph."""
+
+    def __init__(self, eager_clock: Callable[[], int], eager_pause: Callable[[], Any]) -> None:
+        self._eager_clock = eager_clock
+        self._eager_pause = eager_pause
+        self._originals: dict[str, Any] = {}
+        self._eager_calls: deque[GradientCall] = deque(maxlen=_MAX_CALLS)
+        self._graph_calls: weakref.WeakKeyDictionary[Any, deque[GradientCall]] = weakref.WeakKeyDictionary()
+
+    def install(self) -> None:
+        """Patch tf.GradientTape (idempotent)."""
+        if self._originals:
+            return
+        tape_class = backprop.GradientTape
+        names = ("_push_tape", "_pop_tape", "gradient")
+        self._originals = {name: tape_class.__dict__[name] for name in names}
+        hook = self
+        push, pop, gradient = (self._originals[name] for name in names)
+
+        def _push_tape(tape: Any) -> None:
+            push(tape)
+            with contextlib.suppress(Exception):
+                hook._open_interval(tape)
+
+        def _pop_tape(tape: Any) -> None:
+            with contextlib.suppress(Exception):
+                hook._close_interval(tape)
+            pop(tape)
+
+        def patched_gradient(tape: Any, target: Any, sources: Any, *args: Any, **kwargs: Any) -> Any:
+            with contextlib.suppress(Exception):
+                hook._remember(tape, target, sources)
+            pause = hook._eager_pause() if context.executing_eagerly() else contextlib.nullcontext()
+            with pause:
+                return gradient(tape, target, sources, *args, **kwargs)
+
+        tape_class._push_tape = _push_tape
+        tape_class._pop_tape = _pop_tape
+        tape_class.gradient = patched_gradient
+
+    def uninstall(self) -> None:
+        """Restore tf.GradientTape."""
+        for name, original in self._originals.items():
+            setattr(backprop.GradientTape, name, original)
+        self._originals = {}
+        self._eager_calls.clear()
+        self._graph_calls = weakref.WeakKeyDictionary()
+
+    def _clock(self) -> tuple[Any, int]:
+        if context.executing_eagerly():
+            return None, self._eager_clock()
+        graph = ops.get_default_graph()
+        return graph, _graph_clock(graph)
+
+    def _open_interval(self, tape: Any) -> None:
+        graph, now = self._clock()
+        tape.__dict__.setdefault(_INTERVALS, []).append([_graph_ref(graph), now, float("inf")])
+
+    def _close_interval(self, tape: Any) -> None:
+        intervals = tape.__dict__.get(_INTERVALS)
+        if intervals and intervals[-1][2] == float("inf"):
+            intervals[-1][2] = self._clock()[1]
+
+    def _remember(self, tape: Any, target: Any, sources: Any) -> None:
+        graph, now = self._clock()
+        graph_ref = _graph_ref(graph)
+        intervals = tuple(
+            (start, end if end != float("inf") else now)
+            for ref, start, end in tape.__dict__.get(_INTERVALS, ())
+            if ref == graph_ref
+        )
+        call = GradientCall(
+            targets=tuple(t._id for t in tf.nest.flatten(target) if hasattr(t, "_id")),
+            sources=frozenset(identity(s) for s in tf.nest.flatten(sources)),
+            watched=tuple(tape.watched_variables()),
+            intervals=intervals,
+            graph=graph_ref,
+            seq=now,
+        )
+        if graph is None:
+            self._eager_calls.append(call)
+        else:
+            self._graph_calls.setdefault(graph, deque(maxlen=_MAX_CALLS)).append(call)
+
+    def calls_for(self, graph: Any) -> list[GradientCall]:
+        """Gradient calls made in ``graph`` (None: eager), newest first."""
+        calls = self._eager_calls if graph is None else self._graph_calls.get(graph, ())
+        return list(reversed(calls))
+
+    def graph_calls(self) -> Iterator[GradientCall]:
+        """Gradient calls made in any live FuncGraph."""
+        for calls in list(self._graph_calls.values()):
+            yield from calls
+
+
+def _graph_ref(graph: Any) -> weakref.ref | None:
+    return None if graph is None else weakref.ref(graph)

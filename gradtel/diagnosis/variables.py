@@ -1,0 +1,66 @@
+"""Uniform access to Keras 3, tf_keras and plain TensorFlow variables.
+
+Keras 3 wraps a ``tf.Variable`` (``._value``) and names it by ``.path``; tf_keras mixed precision wraps one in
+an ``AutoCastVariable`` (``._variable``); the tape, the captures of a FuncGraph and the eager recorder all see
+the innermost ``tf.Variable`` and its resource handle, so identity is decided there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+
+def underlying(variable: Any) -> Any:
+    """The innermost ``tf.Variable`` of a (possibly wrapped) variable."""
+    seen = 0
+    while seen < 4:
+        inner = getattr(variable, "_value", None)
+        if not isinstance(inner, tf.Variable):
+            inner = getattr(variable, "_variable", None)
+        if not isinstance(inner, tf.Variable) or inner is variable:
+            return variable
+        variable, seen = inner, seen + 1
+    return variable
+
+
+def identity(variable: Any) -> int:
+    """A key that is equal for a variable and all its wrappers."""
+    return id(underlying(variable))
+
+
+def display_name(variable: Any) -> str:
+    """The name users know: Keras 3 ``.path``, else ``.name`` without the ``:0`` suffix."""
+    path = getattr(variable, "path", None)
+    if isinstance(path, str) and path:
+        return path
+    name = str(getattr(variable, "name", None) or getattr(underlying(variable), "name", "?"))
+    return name.removesuffix(":0")
+
+
+def handle(variable: Any) -> Any | None:
+    """The resource handle tensor of a variable, or None when it has none (not a resource variable)."""
+    try:
+        return underlying(variable).handle
+    except Exception:
+        return None
+
+
+def is_trainable(variable: Any) -> bool:
+    """``variable.trainable``, True when the object does not say."""
+    return bool(getattr(variable, "trainable", True))
+
+
+def is_differentiable_dtype(dtype: Any) -> bool:
+    """Whether values of this dtype can carry a gradient (floating or complex)."""
+    try:
+        dtype = tf.as_dtype(dtype)
+    except TypeError:
+        return False
+    return dtype.is_floating or dtype.is_complex
+
+
+def dtype_of(variable: Any) -> Any:
+    """The variable's dtype (None when it has none)."""
+    return getattr(variable, "dtype", None)

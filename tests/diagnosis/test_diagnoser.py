@@ -1,0 +1,135 @@
+"""The Diagnoser's contract: eager recording bounds and arming, caching, not_optimized, robustness."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.eager import backprop
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import resource_variable_ops
+
+from gradtel.causes import MISSING_CAUSES
+from gradtel.diagnosis import Cause, Diagnoser
+from gradtel.diagnosis.variables import display_name
+
+
+def two_heads() -> tuple[keras.layers.Dense, keras.layers.Dense]:
+    a, b = keras.layers.Dense(1, name="a"), keras.layers.Dense(1, name="b")
+    a.build((None, 3))
+    b.build((None, 3))
+    return a, b
+
+
+def eager_step(diagnoser: Diagnoser, heads, use_b: bool):
+    x = tf.ones((2, 3))
+    a, b = heads
+    with tf.GradientTape() as tape:
+        out = a(x) + (b(x) if use_b else 0.0)
+        loss = tf.reduce_mean(out)
+    variables = a.trainable_variables + b.trainable_variables
+    grads = tape.gradient(loss, variables)
+    return diagnoser.diagnose(list(grads), variables)
+
+
+def test_recorder_disarms_after_a_clean_step_and_stops_growing(diagnoser: Diagnoser) -> None:
+    heads = two_heads()
+    assert diagnoser.recording
+    first = eager_step(diagnoser, heads, use_b=True)
+    assert first.causes == {} and not diagnoser.recording
+    size = len(diagnoser._recorder.graph)
+    for _ in range(5):
+        assert eager_step(diagnoser, heads, use_b=True) is first
+    assert len(diagnoser._recorder.graph) == size
+
+
+def test_new_missing_set_is_recorded_on_the_next_step(diagnoser: Diagnoser) -> None:
+    heads = two_heads()
+    eager_step(diagnoser, heads, use_b=True)
+    pending = eager_step(diagnoser, heads, use_b=False)
+    assert {c.category for c in pending.causes.values()} == {"unknown"} and diagnoser.recording
+    full = eager_step(diagnoser, heads, use_b=False)
+    assert sorted(c.category for c in full.causes.values()) == ["unused", "unused"]
+    assert not diagnoser.recording
+    assert eager_step(diagnoser, heads, use_b=False) is full
+
+
+def test_recording_is_bounded() -> None:
+    diagnoser = Diagnoser(max_recorded_ops=64)
+    diagnoser.install()
+    try:
+        v = tf.Variable(1.0)
+        with tf.GradientTape() as tape:
+            y = v
+            for _ in range(200):
+                y = y * 1.0001
+        diagnoser.diagnose([tape.gradient(y, v)], [v])
+        assert len(diagnoser._recorder.graph) <= 64
+    finally:
+        diagnoser.uninstall()
+
+
+def test_graph_diagnosis_is_cached_per_trace(diagnoser: Diagnoser) -> None:
+    a, b = two_heads()
+    results = []
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(a(x))
+        variables = a.trainable_variables + b.trainable_variables
+        grads = tape.gradient(loss, variables)
+        results.append(diagnoser.diagnose(list(grads), variables))
+        return loss
+
+    step(tf.ones((2, 3)))
+    step(tf.ones((2, 3)))
+    assert len(results) == 1
+    assert [c.category for c in results[0].causes.values()] == ["unused", "unused"]
+
+
+def test_not_optimized_names_plain_variables_in_a_python_list(diagnoser: Diagnoser) -> None:
+    class Scaled(keras.layers.Layer):
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(input_shape[-1], 1), name="kernel")
+            self.extras = [tf.Variable(2.0, name="untracked_scale")]
+
+        def call(self, inputs):
+            return tf.matmul(inputs, self.kernel) * self.extras[0]
+
+    layer = Scaled(name="scaled")
+    layer(tf.ones((1, 3)))
+    assert [display_name(v) for v in layer.trainable_variables] == ["scaled/kernel"]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(layer(tf.ones((2, 3))))
+    grads = tape.gradient(loss, layer.trainable_variables)
+    diagnoser.diagnose(list(grads), layer.trainable_variables)
+    assert diagnoser.not_optimized(layer.trainable_variables) == ["scaled/untracked_scale"]
+    assert diagnoser.not_optimized([*layer.trainable_variables, *layer.extras]) == []
+
+
+def test_diagnose_never_raises_and_reports_unknown(diagnoser: Diagnoser) -> None:
+    result = diagnoser.diagnose([None, np.zeros(2)], ["not a variable", object()])
+    assert list(result.causes) == [0]
+    assert result.causes[0].category in MISSING_CAUSES
+
+
+def test_cause_to_dict_is_json_ready() -> None:
+    cause = Cause("stop_gradient", "StopGradient", "train.py:3", "x")
+    assert json.loads(json.dumps(cause.to_dict())) == {
+        "category": "stop_gradient", "op": "StopGradient", "location": "train.py:3", "explanation": "x"}
+
+
+def test_uninstall_restores_every_patch() -> None:
+    before = (backprop.GradientTape.gradient, backprop.GradientTape._push_tape, ops._EagerTensorBase.numpy,
+              ops._EagerTensorBase.__array__)
+    diagnoser = Diagnoser()
+    diagnoser.install()
+    assert backprop.GradientTape.gradient is not before[0]
+    diagnoser.uninstall()
+    after = (backprop.GradientTape.gradient, backprop.GradientTape._push_tape, ops._EagerTensorBase.numpy,
+             ops._EagerTensorBase.__array__)
+    assert after == before
+    assert "__getattribute__" not in resource_variable_ops.BaseResourceVariable.__dict__

@@ -1,0 +1,119 @@
+"""model.fit (graph mode, jit on and off) and tf_keras: the optimizer is instrumented as gradtel does it."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradtel.diagnosis import Diagnoser, Diagnosis
+from gradtel.diagnosis.variables import display_name
+
+
+def culprit_line(cls: type) -> int:
+    """The line marked ``# CULPRIT`` in a class's source."""
+    lines, first = inspect.getsourcelines(cls)
+    return first + next(i for i, line in enumerate(lines) if "# CULPRIT" in line)
+
+
+def instrument_keras3(optimizer: keras.optimizers.Optimizer, diagnoser: Diagnoser, seen: list) -> None:
+    original = optimizer.apply
+
+    def apply(grads, trainable_variables=None):
+        seen.append((diagnoser.diagnose(list(grads), list(trainable_variables)), list(trainable_variables)))
+        return original(grads, trainable_variables)
+
+    optimizer.apply = apply
+
+
+class Snap(keras.layers.Layer):
+    def call(self, inputs):
+        return tf.round(inputs)  # CULPRIT
+
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return np.linspace(-1, 1, 24, dtype="float32").reshape(8, 3), np.ones((8, 1), "float32")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_keras3_fit_round_layer(diagnoser: Diagnoser, jit: bool) -> None:
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="pre"), Snap(),
+                              keras.layers.Dense(1, name="post")])
+    model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
+    seen: list[tuple[Diagnosis, list]] = []
+    instrument_keras3(model.optimizer, diagnoser, seen)
+    model.fit(*data(), epochs=1, batch_size=4, verbose=0)
+
+    assert seen, "apply was not traced"
+    result, variables = seen[0]
+    names = {display_name(variables[i]): c for i, c in result.causes.items()}
+    assert sorted(n.split("/", 1)[1] for n in names) == ["pre/bias", "pre/kernel"]
+    for cause in names.values():
+        assert (cause.category, cause.op) == ("non_differentiable_op", "Round")
+        assert cause.location.endswith(f"{os.sep}test_fit.py:{culprit_line(Snap)}")
+
+
+def test_keras3_fit_output_without_loss(diagnoser: Diagnoser) -> None:
+    inputs = keras.Input((3,))
+    trunk = keras.layers.Dense(4, name="trunk")(inputs)
+    main = keras.layers.Dense(1, name="main")(trunk)
+    aux = keras.layers.Dense(1, name="aux")(trunk)
+    model = keras.Model(inputs, {"main": main, "aux": aux})
+    model.compile(optimizer="sgd", loss={"main": "mse"})
+    seen: list[tuple[Diagnosis, list]] = []
+    instrument_keras3(model.optimizer, diagnoser, seen)
+    x, y = data()
+    model.fit(x, {"main": y}, epochs=1, batch_size=4, verbose=0)
+
+    result, variables = seen[0]
+    categories = {display_name(variables[i]): c.category for i, c in result.causes.items()}
+    assert categories == {"aux/kernel": "not_on_loss_path", "aux/bias": "not_on_loss_path"}
+
+
+def test_keras3_fit_dead_relu_hint(diagnoser: Diagnoser) -> None:
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu", name="hid"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer="sgd", loss="mse")
+    seen: list[tuple[Diagnosis, list]] = []
+    instrument_keras3(model.optimizer, diagnoser, seen)
+    model.fit(*data(), epochs=1, batch_size=4, verbose=0)
+
+    result, variables = seen[0]
+    assert result.causes == {}
+    hints = {display_name(variables[i]): h.category for i, h in result.zero_hints.items()}
+    assert {n.split("/", 1)[1]: c for n, c in hints.items()} == {
+        "hid/kernel": "dead_activation", "hid/bias": "dead_activation"}
+
+
+def test_tf_keras_fit_argmax_layer(diagnoser: Diagnoser) -> None:
+    tf_keras = pytest.importorskip("tf_keras")
+
+    class Hard(tf_keras.layers.Layer):
+        def call(self, inputs):
+            return tf.cast(tf.argmax(inputs, axis=-1), tf.float32)[:, None]  # CULPRIT
+
+    model = tf_keras.Sequential([tf_keras.layers.Dense(4, name="logits", input_shape=(3,)), Hard(),
+                                 tf_keras.layers.Dense(1, name="scale")])
+    model.compile(optimizer="sgd", loss="mse")
+    seen: list[tuple[Diagnosis, list]] = []
+    original = model.optimizer.apply_gradients
+
+    def apply_gradients(grads_and_vars, *args, **kwargs):
+        pairs = list(grads_and_vars)
+        variables = [v for _, v in pairs]
+        seen.append((diagnoser.diagnose([g for g, _ in pairs], variables), variables))
+        return original(pairs, *args, **kwargs)
+
+    model.optimizer.apply_gradients = apply_gradients
+    model.fit(*data(), epochs=1, batch_size=4, verbose=0)
+
+    result, variables = seen[0]
+    causes = {display_name(variables[i]): c for i, c in result.causes.items()}
+    assert sorted(causes) == ["logits/bias", "logits/kernel"]
+    for cause in causes.values():
+        assert (cause.category, cause.op) == ("non_differentiable_op", "ArgMax")
+        assert cause.location.endswith(f"{os.sep}test_fit.py:{culprit_line(Hard)}")
