@@ -44,6 +44,23 @@ def _exporters(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(k for k in kinds if k != "none")
 
 
+def _basic_auth(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """Username and password of the endpoint; the password may come from a file (a mounted secret)."""
+    username = env.get("GRADTEL_BASIC_AUTH_USERNAME") or None
+    password = env.get("GRADTEL_BASIC_AUTH_PASSWORD")
+    password_file = env.get("GRADTEL_BASIC_AUTH_PASSWORD_FILE")
+    if password_file:
+        try:
+            with open(password_file) as f:
+                password = f.read().rstrip("\n")
+        except OSError as error:
+            raise ValueError(f"GRADTEL_BASIC_AUTH_PASSWORD_FILE: cannot read {password_file!r}: {error}") from None
+    if (username is None) != (password is None):
+        raise ValueError("GRADTEL_BASIC_AUTH_USERNAME and GRADTEL_BASIC_AUTH_PASSWORD (or _PASSWORD_FILE) must be "
+                         "set together")
+    return username, password
+
+
 @dataclass(frozen=True)
 class Config:
     """Where and how gradtel exports."""
@@ -57,6 +74,8 @@ class Config:
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
     tls_client_cafile: str | None = None
+    basic_auth_username: str | None = None
+    basic_auth_password: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -68,6 +87,7 @@ class Config:
         certfile, keyfile = env.get("GRADTEL_TLS_CERT_FILE"), env.get("GRADTEL_TLS_KEY_FILE")
         if bool(certfile) != bool(keyfile):
             raise ValueError("GRADTEL_TLS_CERT_FILE and GRADTEL_TLS_KEY_FILE must be set together")
+        username, password = _basic_auth(env)
         return cls(
             exporters=_exporters(env),
             prometheus_host=env.get("OTEL_EXPORTER_PROMETHEUS_HOST", DEFAULT_HOST) or DEFAULT_HOST,
@@ -78,6 +98,8 @@ class Config:
             tls_certfile=certfile or None,
             tls_keyfile=keyfile or None,
             tls_client_cafile=env.get("GRADTEL_TLS_CLIENT_CA_FILE") or None,
+            basic_auth_username=username,
+            basic_auth_password=password,
         )
 
     def resource(self) -> Any:
@@ -94,11 +116,9 @@ class Config:
             resource = resource.merge(Resource({"service.name": "gradtel"}))
         return resource
 
-    def tls_kwargs(self) -> dict[str, Any]:
-        """Arguments for prometheus_client's start_http_server: TLS, and client certificates when a CA is set."""
-        if not self.tls_certfile:
-            return {}
-        kwargs: dict[str, Any] = {"certfile": self.tls_certfile, "keyfile": self.tls_keyfile}
-        if self.tls_client_cafile:
-            kwargs.update(client_cafile=self.tls_client_cafile, client_auth_required=True)
-        return kwargs
+    def security(self) -> Any:
+        """TLS and basic auth of the pull endpoint."""
+        from gradtel.endpoint import Security
+
+        return Security(certfile=self.tls_certfile, keyfile=self.tls_keyfile, client_cafile=self.tls_client_cafile,
+                        username=self.basic_auth_username, password=self.basic_auth_password)

@@ -9,6 +9,7 @@ logged once and leaves training alone.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -79,8 +80,8 @@ class Instruments:
             metrics.MISSING: self._missing,
             metrics.ZERO: self._per_variable("zero_steps"),
             metrics.NONFINITE: self._per_variable("nonfinite_steps"),
-            metrics.NORM: self._per_variable("norm", skip_missing=True),
-            metrics.MAX_ABS: self._per_variable("max_abs", skip_missing=True),
+            metrics.NORM: self._per_variable("norm"),
+            metrics.MAX_ABS: self._per_variable("max_abs"),
             metrics.GLOBAL_NORM: self._global_norm,
             metrics.VARIABLES: self._variables,
         }
@@ -115,7 +116,7 @@ class Instruments:
 
     def _global_norm(self) -> Iterable[Observation]:
         for view in self._cache.views():
-            if view.steps:
+            if view.steps and math.isfinite(view.global_norm):
                 yield Observation(view.global_norm, self._base(view.name))
 
     def _variables(self) -> Iterable[Observation]:
@@ -136,13 +137,15 @@ class Instruments:
                              "expected": "true" if record.expected_missing else "false"}
                     yield Observation(record.missing_steps, attrs)
 
-    def _per_variable(self, field: str, skip_missing: bool = False) -> Any:
+    def _per_variable(self, field: str) -> Any:
+        # OpenTelemetry drops (and logs, every collection) non-finite observations: a gauge of a missing or
+        # non-finite gradient is left out instead; the counters and gradtel_variables say which state it is in.
         def observe() -> Iterable[Observation]:
             for view in self._cache.views():
                 for record in view.records:
-                    if skip_missing and record.state in ("missing", "expected_missing"):
-                        continue
-                    yield Observation(getattr(record, field), self._variable_attrs(record))
+                    value = getattr(record, field)
+                    if math.isfinite(value):
+                        yield Observation(value, self._variable_attrs(record))
 
         return observe
 
@@ -186,15 +189,17 @@ class Exporter:
 
     def _prometheus_reader(self) -> Any:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
+
+        from gradtel.endpoint import Endpoint
 
         registry = CollectorRegistry(auto_describe=True)
         reader = PrometheusMetricReader(registry=registry)
         host, port = self.config.prometheus_host, self.config.prometheus_port
         try:
-            self._server, _ = start_http_server(port, addr=host, registry=registry, **self.config.tls_kwargs())
-            self.endpoint = (host, self._server.server_address[1])
-            log.info("gradtel: serving metrics on http://%s:%d/metrics", host, self.endpoint[1])
+            self._server = Endpoint(registry, host, port, self.config.security())
+            self.endpoint = (host, self._server.port)
+            log.info("gradtel: serving metrics on %s://%s:%d/metrics", self._server.scheme, host, self._server.port)
         except OSError as error:
             log.warning("gradtel: cannot serve metrics on %s:%d (%s); training goes on without this "
                         "endpoint. Set OTEL_EXPORTER_PROMETHEUS_PORT to a free port.", host, port, error)
@@ -209,8 +214,7 @@ class Exporter:
         if self._owned_provider is not None:
             self._owned_provider.shutdown(int(timeout_s * 1000))
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
 
 
 def _otlp_exporter(protocol: str) -> Any:
