@@ -94,7 +94,7 @@ class Handle:
                 table.stats.update(grads)
             else:
                 if table.compiled is None:
-                    table.compiled = tf.function(table.stats.update)
+                    table.compiled = tf.function(table.stats.update, autograph=False)
                 table.compiled(list(grads))
         except Exception:
             self._log_failure_once("recording gradient statistics")

@@ -65,15 +65,15 @@ NONFINITE = Metric(
 )
 NORM = Metric(
     "gradtel_gradient_norm", Kind.GAUGE, VARIABLE_LABELS, "",
-    "L2 norm of the variable's gradient at the latest step (NaN when the gradient was missing or non-finite).",
+    "L2 norm of the variable's gradient at the latest step (absent while it is missing or non-finite).",
 )
 MAX_ABS = Metric(
     "gradtel_gradient_max_abs", Kind.GAUGE, VARIABLE_LABELS, "",
-    "Largest absolute gradient element of the variable at the latest step.",
+    "Largest absolute gradient element of the variable at the latest step (absent while missing or non-finite).",
 )
 GLOBAL_NORM = Metric(
     "gradtel_gradient_global_norm", Kind.GAUGE, COMMON_LABELS, "",
-    "Global L2 norm over all present gradients at the latest step (as tf.linalg.global_norm).",
+    "Global L2 norm over the finite gradients at the latest step (non-finite ones are counted apart).",
 )
 VARIABLES = Metric(
     "gradtel_variables", Kind.GAUGE, (*COMMON_LABELS, "state"), "",

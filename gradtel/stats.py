@@ -12,7 +12,7 @@ That is about one extra read of the gradients, against the several reads and wri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -48,46 +48,61 @@ def _as_measurable(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, tf.Te
     return tf.convert_to_tensor(grad), None
 
 
-def _compute_dtype(t: tf.Tensor) -> tf.Tensor:
+def _as_float(t: tf.Tensor) -> tf.Tensor:
     """float16/bfloat16 gradients are measured in float32 (their squares overflow in half precision)."""
     return t if t.dtype in (tf.float32, tf.float64) else tf.cast(t, tf.float32)
 
 
-def _small_size(t: tf.Tensor) -> int | None:
+def _is_small(t: tf.Tensor) -> bool:
     size = t.shape.num_elements()
-    if size is None or size == 0 or size > SMALL_GRADIENT_ELEMENTS or t.dtype == tf.float64:
-        return None
-    return size
+    return size is not None and 0 < size <= SMALL_GRADIENT_ELEMENTS and t.dtype != tf.float64
 
 
 def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Sum of squares and max |x| of each tensor, as two float64 vectors of len(tensors)."""
-    sumsq: list[tf.Tensor | None] = [None] * len(tensors)
-    maxabs: list[tf.Tensor | None] = [None] * len(tensors)
-    small = [(i, _compute_dtype(t)) for i, t in enumerate(tensors) if _small_size(t)]
+    """Sum of squares and max |x| of each tensor, as two float64 vectors of len(tensors).
+
+    Small tensors are flattened into one vector and reduced with two segment reductions; large ones are reduced
+    one by one. The graph has a constant number of ops plus one reshape per small tensor, so tracing stays fast
+    with thousands of variables. A float32 sum of squares that overflows while every element is finite is
+    recomputed in float64 (a cond that almost never takes its expensive branch).
+    """
+    small = [i for i, t in enumerate(tensors) if _is_small(t)]
+    large = [i for i in range(len(tensors)) if i not in set(small)]
+    order = np.argsort(np.array(small + large, np.int64))  # back from [small..., large...] to the input order
+    sumsq_parts: list[tf.Tensor] = []
+    maxabs_parts: list[tf.Tensor] = []
+    exact_parts: list[Callable[[], tf.Tensor]] = []
     if small:
-        sizes = [t.shape.num_elements() for _, t in small]
-        flat = tf.concat([tf.reshape(t, [-1]) for _, t in small], axis=0)
-        segments = tf.repeat(tf.range(len(small)), sizes)
-        seg_sumsq = tf.math.unsorted_segment_sum(tf.square(flat), segments, len(small))
-        seg_maxabs = tf.math.unsorted_segment_max(tf.abs(flat), segments, len(small))
-        seg_sumsq = tf.unstack(tf.cast(seg_sumsq, tf.float64)) if len(small) > 1 else [
-            tf.cast(seg_sumsq[0], tf.float64)]
-        seg_maxabs = tf.unstack(tf.cast(seg_maxabs, tf.float64)) if len(small) > 1 else [
-            tf.cast(seg_maxabs[0], tf.float64)]
-        for k, (i, _) in enumerate(small):
-            sumsq[i], maxabs[i] = seg_sumsq[k], seg_maxabs[k]
-    for i, t in enumerate(tensors):
-        if sumsq[i] is None:
-            t = _compute_dtype(t)
-            sumsq[i] = tf.cast(2.0 * tf.nn.l2_loss(t), tf.float64)
-            maxabs[i] = tf.cast(tf.reduce_max(tf.abs(t)), tf.float64)
-    return tf.stack(sumsq), tf.stack(maxabs)
+        flat = tf.concat([tf.reshape(_as_float(tensors[i]), [-1]) for i in small], axis=0)
+        segments = tf.repeat(tf.range(len(small)), [tensors[i].shape.num_elements() for i in small])
+        sumsq_parts.append(tf.math.unsorted_segment_sum(tf.square(flat), segments, len(small)))
+        maxabs_parts.append(tf.math.unsorted_segment_max(tf.abs(flat), segments, len(small)))
+        exact_parts.append(lambda: tf.math.unsorted_segment_sum(
+            tf.square(tf.cast(flat, tf.float64)), segments, len(small)))
+    for i in large:
+        t = _as_float(tensors[i])
+        sumsq_parts.append(tf.reshape(2.0 * tf.nn.l2_loss(t), [1]))
+        maxabs_parts.append(tf.reshape(tf.reduce_max(tf.abs(t)), [1]))
+        exact_parts.append(lambda t=t: tf.reshape(tf.reduce_sum(tf.square(tf.cast(t, tf.float64))), [1]))
+
+    def assemble(parts: Sequence[tf.Tensor]) -> tf.Tensor:
+        return tf.gather(tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0), order)
+
+    sumsq, maxabs = assemble(sumsq_parts), assemble(maxabs_parts)
+    overflow = tf.logical_and(tf.math.is_inf(sumsq), tf.math.is_finite(maxabs))
+    sumsq = tf.cond(tf.reduce_any(overflow), lambda: assemble([f() for f in exact_parts]), lambda: sumsq)
+    return sumsq, maxabs
 
 
-def _exact_sumsq(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
-    """Sums of squares in float64: used only when a float32 sum overflowed while every element is finite."""
-    return tf.stack([tf.reduce_sum(tf.square(tf.cast(t, tf.float64))) for t in tensors])
+def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None]]) -> tf.Tensor:
+    """Elements (dense) or distinct rows (IndexedSlices) per gradient; static wherever the shape is known."""
+    static = np.array([m.shape.num_elements() or 0 for m, _ in measured], np.float64)
+    dynamic = [(i, rows if rows is not None else tf.size(m)) for i, (m, rows) in enumerate(measured)
+               if rows is not None or m.shape.num_elements() is None]
+    if not dynamic:
+        return tf.constant(static)
+    indices = tf.constant([[i] for i, _ in dynamic])
+    return tf.tensor_scatter_nd_update(static, indices, tf.cast(tf.stack([d for _, d in dynamic]), tf.float64))
 
 
 class StatsTable:
@@ -117,16 +132,10 @@ class StatsTable:
         missing = np.array([g is None for g in grads], np.float64)
         if present:
             measured = [_as_measurable(grads[i]) for i in present]
-            tensors = [m for m, _ in measured]
-            sumsq_p, maxabs_p = _reduce(tensors)
-            overflow = tf.logical_and(tf.math.is_inf(sumsq_p), tf.math.is_finite(maxabs_p))
-            sumsq_p = tf.cond(tf.reduce_any(overflow), lambda: _exact_sumsq(tensors), lambda: sumsq_p)
+            sumsq_p, maxabs_p = _reduce([m for m, _ in measured])
             # Empty gradients reduce to -inf (max of nothing): measure them as zeros.
             maxabs_p = tf.where(maxabs_p < 0.0, tf.zeros_like(maxabs_p), maxabs_p)
-            touched_p = tf.stack([
-                tf.cast(t if t is not None else tf.size(m, out_type=tf.int32), tf.float64)
-                for m, t in measured
-            ])
+            touched_p = _rows_touched(measured)
             # Scatter the present values into full-length vectors with one static gather.
             index = np.full(self.n, len(present), np.int32)
             index[present] = np.arange(len(present), dtype=np.int32)
@@ -137,7 +146,10 @@ class StatsTable:
             sumsq = full(sumsq_p, np.nan)
             maxabs = full(maxabs_p, np.nan)
             touched = full(touched_p, 0.0)
-            global_norm = tf.sqrt(tf.reduce_sum(sumsq_p))
+            # Over the finite gradients: a NaN would hide the norm of every other variable (and OpenTelemetry
+            # drops non-finite observations); non-finite gradients are counted on their own.
+            finite = tf.math.is_finite(sumsq_p)
+            global_norm = tf.sqrt(tf.reduce_sum(tf.where(finite, sumsq_p, tf.zeros_like(sumsq_p))))
         else:
             sumsq = maxabs = tf.fill([self.n], tf.constant(np.nan, tf.float64))
             touched = tf.zeros([self.n], tf.float64)

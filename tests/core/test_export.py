@@ -226,3 +226,20 @@ def test_the_applications_global_meter_provider_is_used():
     assert values["gradtel_steps/None"] == 5
     assert "cannot serve metrics" not in result.stderr  # no endpoint of gradtel's own was attempted
     assert not math.isnan(values["gradtel_gradient_norm/w"])
+
+
+def test_nonfinite_gradients_leave_their_gauges_out_and_the_global_norm_finite(exporter, caplog):
+    good, bad = keras.Variable(np.zeros(2, "float32"), name="good"), keras.Variable(np.zeros(2, "float32"), name="bad")
+    opt = keras.optimizers.SGD(0.0)
+    gradtel.instrument(opt, name="storm")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            opt.apply_gradients([(tf.constant([3.0, 4.0]), good), (tf.constant([np.nan, 1.0]), bad)])
+        metrics = scrape(exporter.endpoint[1])
+    base = {"run": "test-run", "optimizer": "storm"}
+    assert sample(metrics["gradtel_gradient_global_norm"], **base) == pytest.approx(5.0)
+    assert sample(metrics["gradtel_gradient_nonfinite"], variable="bad", **base) == 2
+    assert not [s for s in metrics["gradtel_gradient_norm"] if s.labels.get("variable") == "bad"]
+    assert sample(metrics["gradtel_gradient_norm"], variable="good", **base) == pytest.approx(5.0)
+    assert not [r for r in caplog.records if "non-finite" in r.getMessage()]  # no SDK warning per collection
+    gradtel.uninstrument(opt)
