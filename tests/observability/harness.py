@@ -1,19 +1,30 @@
-"""Pieces of the end-to-end harness: a webhook receiver, a fake gradtel endpoint and fast shipped configs.
+"""Pieces of the end-to-end harness: a webhook receiver, two gradtel endpoints and fast shipped configs.
 
 The fake endpoint serves gradtel's real metric names and labels through prometheus_client, so the harness
-proves the path Prometheus -> rules -> Alertmanager -> receiver without TensorFlow. The configs are the
-shipped ones with only their intervals shortened (scrape, evaluation, ``for:``, Alertmanager grouping), so
-an alert that takes minutes in production takes seconds here.
+proves the path Prometheus -> rules -> Alertmanager -> receiver without TensorFlow; :class:`DemoProcess` is
+the real thing, a ``gradtel demo`` training job. The configs are the shipped ones with only their intervals
+shortened (scrape, evaluation, ``for:``, Alertmanager grouping), so an alert that takes minutes in
+production takes seconds here. The dashboard helpers read the committed dashboard JSON, so the queries
+tested are exactly the ones Grafana runs.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +32,7 @@ from typing import Any, ClassVar
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from deploy.generate import DASHBOARDS_DIR
 from gradtel import metrics
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
@@ -164,15 +176,101 @@ def fast_deploy_dir(destination: Path) -> Path:
     return destination
 
 
-def query(prometheus_url: str, expr: str) -> dict[str, Any]:
-    """Run an instant query; returns Prometheus's JSON answer (errors included, not raised)."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    url = f"{prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+def api_get(base_url: str, path: str, params: Mapping[str, str | float] | None = None) -> Any:
+    """GET a Prometheus or Alertmanager API path; returns the JSON answer (error answers included, not raised)."""
+    url = f"{base_url}{path}?{urllib.parse.urlencode(params or {})}"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as error:
         return json.loads(error.read())
+
+
+def query(prometheus_url: str, expr: str) -> dict[str, Any]:
+    """Run an instant query; returns Prometheus's JSON answer (errors included, not raised)."""
+    return api_get(prometheus_url, "/api/v1/query", {"query": expr})
+
+
+def query_range(prometheus_url: str, expr: str, seconds: float, step: float = 1.0) -> dict[str, Any]:
+    """Run a range query over the last ``seconds`` (what a Grafana time series panel asks for)."""
+    end = time.time()
+    return api_get(prometheus_url, "/api/v1/query_range",
+                   {"query": expr, "start": end - seconds, "end": end, "step": step})
+
+
+class DemoProcess:
+    """``gradtel demo --steps 0`` as a subprocess: a real Keras training job serving gradtel's metrics.
+
+    Its ``aux_head`` output has no loss (``aux_head/kernel`` and ``aux_head/bias`` never get a gradient) and
+    ``calibration/c`` gets a NaN gradient from step ``nan_at`` on; ``encoder/*`` and ``main_head/*`` stay
+    healthy. It trains until :meth:`close`.
+    """
+
+    def __init__(self, log: Path, run_id: str, nan_at: int) -> None:
+        self.run_id = run_id
+        self.target = f"127.0.0.1:{free_port()}"
+        self.log = log
+        # tests/conftest.py sets OTEL_METRICS_EXPORTER=none for in-process tests; this job must serve /metrics.
+        env = {name: value for name, value in os.environ.items() if name != "OTEL_METRICS_EXPORTER"}
+        env.update(GRADTEL_RUN_ID=run_id, TF_CPP_MIN_LOG_LEVEL="2")
+        command = [sys.executable, "-m", "gradtel.cli", "demo", "--steps", "0",
+                   "--port", self.target.rsplit(":", 1)[1], "--nan-at", str(nan_at)]
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+
+    def steps(self) -> float:
+        """The ``gradtel_steps_total`` served now (0 until the endpoint and the first step are up)."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"gradtel demo exited with {self.process.returncode}:\n"
+                                 f"{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://{self.target}/metrics", timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return 0.0
+        found = re.search(rf"^{metrics.STEPS.name}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    def close(self) -> None:
+        """Ctrl-C (the demo prints its table and shuts its exporter down), then SIGKILL after 10 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    """One query of a committed dashboard: a panel target or a template variable's values query."""
+
+    where: str  # "<file>: <panel title>" or "<file>: variable <name>"
+    expr: str
+    instant: bool  # instant table queries; the others are range queries in Grafana
+
+
+def dashboard_queries() -> list[PanelQuery]:
+    """Every panel target and ``label_values`` variable query of dashboards/*.json."""
+    found = []
+    for path in sorted(DASHBOARDS_DIR.glob("*.json")):
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            found += [PanelQuery(f"{path.name}: {panel['title']}", target["expr"], bool(target.get("instant")))
+                      for target in panel.get("targets", [])]
+        for variable in board["templating"]["list"]:
+            match = re.fullmatch(r"label_values\((.*), (\w+)\)", str(variable.get("query", "")))
+            if match:
+                found.append(PanelQuery(f"{path.name}: variable {variable['name']}",
+                                        f"count({match.group(1)})", instant=True))
+    return found
+
+
+def substitute(expr: str, values: Mapping[str, str]) -> str:
+    """``expr`` with its Grafana template variables (``$name``, ``${name}``) replaced by ``values[name]``.
+
+    An unknown variable raises KeyError, so a new dashboard variable cannot slip through untested.
+    """
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], expr)

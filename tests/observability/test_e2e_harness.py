@@ -6,17 +6,15 @@ test that replaces it with ``gradtel demo`` builds on these fixtures.
 
 from __future__ import annotations
 
-import json
-import re
-
 import pytest
 
-from deploy import generate
 from gradtel.localstack import StackConfig
-from tests.observability.harness import FakeGradtel, WebhookReceiver, query, wait_for
+from tests.observability.harness import FakeGradtel, WebhookReceiver, dashboard_queries, query, substitute, wait_for
 
 pytestmark = pytest.mark.slow
-_TEMPLATE_VALUES = {"$__rate_interval": "1m", "${datasource}": "prometheus"}
+#: Grafana's values of the template variables: "All" (.+) for every filter.
+_TEMPLATE_VALUES = {"__rate_interval": "1m", "datasource": "prometheus", "job": ".+", "instance": ".+",
+                    "run": ".+", "optimizer": ".+", "layer": ".+", "variable": ".+"}
 
 
 def test_harness_disconnected_and_nonfinite_alerts_reach_the_receiver(
@@ -43,31 +41,12 @@ def test_harness_healthy_targets_raise_no_target_down(stack: StackConfig, webhoo
     assert firing["status"] == "success" and firing["data"]["result"] == []
 
 
-def _substitute(expr: str) -> str:
-    for name, value in _TEMPLATE_VALUES.items():
-        expr = expr.replace(name, value)
-    return re.sub(r"\$\w+", ".+", expr)
-
-
-def _dashboard_queries() -> list[tuple[str, str]]:
-    queries = []
-    for path in sorted(generate.DASHBOARDS_DIR.glob("*.json")):
-        board = json.loads(path.read_text())
-        for panel in board["panels"]:
-            queries += [(f"{path.name}: {panel['title']}", t["expr"]) for t in panel.get("targets", [])]
-        for variable in board["templating"]["list"]:
-            match = re.fullmatch(r"label_values\((.*), (\w+)\)", str(variable.get("query", "")))
-            if match:
-                queries.append((f"{path.name}: variable {variable['name']}", f"count({match.group(1)})"))
-    return queries
-
-
 def test_harness_every_dashboard_query_evaluates(stack: StackConfig, webhook: WebhookReceiver) -> None:
     """Every panel and variable query parses and runs on real Prometheus against gradtel-shaped data."""
     wait_for(lambda: webhook.alerts("GradtelVariableDisconnected"), 60, "data to be scraped")
     failures = []
-    for where, expr in _dashboard_queries():
-        answer = query(stack.prometheus_url, _substitute(expr))
+    for panel in dashboard_queries():
+        answer = query(stack.prometheus_url, substitute(panel.expr, _TEMPLATE_VALUES))
         if answer["status"] != "success":
-            failures.append(f"{where}: {answer.get('error')}")
+            failures.append(f"{panel.where}: {answer.get('error')}")
     assert not failures, "\n".join(failures)
