@@ -26,8 +26,8 @@ from tests.observability.harness import (
 DEMO_RUN_ID = "e2e-training"
 #: Step from which ``calibration/c`` gets NaN gradients: late enough that Prometheus (started after the
 #: first step, ready within about 2 s) scrapes it healthy first, early enough to come soon on a loaded machine
-#: (the demo takes about 330 steps/s on 2 idle CPU cores, 60 on busy ones).
-DEMO_NAN_AT = 2500
+#: (the demo takes 300-1000 steps/s on 2 CPU cores, 60 on busy ones).
+DEMO_NAN_AT = 6000
 
 
 def require_binary(*names: str) -> str:
