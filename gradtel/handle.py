@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,10 @@ from gradtel import layout
 from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
 
 log = logging.getLogger("gradtel")
+
+
+class MissingGradientWarning(UserWarning):
+    """Some (not all) gradients are None: which variables, and why."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class _Table:
     causes: dict[int, Any] = field(default_factory=dict)  # index -> Cause of a None gradient
     zero_hints: dict[int, Any] = field(default_factory=dict)  # index -> likely Cause if it turns out all-zero
     compiled: Any = None  # tf.function of stats.update, for eager steps
+    warned: tuple[int, ...] = ()  # the missing set last warned about
+    pending: tuple[int, ...] = ()  # a missing set whose causes were still being recorded
 
 
 class Handle:
@@ -107,8 +114,43 @@ class Handle:
             diagnosis = self._diagnoser.diagnose(list(grads), list(variables))
             table.causes.update(diagnosis.causes)
             table.zero_hints.update(diagnosis.zero_hints)
+            self._warn_partial(table, [i for i, g in enumerate(grads) if g is None], len(grads))
         except Exception:
             self._log_failure_once("diagnosing missing gradients")
+
+    def _warn_partial(self, table: _Table, missing: list[int], total: int) -> None:
+        """One warning per new set of unexpectedly missing gradients, naming each cause (Keras names none).
+
+        In eager mode a cause still pending (the next step is recorded) waits one step rather than warn twice;
+        a trace is diagnosed once, so graph mode warns at once.
+        """
+        unexpected = tuple(i for i in missing if not table.expected[i])
+        if not unexpected or len(missing) == total or unexpected == table.warned:
+            return
+        import tensorflow as tf
+
+        pending = not tf.inside_function() and any(
+            getattr(table.causes.get(i), "category", "unknown") == "unknown" for i in unexpected)
+        if pending and unexpected != table.pending:
+            table.pending = unexpected
+            return
+        table.warned = unexpected
+        warnings.warn(MissingGradientWarning(
+            f"gradtel: gradients do not exist for {len(unexpected)} of {total} variables of optimizer "
+            f"{self.name!r}; they are not training:\n" + "\n".join(self._cause_lines(table, unexpected))),
+            stacklevel=2)
+
+    @staticmethod
+    def _cause_lines(table: _Table, indices: Sequence[int]) -> list[str]:
+        lines = []
+        for i in indices:
+            cause = table.causes.get(i)
+            if cause is None:
+                lines.append(f"  - {table.names[i]}: cause not diagnosed")
+            else:
+                where = f" at {cause.location}" if cause.location else ""
+                lines.append(f"  - {table.names[i]}: {cause.category}{where}: {cause.explanation}")
+        return lines
 
     @contextlib.contextmanager
     def enriched_errors(self, grads: Sequence[Any], variables: Sequence[Any] | None) -> Iterator[None]:
@@ -122,16 +164,9 @@ class Handle:
 
     def _explain_missing(self, variables: Sequence[Any]) -> str:
         table = self._tables.get(tuple(id(v) for v in variables))
-        lines = ["gradtel: every gradient is missing."]
-        for i, v in enumerate(variables):
-            cause = table.causes.get(i) if table else None
-            name = table.names[i] if table else variable_path(v)
-            if cause is None:
-                lines.append(f"  - {name}: cause not diagnosed")
-            else:
-                where = f" at {cause.location}" if cause.location else ""
-                lines.append(f"  - {name}: {cause.category}{where}: {cause.explanation}")
-        return "\n".join(lines)
+        if table is None:
+            return "gradtel: every gradient is missing (not diagnosed)."
+        return "\n".join(["gradtel: every gradient is missing:", *self._cause_lines(table, range(len(variables)))])
 
     def _unscaled(self, grads: Sequence[Any]) -> list[Any]:
         if self._loss_scale is None:

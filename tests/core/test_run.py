@@ -142,3 +142,29 @@ def test_report_matches_the_handles(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(report))
     assert handle.totals()[0] == 1
     gradtel.uninstrument(opt)
+
+
+def test_partial_missing_warning_names_each_cause_once():
+    from gradtel.handle import MissingGradientWarning
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="used")])
+    idle = keras.layers.Dense(2, name="idle")
+    idle.build((None, 4))
+    variables = model.trainable_variables + idle.trainable_variables
+    opt = keras.optimizers.SGD(0.1)
+    gradtel.instrument(opt, name="partial", start_exporter=False)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(tf.ones((2, 4))) ** 2)
+        opt.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+
+    with pytest.warns(MissingGradientWarning) as caught:
+        for _ in range(3):
+            step()
+    mine = [str(w.message) for w in caught if w.category is MissingGradientWarning]
+    assert len(mine) == 1
+    assert "idle/kernel: unused" in mine[0] and "idle/bias: unused" in mine[0]
+    assert "used/kernel" not in mine[0]
+    gradtel.uninstrument(opt)
