@@ -29,8 +29,9 @@ import yaml
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_TARGET = f"{LOOPBACK}:9464"
-#: The repository's deploy/ directory (``gradtel stack`` runs from a source checkout).
-DEFAULT_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
+#: The shipped configs: packaged with the wheel as gradtel/_deploy, or the checkout's deploy/ (editable install).
+_PACKAGED = Path(__file__).resolve().parent / "_deploy"
+DEFAULT_DEPLOY_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "deploy"
 #: The compose addresses in deploy/prometheus/prometheus.yml, by the role each one plays.
 COMPOSE_TARGETS: dict[str, str] = {
     "trainer:9464": "target",
