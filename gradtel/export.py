@@ -21,7 +21,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from gradtel import instrumenting, metrics
 from gradtel.config import Config
-from gradtel.handle import Handle, VariableRecord
+from gradtel.handle import Handle, OptimizerSummary, VariableRecord
 
 log = logging.getLogger("gradtel")
 
@@ -34,8 +34,7 @@ SNAPSHOT_TTL_S = 0.5
 @dataclass(frozen=True)
 class _OptimizerView:
     name: str
-    steps: int
-    global_norm: float
+    summary: OptimizerSummary
     records: list[VariableRecord]
 
 
@@ -58,14 +57,13 @@ class SnapshotCache:
 
     def _read(self, handle: Handle) -> _OptimizerView:
         try:
-            steps, global_norm = handle.totals()
-            return _OptimizerView(handle.name, steps, global_norm, handle.records())
+            return _OptimizerView(handle.name, handle.summary(), handle.records())
         except Exception:
             if not self._failed:
                 self._failed = True
                 log.warning("gradtel: reading the statistics of %r failed; its series are skipped.",
                             handle.name, exc_info=True)
-            return _OptimizerView(handle.name, 0, float("nan"), [])
+            return _OptimizerView(handle.name, OptimizerSummary(0, float("nan"), 0), [])
 
 
 class Instruments:
@@ -84,6 +82,7 @@ class Instruments:
             metrics.MAX_ABS: self._per_variable("max_abs"),
             metrics.GLOBAL_NORM: self._global_norm,
             metrics.VARIABLES: self._variables,
+            metrics.SKIPPED: self._skipped,
         }
         for metric, callback in sources.items():
             create = (meter.create_observable_counter if metric.kind is metrics.Kind.COUNTER
@@ -112,12 +111,16 @@ class Instruments:
 
     def _steps(self) -> Iterable[Observation]:
         for view in self._cache.views():
-            yield Observation(view.steps, self._base(view.name))
+            yield Observation(view.summary.steps, self._base(view.name))
+
+    def _skipped(self) -> Iterable[Observation]:
+        for view in self._cache.views():
+            yield Observation(view.summary.skipped_steps, self._base(view.name))
 
     def _global_norm(self) -> Iterable[Observation]:
         for view in self._cache.views():
-            if view.steps and math.isfinite(view.global_norm):
-                yield Observation(view.global_norm, self._base(view.name))
+            if view.summary.steps and math.isfinite(view.summary.global_norm):
+                yield Observation(view.summary.global_norm, self._base(view.name))
 
     def _variables(self) -> Iterable[Observation]:
         for view in self._cache.views():

@@ -46,6 +46,15 @@ class VariableRecord:
     state: str  # ok | missing | zero | nonfinite | expected_missing
 
 
+@dataclass(frozen=True)
+class OptimizerSummary:
+    """Optimizer-level statistics: steps observed, latest global norm, loss-scale skipped steps."""
+
+    steps: int
+    global_norm: float
+    skipped_steps: int
+
+
 @dataclass
 class _Table:
     """A StatsTable plus the names of its variables and what the diagnosis said about them."""
@@ -59,6 +68,7 @@ class _Table:
     zero_hints: dict[int, Any] = field(default_factory=dict)  # index -> likely Cause if it turns out all-zero
     compiled: Any = None  # tf.function of stats.update, for eager steps
     warned: tuple[int, ...] = ()  # the missing set last warned about
+    disagreement: set[int] = field(default_factory=set)  # None on some replicas, present on others
     pending: tuple[int, ...] = ()  # a missing set whose causes were still being recorded
 
 
@@ -80,31 +90,74 @@ class Handle:
         self._variables: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._taken: dict[str, int] = {}
         self._failed = False
-        self._had_instance_method = False
-        self._saved_method: Any = None
+        #: (object, method, had an instance attribute, its old value): what instrumenting replaced.
+        self.patches: list[tuple[Any, str, bool, Any]] = []
+        #: id of the tf.Variable inside a Keras 3 variable -> the Keras variable (the reducer sees the former).
+        self._outer: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        #: per replica thread: the full variable list of the step being traced, for observe_reduced.
+        self._local = threading.local()
+        #: table key -> replica id -> indices of None gradients on that replica (static per trace).
+        self._replica_missing: dict[tuple[int, ...], dict[int, frozenset[int]]] = {}
 
     def __repr__(self) -> str:
         return f"<gradtel.Handle optimizer={self.name!r} tables={len(self._tables)} active={self.active}>"
 
     # --- inside the step -------------------------------------------------------------------------------
     def observe(self, grads: Sequence[Any], variables: Sequence[Any] | None) -> None:
-        """Record one step's gradients. Never raises: a failure is logged once and training goes on."""
+        """Record one step's gradients, as handed to the optimizer. Never raises: a failure is logged once.
+
+        Under a strategy with several replicas these are one replica's local gradients: they are diagnosed and
+        their None pattern compared across replicas here, but measured after the all-reduce
+        (:meth:`observe_reduced`), because the optimizer applies the sum.
+        """
         if variables is None or len(grads) == 0 or len(grads) != len(variables):
             return
         try:
-            import tensorflow as tf
-
             table = self._table_for(variables)
             self._diagnose(table, grads, variables)
-            grads = self._unscaled(grads)
-            if tf.inside_function():
-                table.stats.update(grads)
+            replica = _replica()
+            if replica is None:
+                self._measure(table, self._unscaled(grads), loss_scaled=self._loss_scale is not None)
             else:
-                if table.compiled is None:
-                    table.compiled = tf.function(table.stats.update, autograph=False)
-                table.compiled(list(grads))
+                self._compare_replicas(table, replica, grads)
+                self._local.variables = list(variables)  # the reducer sees only the present ones
+                for v in variables:
+                    inner = getattr(v, "value", None)
+                    if inner is not None and inner is not v:
+                        self._outer[id(inner)] = v
         except Exception:
             self._log_failure_once("recording gradient statistics")
+
+    def observe_reduced(self, grads: Sequence[Any], variables: Sequence[Any]) -> None:
+        """The all-reduced gradients of one replica (multi-replica strategies only; unscaled, as applied)."""
+        if _replica() is None or not grads:
+            return
+        try:
+            reduced = {id(self._outer.get(id(v), v)): g for g, v in zip(grads, variables, strict=True)}
+            full = getattr(self._local, "variables", None) or [self._outer.get(id(v), v) for v in variables]
+            self._measure(self._table_for(full), [reduced.get(id(v)) for v in full])
+        except Exception:
+            self._log_failure_once("recording all-reduced gradient statistics")
+
+    def _measure(self, table: _Table, grads: Sequence[Any], loss_scaled: bool = False) -> None:
+        import tensorflow as tf
+
+        if tf.inside_function():
+            table.stats.update(grads, loss_scaled)
+        else:
+            if table.compiled is None:
+                table.compiled = tf.function(table.stats.update, autograph=False)
+            table.compiled(list(grads), loss_scaled)
+
+    def _compare_replicas(self, table: _Table, replica: int, grads: Sequence[Any]) -> None:
+        """A variable with a gradient on some replicas and None on others is flagged (static, at trace time)."""
+        missing = frozenset(i for i, g in enumerate(grads) if g is None)
+        with self._lock:
+            seen = self._replica_missing.setdefault(table.variable_ids, {})
+            seen[replica] = missing
+            patterns = set(seen.values())
+            if len(patterns) > 1:
+                table.disagreement = set().union(*patterns) - frozenset.intersection(*patterns)
 
     def _diagnose(self, table: _Table, grads: Sequence[Any], variables: Sequence[Any]) -> None:
         """Why gradients are None (graph: once per trace; eager: cheap unless the missing set is new)."""
@@ -220,13 +273,18 @@ class Handle:
     # --- from the exporter's and the report's threads -------------------------------------------------
     def totals(self) -> tuple[int, float]:
         """(steps observed, global norm at the latest step) across this optimizer's tables."""
-        steps, global_norm = 0, float("nan")
-        for table in self._snapshot_tables():
-            snap = table[1]
+        summary = self.summary()
+        return summary.steps, summary.global_norm
+
+    def summary(self) -> OptimizerSummary:
+        """Optimizer-level values across this optimizer's tables (one read each)."""
+        steps, skipped, global_norm = 0, 0, float("nan")
+        for _, snap in self._snapshot_tables():
             steps += snap.steps
+            skipped += snap.skipped
             if snap.steps:
                 global_norm = snap.global_norm
-        return steps, global_norm
+        return OptimizerSummary(steps, global_norm, skipped)
 
     def records(self) -> list[VariableRecord]:
         """The latest statistics of every variable this optimizer has seen (one read per table)."""
@@ -238,7 +296,9 @@ class Handle:
                 if steps_seen == 0:
                     continue
                 state = snap.state_name(i)
-                if state == "missing" and table.expected[i]:
+                if i in table.disagreement:
+                    state = "replica_disagreement"
+                elif state == "missing" and table.expected[i]:
                     state = "expected_missing"
                 previous = out.get(name)
                 missing_cause = table.causes.get(i) if rows[layout.MISSING, i] else None
@@ -272,3 +332,13 @@ def _merge(older: VariableRecord, newer: VariableRecord) -> VariableRecord:
            "missing_cause": newer.missing_cause or older.missing_cause},
     )
 
+
+def _replica() -> int | None:
+    """This replica's id under a strategy with several replicas in sync, else None (measure in the funnel)."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    replica = tf.get_static_value(context.replica_id_in_sync_group)
+    return int(replica) if replica is not None else 0

@@ -105,8 +105,49 @@ def _tf_keras_wrapper(optimizer: Any, original: Callable[..., Any], handle: Hand
     return apply_gradients
 
 
-_METHOD = {"keras3": "apply", "tf_keras": "apply_gradients"}
-_WRAPPER = {"keras3": _keras3_wrapper, "tf_keras": _tf_keras_wrapper}
+def _reduce_wrapper(optimizer: Any, original: Callable[..., Any], handle: Handle) -> Callable[..., Any]:
+    """Under a multi-replica strategy: measure the all-reduced gradients, the ones the optimizer applies."""
+
+    @functools.wraps(original)
+    def reduce(grads_and_vars: Iterable[tuple[Any, Any]], *args: Any, **kwargs: Any) -> Any:
+        reduced = original(grads_and_vars, *args, **kwargs)
+        pairs = list(reduced)
+        handle.observe_reduced([g for g, _ in pairs], [v for _, v in pairs])
+        return pairs
+
+    return reduce
+
+
+#: The method that funnels every update, per flavour.
+_FUNNEL = {"keras3": ("apply", _keras3_wrapper), "tf_keras": ("apply_gradients", _tf_keras_wrapper)}
+#: The method that all-reduces gradients across replicas (Keras 3; tf_keras; tf_keras legacy).
+_REDUCERS = ("_all_reduce_sum_gradients", "aggregate_gradients", "_aggregate_gradients")
+
+
+def _patch(handle: Handle, target: Any, method: str, wrapper: Callable[..., Any]) -> None:
+    """Replace ``target.method`` on the instance, remembering how to undo it exactly."""
+    had = method in vars(target)
+    saved = vars(target).get(method)
+    object.__setattr__(target, method, wrapper(target, getattr(target, method), handle))
+    handle.patches.append((target, method, had, saved))
+
+
+def _unpatch(handle: Handle) -> None:
+    while handle.patches:
+        target, method, had, saved = handle.patches.pop()
+        if had:
+            object.__setattr__(target, method, saved)
+        else:
+            object.__delattr__(target, method)
+
+
+def _reducer(optimizer: Any) -> tuple[Any, str] | None:
+    """The optimizer object that all-reduces (a loss-scale wrapper's inner one does) and its method name."""
+    target = getattr(optimizer, "inner_optimizer", None) or optimizer
+    for method in _REDUCERS:
+        if callable(getattr(target, method, None)):
+            return target, method
+    return None
 
 
 def instrument(
@@ -148,11 +189,11 @@ def instrument(
             loss_scale=_loss_scale_of(optimizer) if flavour == "keras3" else None,
             diagnoser=diagnoser(),
         )
-        method = _METHOD[flavour]
-        handle._had_instance_method = method in vars(optimizer)
-        handle._saved_method = vars(optimizer).get(method)
-        original = getattr(optimizer, method)
-        object.__setattr__(optimizer, method, _WRAPPER[flavour](optimizer, original, handle))
+        method, wrapper = _FUNNEL[flavour]
+        _patch(handle, optimizer, method, wrapper)
+        reducer = _reducer(optimizer)
+        if reducer is not None:
+            _patch(handle, reducer[0], reducer[1], _reduce_wrapper)
         _live[optimizer] = handle
         _handles.append(handle)
     if start_exporter:
@@ -168,11 +209,7 @@ def uninstrument(optimizer: Any) -> None:
         handle = _live.pop(optimizer, None)
         if handle is None:
             return
-        method = _METHOD[handle.flavour]
-        if handle._had_instance_method:
-            object.__setattr__(optimizer, method, handle._saved_method)
-        else:
-            object.__delattr__(optimizer, method)
+        _unpatch(handle)
         handle.active = False
 
 

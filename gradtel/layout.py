@@ -16,8 +16,10 @@ N_ROWS = 8
 #: Counter rows accumulate; the others hold the latest step's value.
 COUNTER_ROWS = (MISSING, ZERO, NONFINITE, STEPS_SEEN)
 #: Optimizer-level slots, stored before the per-variable rows.
-G_STEPS, G_GLOBAL_NORM = range(2)
-N_GLOBALS = 2
+G_STEPS, G_GLOBAL_NORM, G_SKIPPED = range(3)
+N_GLOBALS = 3
+#: Which optimizer-level slots accumulate (steps, skipped) and which hold the latest value (global norm).
+GLOBAL_COUNTERS = (True, False, True)
 
 #: Values of the STATE row.
 STATE_OK, STATE_MISSING, STATE_ZERO, STATE_NONFINITE = 0.0, 1.0, 2.0, 3.0
@@ -30,6 +32,7 @@ class Snapshot:
 
     steps: int
     global_norm: float
+    skipped: int  # steps a loss-scale optimizer skipped because a gradient overflowed
     rows: np.ndarray
 
     def state_name(self, i: int) -> str:

@@ -27,7 +27,7 @@ COMMON_LABELS: tuple[str, ...] = ("run", "optimizer")
 VARIABLE_LABELS: tuple[str, ...] = (*COMMON_LABELS, "variable", "layer")
 
 #: Values of the ``state`` label of ``gradtel_variables`` (a variable's state at its latest step).
-STATES: tuple[str, ...] = ("ok", "missing", "zero", "nonfinite", "expected_missing")
+STATES: tuple[str, ...] = ("ok", "missing", "zero", "nonfinite", "expected_missing", "replica_disagreement")
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,14 @@ GLOBAL_NORM = Metric(
 )
 VARIABLES = Metric(
     "gradtel_variables", Kind.GAUGE, (*COMMON_LABELS, "state"), "",
-    "Variables whose latest gradient was in each state: ok, missing, zero, nonfinite, expected_missing.",
+    "Variables whose latest gradient was in each state: ok, missing, zero, nonfinite, expected_missing, "
+    "replica_disagreement (a gradient on some replicas, None on others).",
+)
+
+SKIPPED = Metric(
+    "gradtel_loss_scale_skipped_steps_total", Kind.COUNTER, COMMON_LABELS, "",
+    "Steps a loss-scale optimizer skipped because a gradient overflowed (not counted as non-finite steps).",
 )
 
 #: Every metric gradtel exports, in documentation order.
-ALL: tuple[Metric, ...] = (STEPS, MISSING, ZERO, NONFINITE, NORM, MAX_ABS, GLOBAL_NORM, VARIABLES)
+ALL: tuple[Metric, ...] = (STEPS, MISSING, ZERO, NONFINITE, NORM, MAX_ABS, GLOBAL_NORM, VARIABLES, SKIPPED)

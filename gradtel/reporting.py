@@ -60,6 +60,9 @@ _FINDING_TEXT = {
     "nonfinite": "These gradients held NaN or Inf at the latest step: lower the learning rate, clip gradients, "
                  "check the loss for log(0) or division by zero.",
     "expected_missing": "Declared with expect_missing: intended to get no gradient.",
+    "replica_disagreement": "These variables get a gradient on some replicas and None on others, so the replicas "
+                            "disagree on what trains: make the forward pass the same on every replica (no branch "
+                            "on the replica id or on per-replica data shapes).",
     "not_optimized": "These trainable variables influence the loss but were never passed to any optimizer, so they "
                      "never train (plain tf.Variables in a Python list on a Keras 3 layer are not tracked): track "
                      "them (add_weight, or a tracked attribute) so they reach the optimizer.",
@@ -67,7 +70,7 @@ _FINDING_TEXT = {
 
 
 def _finding_category(record: VariableRecord) -> str | None:
-    if record.state in ("nonfinite", "expected_missing"):
+    if record.state in ("nonfinite", "expected_missing", "replica_disagreement"):
         return record.state
     if record.state == "ok":
         return None
@@ -104,8 +107,9 @@ def build() -> dict[str, Any]:
     run_id = exporter.config.run_id if exporter is not None else os.environ.get("GRADTEL_RUN_ID")
     optimizers, records = [], []
     for handle in instrumenting.handles():
-        steps, global_norm = handle.totals()
-        optimizers.append({"name": handle.name, "steps": steps, "last_global_norm": _number(global_norm)})
+        summary = handle.summary()
+        optimizers.append({"name": handle.name, "steps": summary.steps, "skipped_steps": summary.skipped_steps,
+                           "last_global_norm": _number(summary.global_norm)})
         records.extend(handle.records())
     return {
         "schema": SCHEMA,

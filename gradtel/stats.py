@@ -20,7 +20,9 @@ import tensorflow as tf
 from gradtel.layout import (
     COUNTER_ROWS,
     G_GLOBAL_NORM,
+    G_SKIPPED,
     G_STEPS,
+    GLOBAL_COUNTERS,
     N_GLOBALS,
     N_ROWS,
     STATE_MISSING,
@@ -114,19 +116,26 @@ class StatsTable:
 
     def __init__(self, n_variables: int, name: str) -> None:
         self.n = n_variables
+        # ON_READ: under a strategy every replica updates its own copy (no cross-replica traffic in the step);
+        # the exporter reads the first local replica's.
         with tf.init_scope():
             self.variable = tf.Variable(
                 tf.zeros([N_GLOBALS + N_ROWS * n_variables], tf.float64),
                 trainable=False, name=f"gradtel_{name}", dtype=tf.float64,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
         keep = np.zeros([N_ROWS, n_variables], bool)
         keep[list(COUNTER_ROWS)] = True
-        self._accumulate = np.concatenate([[True, False], keep.reshape(-1)])
+        self._accumulate = np.concatenate([GLOBAL_COUNTERS, keep.reshape(-1)])
 
-    def update(self, grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> None:
+    def update(self, grads: Sequence[tf.Tensor | tf.IndexedSlices | None], loss_scaled: bool = False) -> None:
         """Build (graph) or run (eager) the ops that fold one step's gradients into the table.
 
         ``grads`` is aligned with the table's variables; None marks a missing gradient (static per trace).
+        ``loss_scaled``: a dynamic loss-scale optimizer skips a step whose gradients overflow and lowers its
+        scale; that routine event is counted as a skipped step, not as per-variable non-finite steps (the state
+        row still says which variables were non-finite).
         """
         present = [i for i, g in enumerate(grads) if g is not None]
         missing = np.array([g is None for g in grads], np.float64)
@@ -164,19 +173,24 @@ class StatsTable:
         state = tf.where(is_missing, STATE_MISSING,
                          tf.where(nonfinite, STATE_NONFINITE, tf.where(zero, STATE_ZERO, STATE_OK)))
         as_f64 = lambda b: tf.cast(b, tf.float64)  # noqa: E731
+        skipped = tf.reduce_any(nonfinite) if loss_scaled else tf.constant(False)
+        counted_nonfinite = tf.logical_and(nonfinite, tf.logical_not(skipped))
         rows = tf.stack([
-            tf.constant(missing), as_f64(zero), as_f64(nonfinite), tf.ones([self.n], tf.float64),
+            tf.constant(missing), as_f64(zero), as_f64(counted_nonfinite), tf.ones([self.n], tf.float64),
             tf.sqrt(sumsq), maxabs, tf.cast(state, tf.float64), touched,
         ])
-        delta = tf.concat([tf.stack([tf.constant(1.0, tf.float64), global_norm]), tf.reshape(rows, [-1])], 0)
+        globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, as_f64(skipped)])
+        delta = tf.concat([globals_, tf.reshape(rows, [-1])], 0)
         old = self.variable.read_value()
         self.variable.assign(tf.where(self._accumulate, old + delta, delta), read_value=False)
 
     def snapshot(self) -> Snapshot:
         """One read of the packed variable (safe from any thread while the step runs)."""
-        flat = self.variable.numpy()
+        local = getattr(self.variable, "values", None)  # a distributed variable: its local replicas' copies
+        flat = (local[0] if local else self.variable).numpy()
         return Snapshot(
             steps=int(flat[G_STEPS]),
             global_norm=float(flat[G_GLOBAL_NORM]),
+            skipped=int(flat[G_SKIPPED]),
             rows=flat[N_GLOBALS:].reshape(N_ROWS, self.n),
         )

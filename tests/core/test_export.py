@@ -68,7 +68,8 @@ def test_scrape_values_equal_independently_computed_ones(exporter):
     assert sample(metrics["gradtel_gradient_missing"], variable="gone", expected="false", **base) == 3
     assert sample(metrics["gradtel_gradient_global_norm"], **base) == pytest.approx(numpy_norm(g_a))
     states = {s.labels["state"]: s.value for s in metrics["gradtel_variables"] if s.labels["optimizer"] == "scraped"}
-    assert states == {"ok": 1, "zero": 1, "missing": 1, "nonfinite": 0, "expected_missing": 0}
+    assert states == {"ok": 1, "zero": 1, "missing": 1, "nonfinite": 0, "expected_missing": 0,
+                      "replica_disagreement": 0}
     # prometheus_client's parser strips _total from counter family names; the exposition has it.
     body = urllib.request.urlopen(f"http://127.0.0.1:{exporter.endpoint[1]}/metrics").read().decode()
     assert "# TYPE gradtel_gradient_missing_total counter" in body

@@ -135,7 +135,7 @@ def test_report_matches_the_handles(tmp_path):
     report = gradtel.report()
     mine = [v for v in report["variables"] if v["optimizer"] == "report-match"]
     assert mine == [{**mine[0], "name": "r", "status": "ok", "steps": 1, "last_norm": 5.0, "last_max_abs": 4.0}]
-    assert {"name": "report-match", "steps": 1, "last_global_norm": 5.0} in report["optimizers"]
+    assert {"name": "report-match", "steps": 1, "skipped_steps": 0, "last_global_norm": 5.0} in report["optimizers"]
     from gradtel import reporting
 
     reporting.write(str(tmp_path / "r.json"), report)
