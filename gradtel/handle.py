@@ -222,11 +222,12 @@ class Handle:
         return "\n".join(["gradtel: every gradient is missing:", *self._cause_lines(table, range(len(variables)))])
 
     def _unscaled(self, grads: Sequence[Any]) -> list[Any]:
-        if self._loss_scale is None:
+        scale_variable = self._loss_scale() if self._loss_scale is not None else None
+        if scale_variable is None:
             return list(grads)
         import tensorflow as tf
 
-        scale = tf.cast(tf.convert_to_tensor(self._loss_scale), tf.float32)
+        scale = tf.cast(tf.convert_to_tensor(scale_variable), tf.float32)
 
         def unscale(g: Any) -> Any:
             if g is None:

@@ -230,9 +230,24 @@ def _iterations(optimizer: Any) -> int:
         return 0
 
 
-def _loss_scale_of(optimizer: Any) -> Any:
-    """Keras 3 LossScaleOptimizer receives SCALED gradients: gradtel divides its statistics by this scale."""
-    return getattr(optimizer, "dynamic_scale", None) if hasattr(optimizer, "inner_optimizer") else None
+def _loss_scale_of(optimizer: Any) -> Callable[[], Any] | None:
+    """Keras 3 LossScaleOptimizer receives SCALED gradients: gradtel divides them by its current scale.
+
+    The scale variable is created when the optimizer is built (by its first apply, after gradtel has seen the
+    gradients), so look it up at trace time and use the initial scale before that, as Keras does; through a
+    weak reference: gradtel keeps no optimizer alive.
+    """
+    if not hasattr(optimizer, "inner_optimizer"):
+        return None
+    ref = weakref.ref(optimizer)
+
+    def scale() -> Any:
+        lso = ref()
+        if lso is None:
+            return None
+        return lso.dynamic_scale if getattr(lso, "built", False) else getattr(lso, "initial_scale", None)
+
+    return scale
 
 
 def uninstrument_all() -> None:
