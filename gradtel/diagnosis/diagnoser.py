@@ -93,6 +93,11 @@ class Diagnoser:
             return _failed(grads, error)
 
     def _diagnose_graph(self, grads: list, variables: list) -> Diagnosis:
+        # Steps run as graphs: the eager recorder armed at install has nothing to record for them, and left
+        # armed it would slow every eager op of the process (evaluation, data code) for nothing.
+        if self._recorder.armed:
+            self._recorder.disarm()
+            self._step_recorded = False
         graph = ops.get_default_graph()
         key = _key(grads, variables)
         cached = self._graph_cache.setdefault(graph, {})
