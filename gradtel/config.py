@@ -6,12 +6,17 @@ value is a clear ``ValueError`` naming the variable and what was expected.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from gradtel import series
+from gradtel.naming import PatternSet
+from gradtel.series import SeriesPolicy
 
 EXPORTERS = ("prometheus", "otlp", "console", "none")
 DEFAULT_HOST = "127.0.0.1"
@@ -62,6 +67,57 @@ def _basic_auth(env: Mapping[str, str]) -> tuple[str | None, str | None]:
 
 
 @dataclass(frozen=True)
+class Worker:
+    """This process's place in a multi-worker job, from TF_CONFIG (``{"cluster": ..., "task": ...}``)."""
+
+    task_type: str = ""
+    task_index: int = 0
+    is_chief: bool = True
+
+    @property
+    def label(self) -> str:
+        """The ``worker`` label: ``chief:0``, ``worker:3``, or ``""`` outside a multi-worker job."""
+        return f"{self.task_type}:{self.task_index}" if self.task_type else ""
+
+    @classmethod
+    def from_tf_config(cls, raw: str | None) -> Worker:
+        if not raw:
+            return cls()
+        try:
+            data = json.loads(raw)
+            task = data.get("task") or {}
+            task_type, index = str(task.get("type") or ""), int(task.get("index") or 0)
+            cluster = data.get("cluster") or {}
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError("TF_CONFIG must be JSON like {\"cluster\": {...}, \"task\": {\"type\": \"worker\", "
+                             f"\"index\": 0}}}}, got {raw[:200]!r}") from None
+        # The chief is the "chief" task, or worker 0 when the cluster has none (TensorFlow's rule).
+        chief = task_type == "chief" or (task_type == "worker" and index == 0 and "chief" not in cluster)
+        return cls(task_type, index, chief or not task_type)
+
+
+def _series_policy(env: Mapping[str, str], worker: Worker) -> SeriesPolicy:
+    mode = (env.get("GRADTEL_VARIABLE_SERIES") or "auto").strip().lower()
+    if mode not in series.MODES:
+        raise ValueError(f"GRADTEL_VARIABLE_SERIES must be one of {', '.join(series.MODES)}, got {mode!r}")
+    on = (env.get("GRADTEL_VARIABLE_SERIES_WORKERS") or "chief").strip().lower()
+    if on not in ("chief", "all"):
+        raise ValueError(f"GRADTEL_VARIABLE_SERIES_WORKERS must be 'chief' or 'all', got {on!r}")
+
+    def patterns(name: str) -> PatternSet:
+        return PatternSet([p for p in (env.get(name) or "").split(",") if p.strip()])
+
+    return SeriesPolicy(
+        mode=mode,
+        budget=_int(env, "GRADTEL_SERIES_BUDGET", series.DEFAULT_BUDGET, minimum=1),
+        top_k=_int(env, "GRADTEL_TOPK", series.DEFAULT_TOP_K, minimum=1),
+        include=patterns("GRADTEL_INCLUDE"),
+        exclude=patterns("GRADTEL_EXCLUDE"),
+        exporting_worker=worker.is_chief or on == "all",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """Where and how gradtel exports."""
 
@@ -76,6 +132,8 @@ class Config:
     tls_client_cafile: str | None = None
     basic_auth_username: str | None = None
     basic_auth_password: str | None = None
+    worker: Worker = field(default_factory=Worker)
+    series: SeriesPolicy = field(default_factory=SeriesPolicy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -88,6 +146,7 @@ class Config:
         if bool(certfile) != bool(keyfile):
             raise ValueError("GRADTEL_TLS_CERT_FILE and GRADTEL_TLS_KEY_FILE must be set together")
         username, password = _basic_auth(env)
+        worker = Worker.from_tf_config(env.get("TF_CONFIG"))
         return cls(
             exporters=_exporters(env),
             prometheus_host=env.get("OTEL_EXPORTER_PROMETHEUS_HOST", DEFAULT_HOST) or DEFAULT_HOST,
@@ -100,6 +159,8 @@ class Config:
             tls_client_cafile=env.get("GRADTEL_TLS_CLIENT_CA_FILE") or None,
             basic_auth_username=username,
             basic_auth_password=password,
+            worker=worker,
+            series=_series_policy(env, worker),
         )
 
     def resource(self) -> Any:
@@ -107,11 +168,15 @@ class Config:
         the SDK); service.name defaults to ``gradtel`` instead of the SDK's ``unknown_service``."""
         from opentelemetry.sdk.resources import Resource
 
-        resource = Resource.create({
+        attributes: dict[str, str | int] = {
             "gradtel.run_id": self.run_id,
             "host.name": socket.gethostname(),
             "process.pid": os.getpid(),
-        })
+        }
+        if self.worker.task_type:
+            attributes.update({"gradtel.task.type": self.worker.task_type,
+                               "gradtel.task.index": self.worker.task_index})
+        resource = Resource.create(attributes)
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "gradtel"}))
         return resource

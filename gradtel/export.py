@@ -22,6 +22,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from gradtel import instrumenting, metrics
 from gradtel.config import Config
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord
+from gradtel.series import Selection, SeriesPolicy
 
 log = logging.getLogger("gradtel")
 
@@ -35,13 +36,15 @@ SNAPSHOT_TTL_S = 0.5
 class _OptimizerView:
     name: str
     summary: OptimizerSummary
-    records: list[VariableRecord]
+    records: list[VariableRecord]  # every variable: gradtel_variables counts them all
+    selected: Selection  # those with series of their own (cardinality control)
 
 
 class SnapshotCache:
     """Reads every handle's tables at most once per ``SNAPSHOT_TTL_S`` so all instruments agree."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: SeriesPolicy) -> None:
+        self._policy = policy
         self._lock = threading.Lock()
         self._at = 0.0
         self._views: list[_OptimizerView] = []
@@ -51,26 +54,27 @@ class SnapshotCache:
         with self._lock:
             now = time.monotonic()
             if now - self._at > SNAPSHOT_TTL_S:
-                self._views = [self._read(h) for h in instrumenting.handles()]
+                self._views = [self._read(h) for h in instrumenting.handles(active_only=True)]
                 self._at = now
             return self._views
 
     def _read(self, handle: Handle) -> _OptimizerView:
         try:
-            return _OptimizerView(handle.name, handle.summary(), handle.records())
+            records = handle.records()
+            return _OptimizerView(handle.name, handle.summary(), records, self._policy.select(records))
         except Exception:
             if not self._failed:
                 self._failed = True
                 log.warning("gradtel: reading the statistics of %r failed; its series are skipped.",
                             handle.name, exc_info=True)
-            return _OptimizerView(handle.name, OptimizerSummary(0, float("nan"), 0), [])
+            return _OptimizerView(handle.name, OptimizerSummary(0, float("nan"), 0), [], Selection([], []))
 
 
 class Instruments:
     """gradtel's observable instruments on one meter; each callback yields observations from the cache."""
 
-    def __init__(self, meter: otel_metrics.Meter, run_id: str, cache: SnapshotCache) -> None:
-        self._run = run_id
+    def __init__(self, meter: otel_metrics.Meter, config: Config, cache: SnapshotCache) -> None:
+        self._common = {"run": config.run_id, "worker": config.worker.label}
         self._cache = cache
         self._failed = False
         sources = {
@@ -104,7 +108,7 @@ class Instruments:
         return safe
 
     def _base(self, optimizer: str) -> dict[str, str]:
-        return {"run": self._run, "optimizer": optimizer}
+        return {**self._common, "optimizer": optimizer}
 
     def _variable_attrs(self, record: VariableRecord) -> dict[str, str]:
         return {**self._base(record.optimizer), "variable": record.name, "layer": record.layer}
@@ -133,7 +137,7 @@ class Instruments:
     def _missing(self) -> Iterable[Observation]:
         # A variable gets a missing series once it has been missing; 'cause' is bounded (causes.py names).
         for view in self._cache.views():
-            for record in view.records:
+            for record in view.selected.missing:
                 if record.missing_steps:
                     cause = record.missing_cause.category if record.missing_cause is not None else "unknown"
                     attrs = {**self._variable_attrs(record), "cause": cause,
@@ -145,7 +149,7 @@ class Instruments:
         # non-finite gradient is left out instead; the counters and gradtel_variables say which state it is in.
         def observe() -> Iterable[Observation]:
             for view in self._cache.views():
-                for record in view.records:
+                for record in view.selected.records:
                     value = getattr(record, field)
                     if math.isfinite(value):
                         yield Observation(value, self._variable_attrs(record))
@@ -166,8 +170,8 @@ class Exporter:
             log.info("gradtel: using the application's global MeterProvider (its views and limits apply).")
         else:
             provider = self._owned_provider = self._build_provider()
-        self.cache = SnapshotCache()
-        self.instruments = Instruments(provider.get_meter(METER_NAME, _version()), config.run_id, self.cache)
+        self.cache = SnapshotCache(config.series)
+        self.instruments = Instruments(provider.get_meter(METER_NAME, _version()), config, self.cache)
 
     def _build_provider(self) -> Any:
         from opentelemetry.sdk.metrics import MeterProvider

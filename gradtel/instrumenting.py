@@ -66,9 +66,10 @@ def _flavour(optimizer: Any) -> str:
 
 
 def _unique_optimizer_name(requested: str | None, optimizer: Any) -> str:
+    """The ``optimizer`` label: two live handles never share one (their series would collide)."""
     base = requested or str(getattr(optimizer, "name", None) or type(optimizer).__name__.lower())
-    taken = {h.name for h in _handles}
-    if requested or base not in taken:
+    taken = {h.name for h in _handles if h.active}
+    if base not in taken:
         return base
     n = 2
     while f"{base}_{n}" in taken:
@@ -196,6 +197,9 @@ def instrument(
             _patch(handle, reducer[0], reducer[1], _reduce_wrapper)
         _live[optimizer] = handle
         _handles.append(handle)
+        # An optimizer dropped without uninstrument stops exporting too (its counts stay reportable).
+        weakref.finalize(optimizer, _retire, handle)
+        _prune()
     if start_exporter:
         from gradtel import export
 
@@ -213,14 +217,30 @@ def uninstrument(optimizer: Any) -> None:
         handle.active = False
 
 
+#: Uninstrumented handles kept for the report; older ones are forgotten, so a process that builds many
+#: optimizers (a hyperparameter search) keeps bounded memory.
+MAX_RETIRED_HANDLES = 32
+
+
+def _retire(handle: Handle) -> None:
+    handle.active = False
+
+
+def _prune() -> None:
+    retired = [h for h in _handles if not h.active]
+    for handle in retired[: max(0, len(retired) - MAX_RETIRED_HANDLES)]:
+        _handles.remove(handle)
+
+
 def is_instrumented(optimizer: Any) -> bool:
     return optimizer in _live
 
 
-def handles() -> list[Handle]:
-    """All handles of this process (instrumented now or earlier), in creation order."""
+def handles(active_only: bool = False) -> list[Handle]:
+    """The handles of this process in creation order: instrumented now, and (unless ``active_only``) the
+    latest retired ones, whose counts the report still includes."""
     with _lock:
-        return list(_handles)
+        return [h for h in _handles if h.active or not active_only]
 
 
 def _iterations(optimizer: Any) -> int:

@@ -21,8 +21,9 @@ class Kind(str, Enum):
     GAUGE = "gauge"
 
 
-#: Labels carried by every gradtel series. ``run`` tells restarts and concurrent runs of one job apart.
-COMMON_LABELS: tuple[str, ...] = ("run", "optimizer")
+#: Labels carried by every gradtel series. ``run`` tells restarts and concurrent runs of one job apart;
+#: ``worker`` is the TF_CONFIG task (``chief:0``, ``worker:3``; empty, so absent, outside a multi-worker job).
+COMMON_LABELS: tuple[str, ...] = ("run", "worker", "optimizer")
 #: Labels of per-variable series.
 VARIABLE_LABELS: tuple[str, ...] = (*COMMON_LABELS, "variable", "layer")
 

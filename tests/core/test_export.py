@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import gradtel
 from gradtel import export
 from gradtel.config import Config
+from gradtel.series import SeriesPolicy
 from tests.core.helpers import free_port, numpy_norm
 
 
@@ -39,10 +40,12 @@ def sample(samples: list, **labels: str) -> float:
 
 
 @pytest.fixture
-def exporter():
+def exporter(request):
+    """A real endpoint on a free port; ``@pytest.mark.parametrize("exporter", [SeriesPolicy(...)], indirect=True)``
+    sets the series policy."""
     export.shutdown()
-    port = free_port()
-    started = export.ensure_started(Config(prometheus_port=port, run_id="test-run"))
+    policy = getattr(request, "param", SeriesPolicy())
+    started = export.ensure_started(Config(prometheus_port=free_port(), run_id="test-run", series=policy))
     yield started
     export.shutdown()
 
@@ -77,6 +80,7 @@ def test_scrape_values_equal_independently_computed_ones(exporter):
     gradtel.uninstrument(opt)
 
 
+@pytest.mark.parametrize("exporter", [SeriesPolicy(mode="variable")], indirect=True)
 def test_more_series_than_the_sdk_default_limit_are_not_folded(exporter):
     n = 2500  # opentelemetry-sdk folds everything past 2,000 series per metric by default
     variables = [keras.Variable(np.zeros((1,), "float32"), name=f"v{i}") for i in range(n)]
