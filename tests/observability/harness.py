@@ -96,7 +96,7 @@ class FakeGradtel:
     one whose gradient turns non-finite (dense/kernel).
     """
 
-    RUN: ClassVar[dict[str, str]] = {"run": "harness", "optimizer": "adam"}
+    RUN: ClassVar[dict[str, str]] = {"run": "harness", "worker": "", "optimizer": "adam"}
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -125,9 +125,8 @@ class FakeGradtel:
                                        expected="true").inc()
         i[metrics.NONFINITE.name].labels(**self._variable("dense/kernel")).inc()
         i[metrics.ZERO.name].labels(**self._variable("dense/kernel")).inc(0)
-        i[metrics.NORM.name].labels(**self._variable("dense/kernel")).set(float("nan"))
-        i[metrics.MAX_ABS.name].labels(**self._variable("dense/kernel")).set(float("inf"))
-        i[metrics.GLOBAL_NORM.name].labels(**self.RUN).set(float("nan"))
+        # As gradtel does: a non-finite variable has no norm/max_abs series; the global norm is over the finite ones.
+        i[metrics.GLOBAL_NORM.name].labels(**self.RUN).set(1.5)
         for state, count in {"ok": 0, "missing": 1, "zero": 0, "nonfinite": 1, "expected_missing": 1}.items():
             i[metrics.VARIABLES.name].labels(**self.RUN, state=state).set(count)
 
