@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import gradtel
+from gradtel.keras import GradientTelemetry
 from tests.core.test_cli import BIN, ENV
 
 SCRIPT = textwrap.dedent("""
@@ -168,3 +169,23 @@ def test_partial_missing_warning_names_each_cause_once():
     assert "idle/kernel: unused" in mine[0] and "idle/bias: unused" in mine[0]
     assert "used/kernel" not in mine[0]
     gradtel.uninstrument(opt)
+
+
+def test_report_finds_variables_no_optimizer_receives():
+    class Scaled(keras.layers.Layer):
+        """A real Keras 3 pitfall: tf.Variables kept in a Python list are not tracked, so they never train."""
+
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(input_shape[-1], 1), name="kernel")
+            self.extras = [tf.Variable(2.0, name="untracked_scale")]
+
+        def call(self, inputs):
+            return tf.matmul(inputs, self.kernel) * self.extras[0]
+
+    model = keras.Sequential([keras.Input((3,)), Scaled(name="scaled")])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 1)), verbose=0,
+              callbacks=[GradientTelemetry(name="not-optimized", start_exporter=False)])
+    findings = {f["category"]: f["variables"] for f in gradtel.report()["findings"]}
+    assert [n for n in findings["not_optimized"] if n.endswith("scaled/untracked_scale")]
+    assert not any("kernel" in name for name in findings["not_optimized"])
