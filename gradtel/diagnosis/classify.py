@@ -157,7 +157,7 @@ def _no_path(analysis: Analysis, keys: set[int], name: str, reach_from_var: set[
     read = (recorded_reads or reads)[0]
     return make_cause(
         "not_on_loss_path",
-        f"`{name}` is read here but nothing computed from it reaches the loss",
+        f"`{name}` is read inside the tape but nothing computed from it reaches the loss",
         location=read.location(),
     )
 

@@ -20,7 +20,8 @@ _GRADTEL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 def _library_roots() -> tuple[str, ...]:
     """Directories whose files are never the user's code."""
     roots = {_GRADTEL_DIR}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+    # "scripts": console-script launchers (bin/gradtel, bin/opentelemetry-instrument) are nobody's culprit line.
+    for key in ("stdlib", "platstdlib", "purelib", "platlib", "scripts"):
         path = sysconfig.get_paths().get(key)
         if path:
             roots.add(os.path.realpath(path) + os.sep)
