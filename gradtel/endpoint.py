@@ -9,10 +9,15 @@ registry's metrics is served.
 from __future__ import annotations
 
 import base64
+import errno
 import hmac
+import logging
+import os
 import socket
 import ssl
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -20,6 +25,10 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+
+log = logging.getLogger("gradtel")
+#: A client that connects over TLS and says nothing is dropped after this long.
+_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -33,9 +42,39 @@ class Security:
     password: str | None = None
 
 
+class _EndpointGone(Exception):
+    """The listening socket is unusable (closed underneath): stop serving instead of spinning on it."""
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     address_family = socket.AF_INET
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            conn, address = self.socket.accept()
+        except OSError as error:
+            if error.errno in (errno.EBADF, errno.ENOTSOCK, errno.EINVAL):
+                raise _EndpointGone(str(error)) from error
+            if error.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: back off, don't spin
+                time.sleep(0.1)
+            raise
+        if self.tls is not None:
+            # The handshake happens in the request's own thread (finish_request): one silent client must not
+            # block every other scrape in accept().
+            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(_HANDSHAKE_TIMEOUT_S)
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError):
+                return
+            request.settimeout(None)
+        super().finish_request(request, client_address)
 
 
 class _Server6(_Server):
@@ -82,16 +121,46 @@ class Endpoint:
         server_class = _Server6 if ":" in host else _Server
         self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         if security.certfile:
-            self._server.socket = _tls_context(security).wrap_socket(self._server.socket, server_side=True)
+            self._server.tls = _tls_context(security)
         self.host = host
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="gradtel-metrics", daemon=True)
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._serve, name="gradtel-metrics", daemon=True)
         self._thread.start()
+        _live.add(self)
 
     @property
     def scheme(self) -> str:
-        return "https" if isinstance(self._server.socket, ssl.SSLSocket) else "http"
+        return "https" if self._server.tls is not None else "http"
+
+    def _serve(self) -> None:
+        """serve_forever, but a failure is one clear log line and a closed socket (scrapers get 'connection
+        refused' instead of hanging), never a silent dead thread."""
+        try:
+            self._server.serve_forever(poll_interval=0.5)
+        except BaseException as error:
+            log.warning("gradtel: the metrics endpoint on %s:%d stopped (%r); training goes on without it.",
+                        self.host, self.port, error)
+            self._server.server_close()
 
     def close(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive() and os.getpid() == self._pid:
+            self._server.shutdown()
         self._server.server_close()
+
+    def _close_in_child(self) -> None:
+        """After fork: the child must not hold the parent's listening socket (the port would stay bound)."""
+        self._server.socket.close()
+
+
+#: Endpoints of this process, closed in forked children (data-loader workers).
+_live: weakref.WeakSet[Endpoint] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for endpoint in list(_live):
+        endpoint._close_in_child()
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -8,10 +8,10 @@ logged once and leaves training alone.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +28,6 @@ log = logging.getLogger("gradtel")
 
 #: The instrumentation scope of gradtel's meter.
 METER_NAME = "gradtel"
-#: Several instruments are collected in one scrape: they share one snapshot younger than this.
-SNAPSHOT_TTL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -41,27 +39,36 @@ class _OptimizerView:
 
 
 class SnapshotCache:
-    """Reads every handle's tables at most once per ``SNAPSHOT_TTL_S`` so all instruments agree."""
+    """One read of every handle per collection, shared by all instruments so that they agree.
+
+    The SDK calls the instruments' callbacks one after the other, in creation order: the first one
+    (``gradtel_steps``) refreshes the cache, the others reuse it, so one scrape or push is one snapshot.
+    """
 
     def __init__(self, policy: SeriesPolicy) -> None:
         self._policy = policy
         self._lock = threading.Lock()
-        self._at = 0.0
-        self._views: list[_OptimizerView] = []
+        self._views: list[_OptimizerView] | None = None
         self._failed = False
+
+    def refresh(self) -> list[_OptimizerView]:
+        with self._lock:
+            self._views = [self._read(h) for h in instrumenting.handles(active_only=True)]
+            return self._views
 
     def views(self) -> list[_OptimizerView]:
         with self._lock:
-            now = time.monotonic()
-            if now - self._at > SNAPSHOT_TTL_S:
-                self._views = [self._read(h) for h in instrumenting.handles(active_only=True)]
-                self._at = now
-            return self._views
+            views = self._views
+        return views if views is not None else self.refresh()
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._views = None
 
     def _read(self, handle: Handle) -> _OptimizerView:
         try:
-            records = handle.records()
-            return _OptimizerView(handle.name, handle.summary(), records, self._policy.select(records))
+            summary, records = handle.read()
+            return _OptimizerView(handle.name, summary, records, self._policy.select(records))
         except Exception:
             if not self._failed:
                 self._failed = True
@@ -114,7 +121,7 @@ class Instruments:
         return {**self._base(record.optimizer), "variable": record.name, "layer": record.layer}
 
     def _steps(self) -> Iterable[Observation]:
-        for view in self._cache.views():
+        for view in self._cache.refresh():  # the first callback of every collection: take the snapshot
             yield Observation(view.summary.steps, self._base(view.name))
 
     def _skipped(self) -> Iterable[Observation]:
@@ -179,7 +186,9 @@ class Exporter:
 
         readers = [r for r in (self._reader(kind) for kind in self.config.exporters) if r is not None]
         view = View(instrument_name="gradtel*", aggregation_cardinality_limit=self.config.max_series)
-        return MeterProvider(metric_readers=readers, resource=self.config.resource(), views=[view])
+        # shutdown_on_exit=False: gradtel shuts it down itself (runner, export.shutdown), once.
+        return MeterProvider(metric_readers=readers, resource=self.config.resource(), views=[view],
+                             shutdown_on_exit=False)
 
     def _reader(self, kind: str) -> Any:
         if kind == "prometheus":
@@ -213,11 +222,13 @@ class Exporter:
         return reader
 
     def force_flush(self, timeout_s: float = 5.0) -> None:
+        self.cache.invalidate()  # push the state of now, not a snapshot taken for an earlier collection
         if self._owned_provider is not None:
             self._owned_provider.force_flush(int(timeout_s * 1000))
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Final flush and stop: the OTLP readers push once more; the endpoint closes."""
+        self.cache.invalidate()
         if self._owned_provider is not None:
             self._owned_provider.shutdown(int(timeout_s * 1000))
         if self._server is not None:
@@ -265,6 +276,7 @@ def ensure_started(config: Config | None = None) -> Exporter | None:
             if not config.exporters:
                 return None
             _exporter = Exporter(config)
+            atexit.register(shutdown)  # the final OTLP push at exit, once (gradtel run calls it earlier)
         except Exception:
             _failed = True
             log.warning("gradtel: starting the metrics export failed; training goes on without it.",

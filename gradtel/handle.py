@@ -67,6 +67,7 @@ class _Table:
     causes: dict[int, Any] = field(default_factory=dict)  # index -> Cause of a None gradient
     zero_hints: dict[int, Any] = field(default_factory=dict)  # index -> likely Cause if it turns out all-zero
     compiled: Any = None  # tf.function of stats.update, for eager steps
+    lock: threading.Lock = field(default_factory=threading.Lock)  # serialises eager updates
     warned: tuple[int, ...] = ()  # the missing set last warned about
     disagreement: set[int] = field(default_factory=set)  # None on some replicas, present on others
     pending: tuple[int, ...] = ()  # a missing set whose causes were still being recorded
@@ -144,7 +145,9 @@ class Handle:
 
         if tf.inside_function():
             table.stats.update(grads, loss_scaled)
-        else:
+            return
+        # Eager: the update reads then writes the table; steps from several threads must not interleave.
+        with table.lock:
             if table.compiled is None:
                 table.compiled = tf.function(table.stats.update, autograph=False)
             table.compiled(list(grads), loss_scaled)
@@ -279,8 +282,17 @@ class Handle:
 
     def summary(self) -> OptimizerSummary:
         """Optimizer-level values across this optimizer's tables (one read each)."""
+        return self._summarize(self._snapshot_tables())
+
+    def read(self) -> tuple[OptimizerSummary, list[VariableRecord]]:
+        """The summary and every variable's record from ONE read of each table: a consistent pair."""
+        snapshots = self._snapshot_tables()
+        return self._summarize(snapshots), self._records(snapshots)
+
+    @staticmethod
+    def _summarize(snapshots: list[tuple[_Table, layout.Snapshot]]) -> OptimizerSummary:
         steps, skipped, global_norm = 0, 0, float("nan")
-        for _, snap in self._snapshot_tables():
+        for _, snap in snapshots:
             steps += snap.steps
             skipped += snap.skipped
             if snap.steps:
@@ -289,8 +301,11 @@ class Handle:
 
     def records(self) -> list[VariableRecord]:
         """The latest statistics of every variable this optimizer has seen (one read per table)."""
+        return self._records(self._snapshot_tables())
+
+    def _records(self, snapshots: list[tuple[_Table, layout.Snapshot]]) -> list[VariableRecord]:
         out: dict[str, VariableRecord] = {}
-        for table, snap in self._snapshot_tables():
+        for table, snap in snapshots:
             rows = snap.rows
             for i, name in enumerate(table.names):
                 steps_seen = int(rows[layout.STEPS_SEEN, i])

@@ -27,12 +27,21 @@ def layer_of(path: str) -> str:
 
 
 def unique_names(paths: Iterable[str], taken: dict[str, int]) -> list[str]:
-    """Distinct display names for ``paths``; ``taken`` counts names already in use and is updated."""
+    """Distinct display names for ``paths``, in order: a repeated path gets ``#2``, ``#3``...
+
+    ``taken`` maps every name handed out so far to the next suffix to try for it, and is updated; a path that
+    itself looks suffixed (``twin#2``) never collides with a generated one.
+    """
     names = []
     for path in paths:
-        count = taken.get(path, 0) + 1
-        taken[path] = count
-        names.append(path if count == 1 else f"{path}#{count}")
+        name = path
+        if name in taken:
+            n = taken[path]
+            while (name := f"{path}#{n}") in taken:
+                n += 1
+            taken[path] = n + 1
+        taken.setdefault(name, 2)
+        names.append(name)
     return names
 
 

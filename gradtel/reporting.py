@@ -107,10 +107,10 @@ def build() -> dict[str, Any]:
     run_id = exporter.config.run_id if exporter is not None else os.environ.get("GRADTEL_RUN_ID")
     optimizers, records = [], []
     for handle in instrumenting.handles():
-        summary = handle.summary()
+        summary, handle_records = handle.read()
         optimizers.append({"name": handle.name, "steps": summary.steps, "skipped_steps": summary.skipped_steps,
                            "last_global_norm": _number(summary.global_norm)})
-        records.extend(handle.records())
+        records.extend(handle_records)
     return {
         "schema": SCHEMA,
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

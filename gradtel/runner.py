@@ -49,6 +49,7 @@ class RunOptions:
 
 
 _options = RunOptions()
+_pid: int | None = None  # the launched process; forked children (data loaders) must not report or flush
 _finished = threading.Event()
 _lock = threading.Lock()
 
@@ -58,8 +59,9 @@ def bootstrap_from_env() -> None:
     raw = os.environ.pop(ENV, None)
     if raw is None:
         return
-    global _options
+    global _options, _pid
     _options = RunOptions.from_env(raw)
+    _pid = os.getpid()
     auto.enable(expect_missing=_options.expect_missing)
     atexit.register(_at_exit)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -89,6 +91,8 @@ def _finish() -> dict[str, Any] | None:
 
 
 def _at_exit() -> None:
+    if os.getpid() != _pid:
+        return
     report = _finish()
     if _options.check_steps and report is not None:
         print(f"gradtel check: the script ended before {_options.check_steps} optimizer step(s) were measured",
@@ -99,7 +103,8 @@ def _at_exit() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    _finish()
+    if os.getpid() == _pid:
+        _finish()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)  # die by the signal, as the script would have
 

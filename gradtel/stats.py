@@ -66,7 +66,8 @@ def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
     Small tensors are flattened into one vector and reduced with two segment reductions; large ones are reduced
     one by one. The graph has a constant number of ops plus one reshape per small tensor, so tracing stays fast
     with thousands of variables. A float32 sum of squares that overflows while every element is finite is
-    recomputed in float64 (a cond that almost never takes its expensive branch).
+    recomputed in float64, and so is one that underflowed to 0 while max |g| > 0 (a cond that almost never takes
+    its expensive branch).
     """
     small = [i for i, t in enumerate(tensors) if _is_small(t)]
     large = [i for i in range(len(tensors)) if i not in set(small)]
@@ -91,8 +92,12 @@ def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         return tf.gather(tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0), order)
 
     sumsq, maxabs = assemble(sumsq_parts), assemble(maxabs_parts)
+    # float32 squares overflow above ~1.8e19 and underflow below ~1e-19: either way a finite, non-zero
+    # gradient would get a wrong norm (inf, or 0 while max |g| > 0), so such steps recompute in float64.
     overflow = tf.logical_and(tf.math.is_inf(sumsq), tf.math.is_finite(maxabs))
-    sumsq = tf.cond(tf.reduce_any(overflow), lambda: assemble([f() for f in exact_parts]), lambda: sumsq)
+    underflow = tf.logical_and(tf.equal(sumsq, 0.0), maxabs > 0.0)
+    inexact = tf.reduce_any(tf.logical_or(overflow, underflow))
+    sumsq = tf.cond(inexact, lambda: assemble([f() for f in exact_parts]), lambda: sumsq)
     return sumsq, maxabs
 
 

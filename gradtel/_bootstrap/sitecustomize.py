@@ -17,11 +17,12 @@ except Exception as error:  # the script must run even if gradtel cannot
 
 _here = os.path.dirname(os.path.abspath(__file__))
 if _here in sys.path:
+    _this = sys.modules.pop("sitecustomize", None)
     sys.path.remove(_here)
-    sys.modules.pop("sitecustomize", None)
     try:
         importlib.import_module("sitecustomize")
-    except ImportError:
-        pass
+    except ImportError:  # no other sitecustomize: this one stays the module of that name
+        if _this is not None:
+            sys.modules["sitecustomize"] = _this
     finally:
         sys.path.insert(0, _here)
