@@ -63,37 +63,48 @@ def _is_small(t: tf.Tensor) -> bool:
 def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
     """Sum of squares and max |x| of each tensor, as two float64 vectors of len(tensors).
 
-    Small tensors are flattened into one vector and reduced with two segment reductions; large ones are reduced
-    one by one. The graph has a constant number of ops plus one reshape per small tensor, so tracing stays fast
-    with thousands of variables. A float32 sum of squares that overflows while every element is finite is
-    recomputed in float64, and so is one that underflowed to 0 while max |g| > 0 (a cond that almost never takes
-    its expensive branch).
+    On CPU a step of small tensors pays per op, not per byte: small gradients of one (shape, dtype) are stacked
+    and reduced over their trailing axes together, so the graph grows with the number of distinct shapes, not of
+    variables. Large ones are reduced one by one. float32 squares overflow above ~1.8e19 and underflow below
+    ~1e-19: a step where a finite, non-zero gradient got an inf or 0 sum is recomputed in float64 (a cond that
+    almost never takes its expensive branch).
     """
-    small = [i for i, t in enumerate(tensors) if _is_small(t)]
-    large = [i for i in range(len(tensors)) if i not in set(small)]
-    order = np.argsort(np.array(small + large, np.int64))  # back from [small..., large...] to the input order
+    groups: dict[tuple[tuple[int, ...], tf.DType], list[int]] = {}
+    large: list[int] = []
+    for i, t in enumerate(tensors):
+        if _is_small(t):
+            groups.setdefault((tuple(t.shape.as_list()), t.dtype), []).append(i)
+        else:
+            large.append(i)
     sumsq_parts: list[tf.Tensor] = []
     maxabs_parts: list[tf.Tensor] = []
     exact_parts: list[Callable[[], tf.Tensor]] = []
-    if small:
-        flat = tf.concat([tf.reshape(_as_float(tensors[i]), [-1]) for i in small], axis=0)
-        segments = tf.repeat(tf.range(len(small)), [tensors[i].shape.num_elements() for i in small])
-        sumsq_parts.append(tf.math.unsorted_segment_sum(tf.square(flat), segments, len(small)))
-        maxabs_parts.append(tf.math.unsorted_segment_max(tf.abs(flat), segments, len(small)))
-        exact_parts.append(lambda: tf.math.unsorted_segment_sum(
-            tf.square(tf.cast(flat, tf.float64)), segments, len(small)))
+    order: list[int] = []
+    for (shape, _), members in groups.items():
+        parts = [_as_float(tensors[i]) for i in members]
+        stacked = tf.stack(parts) if len(parts) > 1 else tf.expand_dims(parts[0], 0)
+        axes = list(range(1, 1 + len(shape)))
+        sumsq_parts.append(tf.reduce_sum(tf.square(stacked), axis=axes))
+        maxabs_parts.append(tf.reduce_max(tf.abs(stacked), axis=axes))
+        exact_parts.append(lambda s=stacked, a=axes: tf.reduce_sum(tf.square(tf.cast(s, tf.float64)), axis=a))
+        order += members
     for i in large:
         t = _as_float(tensors[i])
         sumsq_parts.append(tf.reshape(2.0 * tf.nn.l2_loss(t), [1]))
         maxabs_parts.append(tf.reshape(tf.reduce_max(tf.abs(t)), [1]))
         exact_parts.append(lambda t=t: tf.reshape(tf.reduce_sum(tf.square(tf.cast(t, tf.float64))), [1]))
+        order.append(i)
+    inverse = np.argsort(np.array(order, np.int64))
+    in_order = bool(np.array_equal(inverse, np.arange(len(order))))
 
     def assemble(parts: Sequence[tf.Tensor]) -> tf.Tensor:
-        return tf.gather(tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0), order)
+        if len({p.dtype for p in parts}) == 1:  # one cast after the concat instead of one per part
+            flat = tf.cast(tf.concat(parts, axis=0) if len(parts) > 1 else parts[0], tf.float64)
+        else:
+            flat = tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
+        return flat if in_order else tf.gather(flat, inverse)
 
     sumsq, maxabs = assemble(sumsq_parts), assemble(maxabs_parts)
-    # float32 squares overflow above ~1.8e19 and underflow below ~1e-19: either way a finite, non-zero
-    # gradient would get a wrong norm (inf, or 0 while max |g| > 0), so such steps recompute in float64.
     overflow = tf.logical_and(tf.math.is_inf(sumsq), tf.math.is_finite(maxabs))
     underflow = tf.logical_and(tf.equal(sumsq, 0.0), maxabs > 0.0)
     inexact = tf.reduce_any(tf.logical_or(overflow, underflow))
