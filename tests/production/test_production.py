@@ -132,3 +132,38 @@ def test_xla_with_steps_per_execution_counts_every_step():
     model.fit(X, Y, batch_size=2, epochs=1, verbose=0, callbacks=[telemetry])  # 8 steps in 2 executions
     assert telemetry.handle.totals()[0] == 8
     assert by_name(telemetry.handle)["aux/kernel"].missing_steps == 8
+
+
+def test_a_gans_two_optimizers_are_labelled_apart_in_the_report():
+    keras.utils.set_random_seed(5)
+    generator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4, name="gen")])
+    discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="disc")])
+    g_opt, d_opt = keras.optimizers.Adam(), keras.optimizers.Adam()
+    gradtel.instrument(g_opt, name="generator", start_exporter=False)
+    gradtel.instrument(d_opt, name="discriminator", start_exporter=False)
+
+    @tf.function
+    def step(noise, real):
+        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+            fake = generator(noise)
+            d_loss = tf.reduce_mean(discriminator(fake)) - tf.reduce_mean(discriminator(real))
+            g_loss = -tf.reduce_mean(discriminator(fake))
+        d_vars, g_vars = discriminator.trainable_variables, generator.trainable_variables
+        d_opt.apply_gradients(zip(d_tape.gradient(d_loss, d_vars), d_vars, strict=True))
+        g_opt.apply_gradients(zip(g_tape.gradient(g_loss, g_vars), g_vars, strict=True))
+
+    for _ in range(3):
+        step(tf.random.normal((8, 2)), tf.random.normal((8, 4)))
+    report = gradtel.report()
+    steps = {o["name"]: o["steps"] for o in report["optimizers"]}
+    assert steps["generator"] == steps["discriminator"] == 3
+    owners = {v["name"]: v["optimizer"] for v in report["variables"] if v["optimizer"] in steps}
+    assert {owners[v.path] for v in generator.trainable_variables} == {"generator"}
+    assert {owners[v.path] for v in discriminator.trainable_variables} == {"discriminator"}
+    status = {v["name"]: v["status"] for v in report["variables"] if v["optimizer"] in steps}
+    # The critic's loss mean(D(fake)) - mean(D(real)) cancels its bias exactly: d/db = 1 - 1 = 0, every step.
+    bias = discriminator.get_layer("disc").bias.path
+    assert status.pop(bias) == "zero"
+    assert set(status.values()) == {"ok"}
+    gradtel.uninstrument(g_opt)
+    gradtel.uninstrument(d_opt)
