@@ -1,0 +1,176 @@
+"""The results as markdown: machine, one table per section, and the goals with a verdict each.
+
+Kept apart from the measuring code so a results JSON can be re-rendered (``python -m benchmarks.report FILE``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+#: The issue's targets. Ratios are medians of per-round ratios; "flat" means less than this many MiB per 100k steps.
+GOALS = {"deep_mlp": 1.03, "transformer": 1.01, "scrape_10k_ms": 250.0, "scraped_ratio": 1.02}
+FLAT_MIB_PER_100K = 2.0
+
+
+def _r(d: dict[str, Any] | None) -> str:
+    if not d or "median" not in d:
+        return "n/a"
+    return f"{d['median']:.3f} ({d['q1']:.3f}-{d['q3']:.3f}; {d['minimum']:.3f}-{d['maximum']:.3f}; n={d['rounds']})"
+
+
+def _ms(d: dict[str, Any] | None, key: str) -> str:
+    return f"{d[key]:.2f}" if d and key in d else "n/a"
+
+
+def _machine(m: dict[str, Any]) -> list[str]:
+    return [
+        "| machine | |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in m.items()),
+    ]
+
+
+def _overhead(res: dict[str, Any]) -> list[str]:
+    so, dbg = res.get("step_overhead", {}), res.get("debugger", {})
+    lines = [
+        "ratio = median of per-round (variant block time / plain block time); (IQR; min-max; rounds).",
+        "",
+        "| workload | variant | ratio vs plain | plain ms/step | variant ms/step |",
+        "|---|---|---|---|---|",
+    ]
+    rows = [
+        ("deep_mlp", "optimizer-bound: 64x Dense(32), batch 16, Adam, tf.function", so),
+        ("transformer", "Transformer encoder 2 blocks d=64, seq 32, batch 16, Adam, tf.function", so),
+        ("fit_jit_deep_mlp", "deep_mlp via model.fit(jit_compile=True)", so),
+        ("eager_deep_mlp16", "16x Dense(32), eager custom loop", so),
+    ]
+    for key, label, src in rows:
+        for variant, d in (src.get(key) or {}).items():
+            if isinstance(d, dict):
+                lines.append(f"| {label} | {variant} | {_r(d)} | {_ms(d, 'base_step_ms')} | {_ms(d, 'cand_step_ms')} |")
+    for key in ("deep_mlp", "transformer"):
+        d = (dbg.get(key) or {}).get("tf_debugger_no_tensor")
+        if d:
+            lines.append(f"| {key} (own process) | tf_debugger_no_tensor | {_r(d)} | {_ms(d, 'base_step_ms')} | "
+                         f"{_ms(d, 'cand_step_ms')} |")
+    if "error" in so:
+        lines += ["", f"step_overhead failed: `{so['error'][-300:]}`"]
+    if "error" in dbg:
+        lines += ["", f"debugger failed: `{dbg['error'][-300:]}`"]
+    return lines
+
+
+def _floor(res: dict[str, Any]) -> list[str]:
+    fl = res.get("floor", {})
+    if "error" in fl:
+        return [f"floor failed: `{fl['error'][-300:]}`"]
+    lines = [
+        "ratios vs Adam = median of per-round ratios (IQR).",
+        "",
+        "| model | vars | Adam apply ms | call floor ms | gradtel stats ms | stats ops | Adam ops | call floor ops | "
+        "stats/Adam (IQR) | call floor/Adam (IQR) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in ("deep_mlp", "transformer"):
+        d = fl.get(key)
+        if not d:
+            continue
+        s, c = d["stats_over_adam"], d.get("call_floor_over_adam")
+        cf = f"{c['median']:.2f} ({c['q1']:.2f}-{c['q3']:.2f})" if c else "n/a"
+        lines.append(
+            f"| {key} | {d['variables']} | {d['adam_ms']:.2f} | {d['call_floor_ms']:.2f} | {d['stats_ms']:.2f} | "
+            f"{d['ops_stats']} | {d['ops_adam']} | {d['ops_call_floor']} | "
+            f"{s['median']:.2f} ({s['q1']:.2f}-{s['q3']:.2f}) | {cf} |")
+    return lines
+
+
+def _export(res: dict[str, Any]) -> list[str]:
+    ex = res.get("export_cost", {})
+    lines = [
+        "| variables (series mode) | series | response KiB | scrape median ms | p90 ms | while training ms | "
+        "proposed render ms | step ratio scraped 1 Hz (IQR) | trace s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, d in ex.items():
+        if not isinstance(d, dict):
+            continue
+        n = key.replace("_", " (") + ")" if "_" in key else key
+        if "error" in d:
+            lines.append(f"| {n} | failed: `{d['error'][-200:]}` |||||||")
+            continue
+        during = d.get("scrape_median_ms_while_training")
+        lines.append(
+            f"| {n} | {d['series']} | {d['response_bytes'] / 1024:.0f} | {d['scrape_median_ms']:.0f} | "
+            f"{d['scrape_p90_ms']:.0f} | {during:.0f} | {d['proposed_render_median_ms']:.1f} | "
+            f"{d['step_ratio_scraped_1hz']:.3f} ({d['step_ratio_scraped_1hz_iqr'][0]:.3f}-"
+            f"{d['step_ratio_scraped_1hz_iqr'][1]:.3f}) | {d['trace_s']:.1f} |" if during is not None else
+            f"| {n} | {d['series']} | {d['response_bytes'] / 1024:.0f} | {d['scrape_median_ms']:.0f} | "
+            f"{d['scrape_p90_ms']:.0f} | n/a | {d['proposed_render_median_ms']:.1f} | "
+            f"{d['step_ratio_scraped_1hz']:.3f} | {d['trace_s']:.1f} |")
+    return lines
+
+
+def _memory(res: dict[str, Any]) -> list[str]:
+    me = res.get("memory", {})
+    if "error" in me:
+        return [f"memory failed: `{me['error'][-300:]}`"]
+    lines = []
+    wide = me.get("wide")
+    if wide:
+        lines.append(f"- {wide['variables']} variables: gradtel's extra RSS vs the plain twin "
+                     f"{wide['extra_after_steps_mib']:.1f} MiB after tracing + 20 steps, "
+                     f"{wide['extra_after_scrape_mib']:.1f} MiB after the first scrape.")
+    for name in ("long_instrumented", "long_plain"):
+        d = me.get(name)
+        if d:
+            samples = ", ".join(f"{s[1] / 2**20:.0f}" for s in d["samples"])
+            lines.append(f"- long run, {name.split('_')[1]}: {d['samples'][-1][0]} steps in {d['seconds']:.0f} s; "
+                         f"RSS MiB every {d['samples'][1][0]} steps: {samples}; slope "
+                         f"{d['slope_bytes_per_step']:.2f} B/step = {d['growth_mib_per_100k_steps']:.2f} MiB/100k steps"
+                         )
+    return lines
+
+
+def goals(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(goal, measured, held) for each target; None when not measured."""
+    so, ex, me = res.get("step_overhead", {}), res.get("export_cost", {}), res.get("memory", {})
+    out: list[tuple[str, str, bool | None]] = []
+    for key in ("deep_mlp", "transformer"):
+        d = (so.get(key) or {}).get("gradtel")
+        g = GOALS[key]
+        out.append((f"step ratio {key} <= {g}", _r(d), d["median"] <= g if d else None))
+    d = ex.get("10000_variable") if isinstance(ex, dict) else None
+    ok = d is not None and "error" not in d
+    out.append((f"scrape of 10,000 variables (one series set each) <= {GOALS['scrape_10k_ms']:.0f} ms",
+                f"median {d['scrape_median_ms']:.0f} ms, p90 {d['scrape_p90_ms']:.0f} ms" if ok else "n/a",
+                d["scrape_p90_ms"] <= GOALS["scrape_10k_ms"] if ok else None))
+    out.append((f"step ratio scraped every second (10,000 variables, one series set each) <= {GOALS['scraped_ratio']}",
+                f"{d['step_ratio_scraped_1hz']:.3f}" if ok else "n/a",
+                d["step_ratio_scraped_1hz"] <= GOALS["scraped_ratio"] if ok else None))
+    d = me.get("long_instrumented")
+    out.append((f"no memory growth over the long run (< {FLAT_MIB_PER_100K} MiB/100k steps)",
+                f"{d['growth_mib_per_100k_steps']:.2f} MiB/100k steps over {d['samples'][-1][0]} steps" if d else "n/a",
+                abs(d["growth_mib_per_100k_steps"]) < FLAT_MIB_PER_100K if d else None))
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    verdict = {True: "holds", False: "MISSED", None: "not measured"}
+    lines = [
+        f"# gradtel benchmarks ({res.get('mode')} run, {res.get('started_utc')}, {res.get('wall_s')} s)",
+        "", "## Goals", "", "| goal | measured | verdict |", "|---|---|---|",
+        *(f"| {g} | {m} | {verdict[h]} |" for g, m, h in goals(res)),
+        "", "## Step overhead (instrumented vs plain twin, interleaved)", "", *_overhead(res),
+        "", "## Floor: statistics vs the optimizer's update on the same gradients", "", *_floor(res),
+        "", "## Export cost (gradtel's real /metrics endpoint)", "", *_export(res),
+        "", "## Memory", "", *_memory(res),
+        "", "## Machine", "", *_machine(res.get("machine", {})),
+        "", f"Load average at end: {res.get('load_average_at_end')}", "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(markdown(json.load(f)))
