@@ -17,6 +17,7 @@ import tensorflow as tf
 import gradtel
 from gradtel.keras import GradientTelemetry
 from tests.core.test_cli import BIN, ENV
+from tests.pitfalls import UntrackedScale
 
 SCRIPT = textwrap.dedent("""
     import sys, time, keras, numpy as np
@@ -172,17 +173,7 @@ def test_partial_missing_warning_names_each_cause_once():
 
 
 def test_report_finds_variables_no_optimizer_receives():
-    class Scaled(keras.layers.Layer):
-        """A real Keras 3 pitfall: tf.Variables kept in a Python list are not tracked, so they never train."""
-
-        def build(self, input_shape):
-            self.kernel = self.add_weight(shape=(input_shape[-1], 1), name="kernel")
-            self.extras = [tf.Variable(2.0, name="untracked_scale")]
-
-        def call(self, inputs):
-            return tf.matmul(inputs, self.kernel) * self.extras[0]
-
-    model = keras.Sequential([keras.Input((3,)), Scaled(name="scaled")])
+    model = keras.Sequential([keras.Input((3,)), UntrackedScale(name="scaled")])
     model.compile(optimizer="sgd", loss="mse")
     model.fit(np.ones((4, 3)), np.ones((4, 1)), verbose=0,
               callbacks=[GradientTelemetry(name="not-optimized", start_exporter=False)])

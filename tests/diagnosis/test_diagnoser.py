@@ -14,6 +14,7 @@ from tensorflow.python.ops import resource_variable_ops
 from gradtel.causes import MISSING_CAUSES
 from gradtel.diagnosis import Cause, Diagnoser
 from gradtel.diagnosis.variables import display_name
+from tests.pitfalls import UntrackedScale
 
 
 def two_heads() -> tuple[keras.layers.Dense, keras.layers.Dense]:
@@ -91,15 +92,7 @@ def test_graph_diagnosis_is_cached_per_trace(diagnoser: Diagnoser) -> None:
 
 
 def test_not_optimized_names_plain_variables_in_a_python_list(diagnoser: Diagnoser) -> None:
-    class Scaled(keras.layers.Layer):
-        def build(self, input_shape):
-            self.kernel = self.add_weight(shape=(input_shape[-1], 1), name="kernel")
-            self.extras = [tf.Variable(2.0, name="untracked_scale")]
-
-        def call(self, inputs):
-            return tf.matmul(inputs, self.kernel) * self.extras[0]
-
-    layer = Scaled(name="scaled")
+    layer = UntrackedScale(name="scaled")
     layer(tf.ones((1, 3)))
     assert [display_name(v) for v in layer.trainable_variables] == ["scaled/kernel"]
     with tf.GradientTape() as tape:

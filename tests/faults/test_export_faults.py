@@ -214,12 +214,8 @@ def _cpu_seconds(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_the_endpoint_thread_dying_leaves_training_alone(training, monkeypatch):
-    """The server loop raises (an injected fault in its accept path): steps keep being measured exactly."""
-    (_, port), step, handle = training
-    for _ in range(5):
-        step()
-    assert values(parse(scrape_body(port)), "gradtel_steps")
+def _kill_serve_thread(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
+    """Inject a fault in the accept path of the server on ``port``: its serve loop raises and the thread ends."""
     original = socketserver.BaseServer._handle_request_noblock
 
     def dying(self: socketserver.BaseServer) -> None:
@@ -229,6 +225,15 @@ def test_the_endpoint_thread_dying_leaves_training_alone(training, monkeypatch):
 
     monkeypatch.setattr(socketserver.BaseServer, "_handle_request_noblock", dying)
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # keep pytest's thread-exception hook quiet
+
+
+def test_the_endpoint_thread_dying_leaves_training_alone(training, monkeypatch):
+    """The server loop raises (an injected fault in its accept path): steps keep being measured exactly."""
+    (_, port), step, handle = training
+    for _ in range(5):
+        step()
+    assert values(parse(scrape_body(port)), "gradtel_steps")
+    _kill_serve_thread(monkeypatch, port)
     with pytest.raises(OSError):
         scrape_body(port, timeout=2)  # accepted by the kernel, never answered: the thread is gone
     for _ in range(5):
@@ -239,15 +244,7 @@ def test_the_endpoint_thread_dying_leaves_training_alone(training, monkeypatch):
 def test_the_endpoint_thread_dying_is_one_clear_log_line(training, monkeypatch, caplog):
     (_, port), step, _ = training
     step()
-    original = socketserver.BaseServer._handle_request_noblock
-
-    def dying(self: socketserver.BaseServer) -> None:
-        if self.server_address[1] == port:
-            raise RuntimeError("injected: the metrics server thread dies")
-        original(self)
-
-    monkeypatch.setattr(socketserver.BaseServer, "_handle_request_noblock", dying)
-    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    _kill_serve_thread(monkeypatch, port)
     with caplog.at_level(logging.WARNING, logger="gradtel"):
         with pytest.raises(OSError):
             scrape_body(port, timeout=2)
