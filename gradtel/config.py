@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,10 @@ from gradtel.series import SeriesPolicy
 EXPORTERS = ("prometheus", "otlp", "console", "none")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9464
+#: The pull endpoint's collections: at least this many seconds apart, and at most this share of one core's time
+#: (scrapes in between get the previous collection; see exposition.PrometheusReader).
+DEFAULT_MIN_INTERVAL_S = 1.0
+DEFAULT_CPU_SHARE = 0.01
 #: Default SDK cardinality limit per metric: far above a model's series count, so nothing folds silently
 #: into the SDK's overflow series (opentelemetry-sdk's own default is 2,000).
 DEFAULT_MAX_SERIES = 100_000
@@ -36,6 +40,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, default: float, expected: str, valid: Callable[[float], bool]) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not valid(value):
+        raise ValueError(f"{name} must be {expected}, got {raw!r}")
     return value
 
 
@@ -124,6 +141,8 @@ class Config:
     exporters: tuple[str, ...] = ("prometheus",)
     prometheus_host: str = DEFAULT_HOST
     prometheus_port: int = DEFAULT_PORT
+    prometheus_min_interval_s: float = DEFAULT_MIN_INTERVAL_S
+    prometheus_cpu_share: float = DEFAULT_CPU_SHARE
     otlp_protocol: str = "http/protobuf"
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     max_series: int = DEFAULT_MAX_SERIES
@@ -151,6 +170,10 @@ class Config:
             exporters=_exporters(env),
             prometheus_host=env.get("OTEL_EXPORTER_PROMETHEUS_HOST", DEFAULT_HOST) or DEFAULT_HOST,
             prometheus_port=_int(env, "OTEL_EXPORTER_PROMETHEUS_PORT", DEFAULT_PORT),
+            prometheus_min_interval_s=_number(env, "GRADTEL_PROMETHEUS_MIN_INTERVAL", DEFAULT_MIN_INTERVAL_S,
+                                              "a number of seconds >= 0", lambda v: 0 <= v < float("inf")),
+            prometheus_cpu_share=_number(env, "GRADTEL_PROMETHEUS_CPU_SHARE", DEFAULT_CPU_SHARE,
+                                         "a fraction of one core, > 0 and <= 1", lambda v: 0 < v <= 1),
             otlp_protocol=protocol,
             run_id=env.get("GRADTEL_RUN_ID") or uuid.uuid4().hex[:12],
             max_series=_int(env, "GRADTEL_MAX_SERIES", DEFAULT_MAX_SERIES, minimum=1),

@@ -1,9 +1,8 @@
-"""The Prometheus pull endpoint: prometheus_client's WSGI app behind optional TLS and basic auth.
+"""The Prometheus pull endpoint: the latest exposition over HTTP, behind optional TLS and basic auth.
 
-prometheus_client's own ``start_http_server`` has TLS but no authentication, so gradtel serves the same WSGI app
-(``make_wsgi_app``: exposition format, content negotiation, gzip) from a small threaded server of its own. It
-binds 127.0.0.1 unless configured otherwise; credentials are compared in constant time; nothing but the
-registry's metrics is served.
+A small threaded WSGI server of gradtel's own (prometheus_client's ``start_http_server`` has TLS but no
+authentication). It binds 127.0.0.1 unless configured otherwise; credentials are compared in constant time; it
+serves the text exposition (gzipped when the scraper accepts it) on GET and HEAD of any path, nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from gradtel.exposition import CONTENT_TYPE, Exposition
 
 log = logging.getLogger("gradtel")
 #: A client that connects over TLS and says nothing is dropped after this long.
@@ -88,6 +87,25 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+def _metrics_app(source: Callable[[], Exposition]) -> Callable[..., Any]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")])
+            return [b"method not allowed\n"]
+        exposition = source()
+        headers = [("Content-Type", CONTENT_TYPE)]
+        body = exposition.text
+        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+            body = exposition.gzipped()
+            headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(len(body))))
+        start_response("200 OK", headers)
+        return [] if method == "HEAD" else [body]
+
+    return app
+
+
 def _basic_auth(app: Callable[..., Any], username: str, password: str) -> Callable[..., Any]:
     expected = b"Basic " + base64.b64encode(f"{username}:{password}".encode())
 
@@ -114,8 +132,8 @@ def _tls_context(security: Security) -> ssl.SSLContext:
 class Endpoint:
     """A running /metrics server; ``port`` is the bound port (useful when 0 asked for a free one)."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, security: Security) -> None:
-        app = make_wsgi_app(registry)
+    def __init__(self, source: Callable[[], Exposition], host: str, port: int, security: Security) -> None:
+        app = _metrics_app(source)
         if security.username is not None:
             app = _basic_auth(app, security.username, security.password or "")
         server_class = _Server6 if ":" in host else _Server

@@ -49,11 +49,17 @@ def scraped_run(tmp_path_factory):
             scrapes.append(parse(scrape_body(port)))
         stop.touch()
         wait_for(done.exists, 60, "training to stop")
-        time.sleep(1.0)  # older than any snapshot cache: the final scrape reads the final state
-        final = parse(scrape_body(port))
+        steps = int(done.read_text())
+        final: dict = {}
+
+        def final_state_served() -> bool:  # once the endpoint's next collection is due (exposition.py)
+            final.update(parse(scrape_body(port)))
+            return values(final, "gradtel_steps") == {(None, "sgd"): steps}
+
+        wait_for(final_state_served, 30, "a scrape of the final state")
         hold.touch()
         assert group.wait(proc, 60) == 0, group.output(proc)[1][-3000:]
-        yield scrapes, final, read_json(report), int(done.read_text())
+        yield scrapes, final, read_json(report), steps
     finally:
         group.close()
 

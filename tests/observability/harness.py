@@ -211,7 +211,10 @@ class DemoProcess:
         self.log = log
         # tests/conftest.py sets OTEL_METRICS_EXPORTER=none for in-process tests; this job must serve /metrics.
         env = {name: value for name, value in os.environ.items() if name != "OTEL_METRICS_EXPORTER"}
-        env.update(GRADTEL_RUN_ID=run_id, TF_CPP_MIN_LOG_LEVEL="2")
+        # Every interval of this stack is compressed to 1 s (rules' `for`, scrapes): so is the endpoint's spacing of
+        # collections, or two scrapes serving one collection would read as a 1 s stall.
+        env.update(GRADTEL_RUN_ID=run_id, TF_CPP_MIN_LOG_LEVEL="2", GRADTEL_PROMETHEUS_MIN_INTERVAL="0",
+                   GRADTEL_PROMETHEUS_CPU_SHARE="1")
         command = [sys.executable, "-m", "gradtel.cli", "demo", "--steps", "0",
                    "--port", self.target.rsplit(":", 1)[1], "--nan-at", str(nan_at)]
         with log.open("wb") as out:
