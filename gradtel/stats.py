@@ -23,14 +23,27 @@ from gradtel.layout import (
     G_SKIPPED,
     G_STEPS,
     GLOBAL_COUNTERS,
+    MAX_ABS,
+    MISSING,
     N_GLOBALS,
     N_ROWS,
+    NONFINITE,
+    NORM,
+    ROWS_TOUCHED,
+    STATE,
     STATE_MISSING,
     STATE_NONFINITE,
     STATE_OK,
     STATE_ZERO,
+    STEPS_SEEN,
+    ZERO,
     Snapshot,
 )
+
+#: The rows of a variable whose gradient is missing at this step (per layout.py's row order).
+_MISSING_COLUMN = np.zeros([N_ROWS, 1], np.float64)
+_MISSING_COLUMN[[MISSING, STEPS_SEEN, STATE], 0] = (1.0, 1.0, STATE_MISSING)
+_MISSING_COLUMN[[NORM, MAX_ABS], 0] = np.nan
 
 #: Gradients with at most this many elements (and a static shape) are reduced together in one segment pass.
 SMALL_GRADIENT_ELEMENTS = 1 << 16
@@ -60,14 +73,15 @@ def _is_small(t: tf.Tensor) -> bool:
     return size is not None and 0 < size <= SMALL_GRADIENT_ELEMENTS and t.dtype != tf.float64
 
 
-def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Sum of squares and max |x| of each tensor, as two float64 vectors of len(tensors).
+def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, list[int]]:
+    """Sum of squares and max |x| of each tensor, as two float64 vectors in the returned order of ``tensors``.
 
     On CPU a step of small tensors pays per op, not per byte: small gradients of one (shape, dtype) are stacked
     and reduced over their trailing axes together, so the graph grows with the number of distinct shapes, not of
-    variables. Large ones are reduced one by one. float32 squares overflow above ~1.8e19 and underflow below
-    ~1e-19: a step where a finite, non-zero gradient got an inf or 0 sum is recomputed in float64 (a cond that
-    almost never takes its expensive branch).
+    variables. Large ones are reduced one by one. The results come grouped (the caller's one gather puts them
+    back in variable order). float32 squares overflow above ~1.8e19 and underflow below ~1e-19: a step where a
+    finite, non-zero gradient got an inf or 0 sum is recomputed in float64 (a cond that almost never takes its
+    expensive branch).
     """
     groups: dict[tuple[tuple[int, ...], tf.DType], list[int]] = {}
     large: list[int] = []
@@ -94,22 +108,18 @@ def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         maxabs_parts.append(tf.reshape(tf.reduce_max(tf.abs(t)), [1]))
         exact_parts.append(lambda t=t: tf.reshape(tf.reduce_sum(tf.square(tf.cast(t, tf.float64))), [1]))
         order.append(i)
-    inverse = np.argsort(np.array(order, np.int64))
-    in_order = bool(np.array_equal(inverse, np.arange(len(order))))
 
     def assemble(parts: Sequence[tf.Tensor]) -> tf.Tensor:
         if len({p.dtype for p in parts}) == 1:  # one cast after the concat instead of one per part
-            flat = tf.cast(tf.concat(parts, axis=0) if len(parts) > 1 else parts[0], tf.float64)
-        else:
-            flat = tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
-        return flat if in_order else tf.gather(flat, inverse)
+            return tf.cast(tf.concat(parts, axis=0) if len(parts) > 1 else parts[0], tf.float64)
+        return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
 
     sumsq, maxabs = assemble(sumsq_parts), assemble(maxabs_parts)
     overflow = tf.logical_and(tf.math.is_inf(sumsq), tf.math.is_finite(maxabs))
     underflow = tf.logical_and(tf.equal(sumsq, 0.0), maxabs > 0.0)
     inexact = tf.reduce_any(tf.logical_or(overflow, underflow))
     sumsq = tf.cond(inexact, lambda: assemble([f() for f in exact_parts]), lambda: sumsq)
-    return sumsq, maxabs
+    return sumsq, maxabs, order
 
 
 def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None]]) -> tf.Tensor:
@@ -154,48 +164,37 @@ class StatsTable:
         row still says which variables were non-finite).
         """
         present = [i for i, g in enumerate(grads) if g is not None]
-        missing = np.array([g is None for g in grads], np.float64)
         if present:
             measured = [_as_measurable(grads[i]) for i in present]
-            sumsq_p, maxabs_p = _reduce([m for m, _ in measured])
+            sumsq, maxabs, order = _reduce([m for m, _ in measured])
             # Empty gradients reduce to -inf (max of nothing): measure them as zeros.
-            maxabs_p = tf.where(maxabs_p < 0.0, tf.zeros_like(maxabs_p), maxabs_p)
-            touched_p = _rows_touched(measured)
-            # Scatter the present values into full-length vectors with one static gather.
-            index = np.full(self.n, len(present), np.int32)
-            index[present] = np.arange(len(present), dtype=np.int32)
-
-            def full(values: tf.Tensor, fill: float) -> tf.Tensor:
-                return tf.gather(tf.concat([values, tf.constant([fill], tf.float64)], 0), index)
-
-            sumsq = full(sumsq_p, np.nan)
-            maxabs = full(maxabs_p, np.nan)
-            touched = full(touched_p, 0.0)
+            maxabs = tf.where(maxabs < 0.0, tf.zeros_like(maxabs), maxabs)
+            nonfinite = tf.logical_or(tf.math.is_nan(sumsq), tf.logical_not(tf.math.is_finite(maxabs)))
+            zero = tf.logical_and(tf.equal(maxabs, 0.0), tf.logical_not(nonfinite))
+            nonfinite_f, zero_f = tf.cast(nonfinite, tf.float64), tf.cast(zero, tf.float64)
+            skipped = tf.reduce_any(nonfinite) if loss_scaled else tf.constant(False)
+            counted_nonfinite = nonfinite_f * (1.0 - tf.cast(skipped, tf.float64)) if loss_scaled else nonfinite_f
             # Over the finite gradients: a NaN would hide the norm of every other variable (and OpenTelemetry
             # drops non-finite observations); non-finite gradients are counted on their own.
-            finite = tf.math.is_finite(sumsq_p)
-            global_norm = tf.sqrt(tf.reduce_sum(tf.where(finite, sumsq_p, tf.zeros_like(sumsq_p))))
+            global_norm = tf.sqrt(tf.reduce_sum(tf.where(tf.math.is_finite(sumsq), sumsq, tf.zeros_like(sumsq))))
+            # The rows of the present gradients, in _reduce's order, then one column for every missing one; one
+            # static gather lays them out per variable (the graph's op count does not grow with variables).
+            p = len(present)
+            by_row = {
+                MISSING: tf.zeros([p], tf.float64), ZERO: zero_f, NONFINITE: counted_nonfinite,
+                STEPS_SEEN: tf.ones([p], tf.float64), NORM: tf.sqrt(sumsq), MAX_ABS: maxabs,
+                STATE: STATE_NONFINITE * nonfinite_f + STATE_ZERO * zero_f + STATE_OK,
+                ROWS_TOUCHED: _rows_touched([measured[i] for i in order]),
+            }
+            present_rows = tf.stack([by_row[row] for row in range(N_ROWS)])
+            index = np.full(self.n, p, np.int32)
+            index[[present[i] for i in order]] = np.arange(p, dtype=np.int32)
+            rows = tf.gather(tf.concat([present_rows, tf.constant(_MISSING_COLUMN)], 1), index, axis=1)
         else:
-            sumsq = maxabs = tf.fill([self.n], tf.constant(np.nan, tf.float64))
-            touched = tf.zeros([self.n], tf.float64)
+            rows = tf.constant(np.repeat(_MISSING_COLUMN, self.n, axis=1))
             global_norm = tf.constant(np.nan, tf.float64)
-
-        is_missing = tf.constant(missing > 0)
-        nonfinite = tf.logical_and(
-            tf.logical_not(is_missing),
-            tf.logical_or(tf.math.is_nan(sumsq), tf.logical_not(tf.math.is_finite(maxabs))),
-        )
-        zero = tf.logical_and(tf.logical_not(tf.logical_or(is_missing, nonfinite)), tf.equal(maxabs, 0.0))
-        state = tf.where(is_missing, STATE_MISSING,
-                         tf.where(nonfinite, STATE_NONFINITE, tf.where(zero, STATE_ZERO, STATE_OK)))
-        as_f64 = lambda b: tf.cast(b, tf.float64)  # noqa: E731
-        skipped = tf.reduce_any(nonfinite) if loss_scaled else tf.constant(False)
-        counted_nonfinite = tf.logical_and(nonfinite, tf.logical_not(skipped))
-        rows = tf.stack([
-            tf.constant(missing), as_f64(zero), as_f64(counted_nonfinite), tf.ones([self.n], tf.float64),
-            tf.sqrt(sumsq), maxabs, tf.cast(state, tf.float64), touched,
-        ])
-        globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, as_f64(skipped)])
+            skipped = tf.constant(False)
+        globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, tf.cast(skipped, tf.float64)])
         delta = tf.concat([globals_, tf.reshape(rows, [-1])], 0)
         old = self.variable.read_value()
         self.variable.assign(tf.where(self._accumulate, old + delta, delta), read_value=False)
