@@ -48,6 +48,9 @@ class Diagnoser:
         self._step_start = 0
         self._step_recorded = False
         self._influencers: dict[int, tuple[weakref.ref, str]] = {}
+        # Every variable ever handed to an instrumented optimizer, alive: an optimizer long gone (its handle
+        # retired and dropped) still trained its variables, which are then not "not optimized".
+        self._optimized: dict[int, weakref.ref] = {}
         self._installed = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -126,6 +129,7 @@ class Diagnoser:
 
     def _full(self, grads: list, variables: list, graph: Any, step_start: int) -> Diagnosis:
         """Walk the step's dataflow graph for every variable (the missing ones and the zero hints)."""
+        self._note_optimized(variables)
         call = _best_call(self._tapes, graph, variables)
         result = Diagnosis()
         analysis, call_graph = None, None
@@ -169,10 +173,19 @@ class Diagnoser:
                     inner = underlying(variable)
                     self._influencers[id(inner)] = (weakref.ref(inner), display_name(variable))
 
+    def _note_optimized(self, variables: list) -> None:
+        for variable in variables:
+            with contextlib.suppress(TypeError):  # not weak-referenceable: the handles' lists still name it
+                inner = underlying(variable)
+                self._optimized[id(inner)] = weakref.ref(inner)
+        if len(self._optimized) > 2 * len(variables) + 10_000:  # drop the dead, so the table stays bounded
+            self._optimized = {k: r for k, r in self._optimized.items() if r() is not None}
+
     def not_optimized(self, optimized: Iterable[Any]) -> list[str]:
         """Trainable variables that fed the loss inside a recorded tape but never went to an optimizer."""
         try:
             given = {identity(v) for v in optimized}
+            given.update(k for k, ref in list(self._optimized.items()) if ref() is not None)
             return sorted(
                 name for key, (ref, name) in list(self._influencers.items())
                 if key not in given and ref() is not None

@@ -179,4 +179,25 @@ def test_report_finds_variables_no_optimizer_receives():
               callbacks=[GradientTelemetry(name="not-optimized", start_exporter=False)])
     findings = {f["category"]: f["variables"] for f in gradtel.report()["findings"]}
     assert [n for n in findings["not_optimized"] if n.endswith("scaled/untracked_scale")]
-    assert not any("kernel" in name for name in findings["not_optimized"])
+    assert not any("kernel" in name for name in findings["not_optimized"]), findings["not_optimized"]
+
+
+def test_variables_of_an_optimizer_long_gone_are_not_reported_not_optimized():
+    """The model outlives its optimizer, whose handle is retired and then dropped (more than MAX_RETIRED_HANDLES
+    optimizers came and went): its variables did train, so no not_optimized finding names them."""
+    from gradtel import instrumenting
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="outlived")])
+    opt = keras.optimizers.SGD(0.1)
+    gradtel.instrument(opt, name="gone-optimizer", start_exporter=False)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(tf.ones((1, 2))))
+    opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+    gradtel.uninstrument(opt)
+    for i in range(instrumenting.MAX_RETIRED_HANDLES + 1):
+        churn = keras.optimizers.SGD(0.1)
+        gradtel.instrument(churn, name=f"churn-{i}", start_exporter=False)
+        gradtel.uninstrument(churn)
+    assert "gone-optimizer" not in [h.name for h in instrumenting.handles()]  # the premise: dropped
+    names = [n for f in gradtel.report()["findings"] if f["category"] == "not_optimized" for n in f["variables"]]
+    assert not [n for n in names if "outlived" in n], names
