@@ -167,6 +167,8 @@ def markdown(res: dict[str, Any]) -> str:
     verdict = {True: "holds", False: "MISSED", None: "not measured"}
     lines = [
         f"# gradtel benchmarks ({res.get('mode')} run, {res.get('started_utc')}, {res.get('wall_s')} s)",
+        *(["", "Sections re-run later, their results replacing the first run's: " + ", ".join(
+            f"{name} ({when})" for name, when in res["rerun"].items())] if res.get("rerun") else []),
         "", "## Goals", "", "| goal | measured | verdict |", "|---|---|---|",
         *(f"| {g} | {m} | {verdict[h]} |" for g, m, h in goals(res)),
         "", "## Step overhead (instrumented vs plain twin, interleaved)", "", *_overhead(res),

@@ -121,6 +121,10 @@ def test_an_expensive_collection_spaces_the_next_by_its_cpu_share(caplog):
     assert _ticks(reader) == 0  # not due yet
     time.sleep(reader.interval_s + 0.05)
     assert _ticks(reader) == 3
+    ticks["n"] = 4
+    reader.cpu_share = 1.0  # a larger share takes effect at once: 0.05 s of CPU now allows a collection after ~0.05 s
+    time.sleep(0.15)
+    assert _ticks(reader) == 4
     mp.shutdown()
 
 
