@@ -158,8 +158,8 @@ class PrometheusReader(MetricReader):
     A scrape collects afresh when the next collection is due, else it gets the previous one. After a collection
     that took ``c`` CPU seconds, the next is due ``max(min_interval_s, c / cpu_share)`` seconds later: a small model
     (a few milliseconds per collection) is collected at every scrape up to once per ``min_interval_s``, while a
-    10,000-variable model exported per variable (about 1.2 s per collection on a 2-core benchmark machine) is
-    collected about once every two minutes at the default 1 %, however often it is scraped. CPU time of the
+    10,000-variable model exported per variable (about 1.5 s per collection on a 2-core benchmark machine) is
+    collected about once every two and a half minutes at the default 1 %, however often it is scraped. CPU time of the
     collecting thread is what is measured, not wall time, which would count the time spent waiting for the
     training thread's GIL.
     """
