@@ -20,6 +20,11 @@ def _r(d: dict[str, Any] | None) -> str:
     return f"{d['median']:.3f} ({d['q1']:.3f}-{d['q3']:.3f}; {d['minimum']:.3f}-{d['maximum']:.3f}; n={d['rounds']})"
 
 
+def _spread(median: float, q1: float, q3: float, digits: int) -> str:
+    """A median with its interquartile range: ``1.147 (1.099-1.223)``."""
+    return f"{median:.{digits}f} ({q1:.{digits}f}-{q3:.{digits}f})"
+
+
 def _ms(d: dict[str, Any] | None, key: str) -> str:
     return f"{d[key]:.2f}" if d and key in d else "n/a"
 
@@ -77,11 +82,11 @@ def _floor(res: dict[str, Any]) -> list[str]:
         if not d:
             continue
         s, c = d["stats_over_adam"], d.get("call_floor_over_adam")
-        cf = f"{c['median']:.2f} ({c['q1']:.2f}-{c['q3']:.2f})" if c else "n/a"
+        cf = _spread(c["median"], c["q1"], c["q3"], 2) if c else "n/a"
         lines.append(
             f"| {key} | {d['variables']} | {d['adam_ms']:.2f} | {d['call_floor_ms']:.2f} | {d['stats_ms']:.2f} | "
             f"{d['ops_stats']} | {d['ops_adam']} | {d['ops_call_floor']} | "
-            f"{s['median']:.2f} ({s['q1']:.2f}-{s['q3']:.2f}) | {cf} |")
+            f"{_spread(s['median'], s['q1'], s['q3'], 2)} | {cf} |")
     return lines
 
 
@@ -102,12 +107,12 @@ def _export(res: dict[str, Any]) -> list[str]:
             continue
         during = d.get("scrape_median_ms_while_training")
         during_ms = "n/a" if during is None else f"{during:.1f}"
-        iqr = d["step_ratio_scraped_1hz_iqr"]
+        ratio = _spread(d["step_ratio_scraped_1hz"], *d["step_ratio_scraped_1hz_iqr"], 3)
         lines.append(
             f"| {n} | {d['series']} | {d['response_bytes'] / 1024:.0f} | {d['collection_scrape_median_ms']:.0f} / "
             f"{d['collection_scrape_p90_ms']:.0f} | {d['served_scrape_median_ms']:.1f} / "
             f"{d['served_scrape_p90_ms']:.1f} | {d['collection_interval_s']:.1f} | {during_ms} | "
-            f"{d['step_ratio_scraped_1hz']:.3f} ({iqr[0]:.3f}-{iqr[1]:.3f}) | {d['trace_s']:.1f} |")
+            f"{ratio} | {d['trace_s']:.1f} |")
     return lines
 
 
@@ -153,8 +158,7 @@ def goals(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                     f"median {d['collection_scrape_median_ms']:.0f} ms" if ok else "n/a",
                     d["collection_scrape_median_ms"] <= limit if ok else None))
         out.append((f"step ratio scraped every second (10,000 variables, {what}) <= {ratio_goal}",
-                    f"{d['step_ratio_scraped_1hz']:.3f} (IQR {d['step_ratio_scraped_1hz_iqr'][0]:.3f}-"
-                    f"{d['step_ratio_scraped_1hz_iqr'][1]:.3f})" if ok else "n/a",
+                    _spread(d["step_ratio_scraped_1hz"], *d["step_ratio_scraped_1hz_iqr"], 3) if ok else "n/a",
                     d["step_ratio_scraped_1hz"] <= ratio_goal if ok else None))
     d = me.get("long_instrumented")
     out.append((f"no memory growth over the long run (< {FLAT_MIB_PER_100K} MiB/100k steps)",

@@ -12,7 +12,7 @@ import socket
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from gradtel import series
 from gradtel.naming import PatternSet
@@ -29,31 +29,31 @@ DEFAULT_CPU_SHARE = 0.01
 #: into the SDK's overflow series (opentelemetry-sdk's own default is 2,000).
 DEFAULT_MAX_SERIES = 100_000
 
+T = TypeVar("T")
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+
+def _setting(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T], what: str,
+             requirement: str, valid: Callable[[T], bool]) -> T:
+    """One value from the environment: ``default`` when unset or blank, else parsed and checked, with an error
+    that names the variable and what was expected."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be {what}, got {raw!r}") from None
+    if not valid(value):
+        raise ValueError(f"{name} must be {requirement}, got {raw!r}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    return _setting(env, name, default, int, "an integer", f">= {minimum}", lambda v: v >= minimum)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, expected: str, valid: Callable[[float], bool]) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not valid(value):
-        raise ValueError(f"{name} must be {expected}, got {raw!r}")
-    return value
+    return _setting(env, name, default, float, expected, expected, valid)
 
 
 def _exporters(env: Mapping[str, str]) -> tuple[str, ...]:

@@ -127,24 +127,21 @@ class Instruments:
                                               **dict(zip(pairs[::2], pairs[1::2], strict=True))}
         return attrs
 
-    def _base(self, optimizer: str) -> dict[str, str]:
-        return self._attrs(optimizer)
-
     def _variable_attrs(self, record: VariableRecord, *pairs: str) -> dict[str, str]:
         return self._attrs(record.optimizer, "variable", record.name, "layer", record.layer, *pairs)
 
     def _steps(self) -> Iterable[Observation]:
         for view in self._cache.refresh():  # the first callback of every collection: take the snapshot
-            yield Observation(view.summary.steps, self._base(view.name))
+            yield Observation(view.summary.steps, self._attrs(view.name))
 
     def _skipped(self) -> Iterable[Observation]:
         for view in self._cache.views():
-            yield Observation(view.summary.skipped_steps, self._base(view.name))
+            yield Observation(view.summary.skipped_steps, self._attrs(view.name))
 
     def _global_norm(self) -> Iterable[Observation]:
         for view in self._cache.views():
             if view.summary.steps and math.isfinite(view.summary.global_norm):
-                yield Observation(view.summary.global_norm, self._base(view.name))
+                yield Observation(view.summary.global_norm, self._attrs(view.name))
 
     def _variables(self) -> Iterable[Observation]:
         for view in self._cache.views():

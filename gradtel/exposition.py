@@ -51,7 +51,6 @@ class Exposition:
     """One rendered collection; the gzipped form is made on first request and kept."""
 
     text: bytes
-    collected_at: float  # time.monotonic() of the collection
     _gzipped: bytes | None = field(default=None, repr=False)
 
     def gzipped(self) -> bytes:
@@ -60,7 +59,7 @@ class Exposition:
         return self._gzipped
 
 
-_EMPTY = Exposition(b"", float("-inf"))
+_EMPTY = Exposition(b"")
 
 
 def _label_name(key: str) -> str:
@@ -180,7 +179,7 @@ class PrometheusReader(MetricReader):
 
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
         if metrics_data is not None:
-            self._latest = Exposition(self._renderer.render(metrics_data), time.monotonic())
+            self._latest = Exposition(self._renderer.render(metrics_data))
 
     def exposition(self) -> Exposition:
         """The latest collection, collecting first when the next one is due."""

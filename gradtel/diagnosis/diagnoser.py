@@ -174,12 +174,13 @@ class Diagnoser:
                     self._influencers[id(inner)] = (weakref.ref(inner), display_name(variable))
 
     def _note_optimized(self, variables: list) -> None:
+        # Once per new (trace, variable list), like the walk that follows: dropping the dead entries here keeps
+        # the table bounded by the live variables.
+        self._optimized = {k: r for k, r in self._optimized.items() if r() is not None}
         for variable in variables:
             with contextlib.suppress(TypeError):  # not weak-referenceable: the handles' lists still name it
                 inner = underlying(variable)
                 self._optimized[id(inner)] = weakref.ref(inner)
-        if len(self._optimized) > 2 * len(variables) + 10_000:  # drop the dead, so the table stays bounded
-            self._optimized = {k: r for k, r in self._optimized.items() if r() is not None}
 
     def not_optimized(self, optimized: Iterable[Any]) -> list[str]:
         """Trainable variables that fed the loss inside a recorded tape but never went to an optimizer."""
