@@ -8,14 +8,57 @@ non-finite path (and its alert) end to end.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import numpy as np
 
 #: Keras prints per-batch progress itself; gradtel prints a line at most this often.
 PROGRESS_INTERVAL_S = 1.0
+
+
+class StopRequest:
+    """SIGINT and SIGTERM ask the training loop to stop after the current step instead of raising in it.
+
+    A KeyboardInterrupt lands at an arbitrary bytecode of the main thread: inside TensorFlow's or Keras's own
+    Python code it can be swallowed or leave a lock held, and a demo that ignores Ctrl-C (or a pod's SIGTERM)
+    is worse than one that stops a step late. The first signal sets a flag that the Keras callback turns into
+    ``model.stop_training``; a second one restores the previous handlers and re-delivers itself (Ctrl-C twice
+    aborts at once).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Handle the signals for the duration (main thread only: elsewhere Python cannot, and nothing changes)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            self.restore()
 
 
 def build_model(nan_at: int | None) -> Any:
@@ -70,12 +113,16 @@ def run(steps: int, batch_size: int = 32, nan_at: int | None = None, out: TextIO
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss={"main_head": "mse"})
     telemetry = GradientTelemetry()
 
+    stop = StopRequest()
+
     class Progress(keras.callbacks.Callback):
         def __init__(self) -> None:
             super().__init__()
             self.last = 0.0
 
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            if stop.received is not None:
+                self.model.stop_training = True
             now = time.monotonic()
             if now - self.last < PROGRESS_INTERVAL_S or telemetry.handle is None:
                 return
@@ -87,11 +134,11 @@ def run(steps: int, batch_size: int = 32, nan_at: int | None = None, out: TextIO
 
     per_epoch = min(steps, 100) if steps > 0 else 100
     epochs = max(1, steps // per_epoch) if steps > 0 else 10**9
-    try:
+    with stop.installed():
         model.fit(data, epochs=epochs, steps_per_epoch=per_epoch, verbose=0, shuffle=False,
                   callbacks=[telemetry, Progress()])
-    except KeyboardInterrupt:
-        print("interrupted", file=out)
+    if stop.received is not None:
+        print(f"stopped by {signal.Signals(stop.received).name}", file=out)
     if telemetry.handle is not None:
         print("\n" + render.variables_table(telemetry.handle.records()), file=out, flush=True)
     return 0

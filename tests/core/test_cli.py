@@ -39,7 +39,8 @@ def wait_for_missing(port: int, proc: subprocess.Popen, timeout: float = 90) -> 
 
 
 @pytest.mark.slow
-def test_demo_serves_the_disconnected_head_while_training_and_prints_the_table():
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_serves_the_disconnected_head_while_training_and_prints_the_table(sig):
     port = free_port()
     proc = subprocess.Popen([BIN / "gradtel", "demo", "--steps", "0", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -48,9 +49,14 @@ def test_demo_serves_the_disconnected_head_while_training_and_prints_the_table()
         assert set(missing) == {"aux_head/kernel", "aux_head/bias"}
         assert all(v >= 1 for v in missing.values())
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        proc.send_signal(sig)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
     assert proc.returncode == 0, err
+    assert f"stopped by {sig.name}" in out
     assert f"metrics at http://127.0.0.1:{port}/metrics" in out
     table = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("adam ")}
     assert table["aux_head/kernel"][2] == "missing"
@@ -74,3 +80,16 @@ def test_opentelemetry_instrument_turns_gradtel_on_without_code_changes(tmp_path
     handles = eval(result.stdout.strip().splitlines()[-1])  # a list literal printed by the script above
     # The loss-scale wrapper took over from its inner SGD: 4 steps counted once, by the outer optimizer only.
     assert [(active, steps) for _, active, steps in handles] == [(False, 0), (True, 4)]
+
+
+def test_demo_stops_after_the_first_signal_and_aborts_on_the_second():
+    from gradtel.demo import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopRequest()
+    with pytest.raises(KeyboardInterrupt), stop.installed():
+        signal.raise_signal(signal.SIGINT)
+        assert stop.received == signal.SIGINT  # a request, not an exception
+        signal.raise_signal(signal.SIGINT)  # the second one restores Python's handler: KeyboardInterrupt
+        time.sleep(1)  # not reached
+    assert signal.getsignal(signal.SIGINT) is before
