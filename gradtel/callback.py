@@ -23,11 +23,13 @@ class TelemetryMixin:
         *,
         name: str | None = None,
         expect_missing: Iterable[str] | str | None = None,
+        max_abs: bool | None = None,
         start_exporter: bool = True,
     ) -> None:
         """The arguments are those of :func:`gradtel.instrument`."""
         super().__init__()
-        self._options = {"name": name, "expect_missing": expect_missing, "start_exporter": start_exporter}
+        self._options = {"name": name, "expect_missing": expect_missing, "max_abs": max_abs,
+                         "start_exporter": start_exporter}
         self.handle: Handle | None = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:

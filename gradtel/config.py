@@ -56,6 +56,22 @@ def _number(env: Mapping[str, str], name: str, default: float, expected: str, va
     return _setting(env, name, default, float, expected, expected, valid)
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _parse_flag(raw: str) -> bool:
+    try:
+        return _BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(raw) from None
+
+
+def max_abs_default(env: Mapping[str, str] | None = None) -> bool:
+    """``GRADTEL_MAX_ABS``: measure max |g| per variable too (off by default: see gradtel.stats for its cost)."""
+    return _setting(os.environ if env is None else env, "GRADTEL_MAX_ABS", False, _parse_flag, "true or false",
+                    "true or false", lambda value: True)
+
+
 def _exporters(env: Mapping[str, str]) -> tuple[str, ...]:
     raw = env.get("OTEL_METRICS_EXPORTER", "prometheus")
     kinds = tuple(k.strip().lower() for k in raw.split(",") if k.strip()) or ("prometheus",)

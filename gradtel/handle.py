@@ -78,8 +78,10 @@ class Handle:
 
     def __init__(
         self, name: str, flavour: str, expect_missing: PatternSet, loss_scale: Any = None, diagnoser: Any = None,
+        max_abs: bool = False,
     ) -> None:
         self.name = name
+        self.max_abs = max_abs
         self._diagnoser = diagnoser
         self.flavour = flavour
         self.expect_missing = expect_missing
@@ -255,7 +257,7 @@ class Handle:
                 from gradtel import stats
 
                 table = _Table(
-                    stats=stats.StatsTable(len(variables), f"{self.name}_{len(self._tables)}"),
+                    stats=stats.StatsTable(len(variables), f"{self.name}_{len(self._tables)}", self.max_abs),
                     variable_ids=key,
                     names=names,
                     layers=[layer_of(variable_path(v)) for v in variables],

@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from gradtel import config
 from gradtel.handle import Handle
 from gradtel.naming import PatternSet
 
@@ -156,6 +157,7 @@ def instrument(
     *,
     name: str | None = None,
     expect_missing: Iterable[str] | str | None = None,
+    max_abs: bool | None = None,
     start_exporter: bool = True,
 ) -> Handle:
     """Measure every gradient ``optimizer`` applies, per variable and per step, inside the compiled step.
@@ -166,6 +168,8 @@ def instrument(
             optimizers of a GAN ("generator", "discriminator") to tell their series apart.
         expect_missing: glob patterns (or ``re:`` regexes) of variable paths meant to get no gradient
             (frozen backbones): reported as ``expected_missing``, not as faults, and ignored by the alerts.
+        max_abs: also measure max |g| per variable each step (default: ``GRADTEL_MAX_ABS``, off). It costs
+            about as much as the other statistics together on a model of many small layers.
         start_exporter: set up the OpenTelemetry export from the environment if it is not running yet.
 
     Returns:
@@ -189,6 +193,7 @@ def instrument(
             expect_missing=PatternSet(expect_missing),
             loss_scale=_loss_scale_of(optimizer) if flavour == "keras3" else None,
             diagnoser=diagnoser(),
+            max_abs=config.max_abs_default() if max_abs is None else bool(max_abs),
         )
         method, wrapper = _FUNNEL[flavour]
         _patch(handle, optimizer, method, wrapper)

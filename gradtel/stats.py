@@ -1,13 +1,22 @@
 """In-graph gradient statistics and the packed accumulator they land in.
 
 Each optimizer step, for the gradients handed to the optimizer, gradtel computes per variable: missing (static,
-known at trace time), all-zero, non-finite, L2 norm and max |g|, plus the global norm. Only numeric TensorFlow
-ops are used (XLA-safe, no host round trip). The results are folded into ONE gradtel-owned float64 variable,
-so a single read from the exporter's thread is a consistent snapshot of a whole step.
+known at trace time), zero, non-finite and the L2 norm, plus the global norm; max |g| on request. Only numeric
+TensorFlow ops are used (XLA-safe, no host round trip). The results are folded into ONE gradtel-owned float64
+variable, so a single read from the exporter's thread is a consistent snapshot of a whole step.
 
-Cost: small gradients are flattened into one vector and reduced with two segment reductions (a handful of
-kernels however many variables there are); large or dynamically shaped gradients get two reductions each.
-That is about one extra read of the gradients, against the several reads and writes of Adam's update.
+Cost: on a CPU a step of small tensors pays per op, not per byte. By default each gradient gets one ``L2Loss``
+(TensorFlow's cheapest whole-tensor reduction: under a microsecond for a 32x32 gradient, where a generic
+``Sum``/``Max`` costs two or three) and everything after that works on one vector of all the variables: a fixed
+~25 ops however many variables there are. Zero and non-finite are then read off the float32 sum of squares:
+"zero" is a gradient whose every element squares to 0 in float32 (|g| below ~1e-19, too small for any optimizer
+to move the variable), "non-finite" one holding NaN/Inf or whose sum of squares overflows float32 (a norm above
+~1.8e19: an exploding gradient, on which Adam's own float32 squares overflow too). Float64 gradients are measured
+in float64.
+
+``max_abs`` (``instrument(max_abs=True)`` or ``GRADTEL_MAX_ABS=true``) adds max |g| per variable and makes those
+edges exact (a finite gradient whose float32 squares over- or underflowed is recomputed in float64), at about
+twice the cost on a model of many small layers: shape-alike gradients are stacked for a second reduction.
 """
 
 from __future__ import annotations
@@ -40,12 +49,7 @@ from gradtel.layout import (
     Snapshot,
 )
 
-#: The rows of a variable whose gradient is missing at this step (per layout.py's row order).
-_MISSING_COLUMN = np.zeros([N_ROWS, 1], np.float64)
-_MISSING_COLUMN[[MISSING, STEPS_SEEN, STATE], 0] = (1.0, 1.0, STATE_MISSING)
-_MISSING_COLUMN[[NORM, MAX_ABS], 0] = np.nan
-
-#: Gradients with at most this many elements (and a static shape) are reduced together in one segment pass.
+#: Gradients with at most this many elements (and a static shape) are stacked with their shape-alikes (max_abs).
 SMALL_GRADIENT_ELEMENTS = 1 << 16
 
 
@@ -68,34 +72,43 @@ def _as_float(t: tf.Tensor) -> tf.Tensor:
     return t if t.dtype in (tf.float32, tf.float64) else tf.cast(t, tf.float32)
 
 
+def _sums_of_squares(measured: Sequence[tf.Tensor | None]) -> tf.Tensor:
+    """Sum of squares of each gradient as one float64 vector in table order (0 where the gradient is missing)."""
+    halves = [None if t is None else tf.nn.l2_loss(_as_float(t)) for t in measured]  # L2Loss = sum(t**2) / 2
+    dtypes = {h.dtype for h in halves if h is not None}
+    dtype = dtypes.pop() if len(dtypes) == 1 else tf.float64  # one cast after the stack when they all agree
+    parts = [tf.zeros([], dtype) if h is None else h if h.dtype == dtype else tf.cast(h, dtype) for h in halves]
+    return 2.0 * tf.cast(tf.stack(parts), tf.float64)
+
+
 def _is_small(t: tf.Tensor) -> bool:
     size = t.shape.num_elements()
     return size is not None and 0 < size <= SMALL_GRADIENT_ELEMENTS and t.dtype != tf.float64
 
 
-def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, list[int]]:
-    """Sum of squares and max |x| of each tensor, as two float64 vectors in the returned order of ``tensors``.
+def _exact_reduce(measured: Sequence[tf.Tensor | None]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Sum of squares and max |g| of each gradient, as two float64 vectors in table order (0 and NaN where
+    missing), exact at float32's edges: the ``max_abs`` path.
 
-    On CPU a step of small tensors pays per op, not per byte: small gradients of one (shape, dtype) are stacked
-    and reduced over their trailing axes together, so the graph grows with the number of distinct shapes, not of
-    variables. Large ones are reduced one by one. The results come grouped (the caller's one gather puts them
-    back in variable order). float32 squares overflow above ~1.8e19 and underflow below ~1e-19: a step where a
-    finite, non-zero gradient got an inf or 0 sum is recomputed in float64 (a cond that almost never takes its
-    expensive branch).
+    Small gradients of one (shape, dtype) are stacked and reduced over their trailing axes together, so the graph
+    grows with the number of distinct shapes, not of variables; large ones are reduced one by one; one gather per
+    vector puts them in table order. float32 squares overflow above ~1.8e19 and underflow below ~1e-19: a step
+    where a finite, non-zero gradient got an inf or 0 sum is recomputed in float64 (a cond that almost never
+    takes its expensive branch, and captures one stacked tensor per shape, not every gradient).
     """
     groups: dict[tuple[tuple[int, ...], tf.DType], list[int]] = {}
     large: list[int] = []
-    for i, t in enumerate(tensors):
-        if _is_small(t):
+    for i, t in enumerate(measured):
+        if t is not None and _is_small(t):
             groups.setdefault((tuple(t.shape.as_list()), t.dtype), []).append(i)
-        else:
+        elif t is not None:
             large.append(i)
     sumsq_parts: list[tf.Tensor] = []
     maxabs_parts: list[tf.Tensor] = []
     exact_parts: list[Callable[[], tf.Tensor]] = []
     order: list[int] = []
     for (shape, _), members in groups.items():
-        parts = [_as_float(tensors[i]) for i in members]
+        parts = [_as_float(measured[i]) for i in members]
         stacked = tf.stack(parts) if len(parts) > 1 else tf.expand_dims(parts[0], 0)
         axes = list(range(1, 1 + len(shape)))
         sumsq_parts.append(tf.reduce_sum(tf.square(stacked), axis=axes))
@@ -103,7 +116,7 @@ def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, list[in
         exact_parts.append(lambda s=stacked, a=axes: tf.reduce_sum(tf.square(tf.cast(s, tf.float64)), axis=a))
         order += members
     for i in large:
-        t = _as_float(tensors[i])
+        t = _as_float(measured[i])
         sumsq_parts.append(tf.reshape(2.0 * tf.nn.l2_loss(t), [1]))
         maxabs_parts.append(tf.reshape(tf.reduce_max(tf.abs(t)), [1]))
         exact_parts.append(lambda t=t: tf.reshape(tf.reduce_sum(tf.square(tf.cast(t, tf.float64))), [1]))
@@ -115,18 +128,22 @@ def _reduce(tensors: Sequence[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, list[in
         return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
 
     sumsq, maxabs = assemble(sumsq_parts), assemble(maxabs_parts)
+    maxabs = tf.maximum(maxabs, 0.0)  # an empty gradient's max is -inf: measure it as 0
     overflow = tf.logical_and(tf.math.is_inf(sumsq), tf.math.is_finite(maxabs))
     underflow = tf.logical_and(tf.equal(sumsq, 0.0), maxabs > 0.0)
     inexact = tf.reduce_any(tf.logical_or(overflow, underflow))
     sumsq = tf.cond(inexact, lambda: assemble([f() for f in exact_parts]), lambda: sumsq)
-    return sumsq, maxabs, order
+    index = np.full(len(measured), len(order), np.int32)  # missing ones point at the trailing filler
+    index[order] = np.arange(len(order), dtype=np.int32)
+    return (tf.gather(tf.concat([sumsq, tf.zeros([1], tf.float64)], 0), index),
+            tf.gather(tf.concat([maxabs, tf.constant([np.nan], tf.float64)], 0), index))
 
 
-def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None]]) -> tf.Tensor:
+def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None] | None]) -> tf.Tensor:
     """Elements (dense) or distinct rows (IndexedSlices) per gradient; static wherever the shape is known."""
-    static = np.array([m.shape.num_elements() or 0 for m, _ in measured], np.float64)
-    dynamic = [(i, rows if rows is not None else tf.size(m)) for i, (m, rows) in enumerate(measured)
-               if rows is not None or m.shape.num_elements() is None]
+    static = np.array([0 if m is None else m[0].shape.num_elements() or 0 for m in measured], np.float64)
+    dynamic = [(i, m[1] if m[1] is not None else tf.size(m[0])) for i, m in enumerate(measured)
+               if m is not None and (m[1] is not None or m[0].shape.num_elements() is None)]
     if not dynamic:
         return tf.constant(static)
     indices = tf.constant([[i] for i, _ in dynamic])
@@ -140,8 +157,9 @@ class StatsTable:
     checkpoints keep their layout. Its packed layout is ``[globals..., rows x variables]``.
     """
 
-    def __init__(self, n_variables: int, name: str) -> None:
+    def __init__(self, n_variables: int, name: str, max_abs: bool = False) -> None:
         self.n = n_variables
+        self.max_abs = max_abs
         # ON_READ: under a strategy every replica updates its own copy (no cross-replica traffic in the step);
         # the exporter reads the first local replica's.
         with tf.init_scope():
@@ -158,44 +176,48 @@ class StatsTable:
     def update(self, grads: Sequence[tf.Tensor | tf.IndexedSlices | None], loss_scaled: bool = False) -> None:
         """Build (graph) or run (eager) the ops that fold one step's gradients into the table.
 
-        ``grads`` is aligned with the table's variables; None marks a missing gradient (static per trace).
+        ``grads`` is aligned with the table's variables; None marks a missing gradient (static per trace), so
+        every per-variable row is one vector op with the missing ones masked by trace-time constants.
         ``loss_scaled``: a dynamic loss-scale optimizer skips a step whose gradients overflow and lowers its
         scale; that routine event is counted as a skipped step, not as per-variable non-finite steps (the state
         row still says which variables were non-finite).
         """
-        present = [i for i, g in enumerate(grads) if g is not None]
-        if present:
-            measured = [_as_measurable(grads[i]) for i in present]
-            sumsq, maxabs, order = _reduce([m for m, _ in measured])
-            # Empty gradients reduce to -inf (max of nothing): measure them as zeros.
-            maxabs = tf.where(maxabs < 0.0, tf.zeros_like(maxabs), maxabs)
-            nonfinite = tf.logical_or(tf.math.is_nan(sumsq), tf.logical_not(tf.math.is_finite(maxabs)))
-            zero = tf.logical_and(tf.equal(maxabs, 0.0), tf.logical_not(nonfinite))
-            nonfinite_f, zero_f = tf.cast(nonfinite, tf.float64), tf.cast(zero, tf.float64)
-            skipped = tf.reduce_any(nonfinite) if loss_scaled else tf.constant(False)
-            counted_nonfinite = nonfinite_f * (1.0 - tf.cast(skipped, tf.float64)) if loss_scaled else nonfinite_f
-            # Over the finite gradients: a NaN would hide the norm of every other variable (and OpenTelemetry
-            # drops non-finite observations); non-finite gradients are counted on their own.
-            global_norm = tf.sqrt(tf.reduce_sum(tf.where(tf.math.is_finite(sumsq), sumsq, tf.zeros_like(sumsq))))
-            # The rows of the present gradients, in _reduce's order, then one column for every missing one; one
-            # static gather lays them out per variable (the graph's op count does not grow with variables).
-            p = len(present)
-            by_row = {
-                MISSING: tf.zeros([p], tf.float64), ZERO: zero_f, NONFINITE: counted_nonfinite,
-                STEPS_SEEN: tf.ones([p], tf.float64), NORM: tf.sqrt(sumsq), MAX_ABS: maxabs,
-                STATE: STATE_NONFINITE * nonfinite_f + STATE_ZERO * zero_f + STATE_OK,
-                ROWS_TOUCHED: _rows_touched([measured[i] for i in order]),
-            }
-            present_rows = tf.stack([by_row[row] for row in range(N_ROWS)])
-            index = np.full(self.n, p, np.int32)
-            index[[present[i] for i in order]] = np.arange(p, dtype=np.int32)
-            rows = tf.gather(tf.concat([present_rows, tf.constant(_MISSING_COLUMN)], 1), index, axis=1)
+        present = np.array([g is not None for g in grads])
+        measured = [None if g is None else _as_measurable(g) for g in grads]
+        dense = [None if m is None else m[0] for m in measured]
+        if not present.any():
+            sumsq, max_abs = tf.zeros([self.n], tf.float64), tf.constant(np.full(self.n, np.nan))
+        elif self.max_abs:
+            sumsq, max_abs = _exact_reduce(dense)
         else:
-            rows = tf.constant(np.repeat(_MISSING_COLUMN, self.n, axis=1))
+            sumsq, max_abs = _sums_of_squares(dense), tf.constant(np.full(self.n, np.nan))
+        finite = tf.math.is_finite(sumsq)  # a missing gradient's 0 is finite: never non-finite
+        if self.max_abs:  # exact: a finite gradient whose float32 squares over- or underflowed was recomputed
+            finite = tf.logical_and(finite, tf.logical_not(tf.math.is_inf(max_abs)))
+        nonfinite = tf.cast(tf.logical_not(finite), tf.float64)
+        zero = tf.cast(tf.equal(sumsq, 0.0), tf.float64) * present.astype(np.float64)
+        if loss_scaled:
+            skipped = tf.cast(tf.reduce_any(tf.logical_not(finite)), tf.float64)
+            counted_nonfinite = nonfinite * (1.0 - skipped)
+        else:
+            skipped, counted_nonfinite = tf.constant(0.0, tf.float64), nonfinite
+        # Over the finite gradients: a NaN would hide the norm of every other variable (and OpenTelemetry drops
+        # non-finite observations); non-finite gradients are counted on their own.
+        if present.any():
+            global_norm = tf.sqrt(tf.reduce_sum(tf.where(finite, sumsq, tf.zeros_like(sumsq))))
+        else:
             global_norm = tf.constant(np.nan, tf.float64)
-            skipped = tf.constant(False)
-        globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, tf.cast(skipped, tf.float64)])
-        delta = tf.concat([globals_, tf.reshape(rows, [-1])], 0)
+        rows: list[tf.Tensor | np.ndarray] = [np.zeros(0)] * N_ROWS
+        rows[MISSING] = (~present).astype(np.float64)
+        rows[ZERO] = zero
+        rows[NONFINITE] = counted_nonfinite
+        rows[STEPS_SEEN] = np.ones(self.n)
+        rows[NORM] = tf.sqrt(sumsq) + np.where(present, 0.0, np.nan)
+        rows[MAX_ABS] = max_abs
+        rows[STATE] = STATE_ZERO * zero + STATE_NONFINITE * nonfinite + np.where(present, STATE_OK, STATE_MISSING)
+        rows[ROWS_TOUCHED] = _rows_touched(measured)
+        globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, skipped])
+        delta = tf.concat([globals_, *rows], 0)
         old = self.variable.read_value()
         self.variable.assign(tf.where(self._accumulate, old + delta, delta), read_value=False)
 

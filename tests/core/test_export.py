@@ -54,17 +54,22 @@ def test_scrape_values_equal_independently_computed_ones(exporter):
     variables = [keras.Variable(np.zeros((2, 3), "float32"), name="a"),
                  keras.Variable(np.zeros((3,), "float32"), name="z"),
                  keras.Variable(np.zeros((1,), "float32"), name="gone")]
-    opt = keras.optimizers.SGD(0.0)
-    gradtel.instrument(opt, name="scraped")
+    opt, lean = keras.optimizers.SGD(0.0), keras.optimizers.SGD(0.0)
+    gradtel.instrument(opt, name="scraped", max_abs=True)
+    gradtel.instrument(lean, name="lean")  # the default statistics: no max |g|
     g_a = tf.constant([[1.0, -2.0, 2.0], [0.0, 4.0, -1.0]])
     for _ in range(3):
         opt.apply_gradients([(g_a, variables[0]), (tf.zeros(3), variables[1]), (None, variables[2])])
+    lean.apply_gradients([(g_a, variables[0])])
 
     metrics = scrape(exporter.endpoint[1])
     base = {"run": "test-run", "optimizer": "scraped"}
     assert sample(metrics["gradtel_steps"], **base) == 3
     assert sample(metrics["gradtel_gradient_norm"], variable="a", layer="", **base) == pytest.approx(numpy_norm(g_a))
     assert sample(metrics["gradtel_gradient_max_abs"], variable="a", **base) == 4.0
+    assert sample(metrics["gradtel_gradient_norm"], variable="a", run="test-run", optimizer="lean") == pytest.approx(
+        numpy_norm(g_a))
+    assert not [s for s in metrics["gradtel_gradient_max_abs"] if s.labels["optimizer"] == "lean"]
     assert sample(metrics["gradtel_gradient_zero"], variable="z", **base) == 3
     assert sample(metrics["gradtel_gradient_zero"], variable="a", **base) == 0
     assert sample(metrics["gradtel_gradient_nonfinite"], variable="a", **base) == 0

@@ -132,7 +132,7 @@ def test_no_gradients_error_keeps_keras_words_and_adds_the_causes():
 def test_report_matches_the_handles(tmp_path):
     var = keras.Variable(np.ones(2, "float32"), name="r")
     opt = keras.optimizers.SGD(0.0)
-    handle = gradtel.instrument(opt, name="report-match", start_exporter=False)
+    handle = gradtel.instrument(opt, name="report-match", max_abs=True, start_exporter=False)
     opt.apply_gradients([(tf.constant([3.0, 4.0]), var)])
     report = gradtel.report()
     mine = [v for v in report["variables"] if v["optimizer"] == "report-match"]

@@ -37,15 +37,16 @@ def variables():
     ]
 
 
+@pytest.mark.parametrize("max_abs", [True, False], ids=["max_abs", "default"])
 @pytest.mark.parametrize("mode", MODES)
-def test_norms_counts_and_states_match_independent_computation(variables, mode):
+def test_norms_counts_and_states_match_independent_computation(variables, mode, max_abs):
     opt = keras.optimizers.SGD(0.0)
-    handle = gradtel.instrument(opt, name=f"stats-{mode}", start_exporter=False)
+    handle = gradtel.instrument(opt, name=f"stats-{mode}", max_abs=max_abs, start_exporter=False)
     step = make_step(opt, variables, mode)
     rng = np.random.default_rng(1)
     steps = [
         [rng.normal(size=(3, 4)), rng.normal(size=(4,)), rng.normal(size=(300, 300))],
-        [np.zeros((3, 4)), rng.normal(size=(4,)) * 1e-30, rng.normal(size=(300, 300))],  # zero; tiny but not zero
+        [np.zeros((3, 4)), rng.normal(size=(4,)) * 1e-15, rng.normal(size=(300, 300))],  # zero; small but not zero
         [rng.normal(size=(3, 4)), np.full((4,), np.nan), np.full((300, 300), np.inf)],
         [rng.normal(size=(3, 4)) * 1e3, rng.normal(size=(4,)), rng.normal(size=(300, 300))],
     ]
@@ -56,7 +57,10 @@ def test_norms_counts_and_states_match_independent_computation(variables, mode):
     last = [np.asarray(g, np.float32) for g in steps[-1]]
     for name, g in zip(["w", "b", "big"], last, strict=True):
         assert records[name].norm == pytest.approx(numpy_norm(g), rel=1e-5)
-        assert records[name].max_abs == pytest.approx(float(np.max(np.abs(g))), rel=1e-6)
+        if max_abs:
+            assert records[name].max_abs == pytest.approx(float(np.max(np.abs(g))), rel=1e-6)
+        else:
+            assert math.isnan(records[name].max_abs)  # not measured: no gauge is exported for it
         assert records[name].state == "ok"
         assert records[name].steps == 4
         assert records[name].missing_steps == 0
@@ -77,7 +81,7 @@ def test_norms_counts_and_states_match_independent_computation(variables, mode):
 def test_indexed_slices_norm_is_exact_with_repeated_indices(mode):
     table = keras.Variable(np.zeros((50, 3), "float32"), name="embedding")
     opt = keras.optimizers.SGD(0.0)
-    handle = gradtel.instrument(opt, name=f"embed-{mode}", start_exporter=False)
+    handle = gradtel.instrument(opt, name=f"embed-{mode}", max_abs=True, start_exporter=False)
     step = make_step(opt, [table], mode)
     values = tf.constant(np.arange(15, dtype="float32").reshape(5, 3) - 7.0)
     indices = tf.constant([4, 9, 4, 4, 30])  # row 4 three times: its gradient is the SUM of three slices
@@ -93,9 +97,9 @@ def test_indexed_slices_norm_is_exact_with_repeated_indices(mode):
     gradtel.uninstrument(opt)
 
 
-def table_record(grads: list, fn=tf.function) -> np.ndarray:
+def table_record(grads: list, fn=tf.function, max_abs: bool = True) -> np.ndarray:
     """Run StatsTable.update directly (dtypes an optimizer would not accept) and return the rows."""
-    table = stats.StatsTable(len(grads), "direct")
+    table = stats.StatsTable(len(grads), "direct", max_abs=max_abs)
     fn(table.update)(grads)
     return table.snapshot().rows
 
@@ -105,20 +109,36 @@ def test_float16_is_measured_in_float32_and_underflow_shows_as_zero():
     underflowed = tf.cast(tf.constant([1e-9, -1e-9]), tf.float16)  # 0 in float16
     rows = table_record([tf.constant(g), underflowed])
     assert rows[layout.NORM, 0] == pytest.approx(numpy_norm(g.astype(np.float64)), rel=1e-6)
+    assert rows[layout.MAX_ABS, 0] == 60000.0
     assert rows[layout.NONFINITE, 0] == 0
     assert rows[layout.ZERO, 1] == 1
 
 
-def test_float32_sum_of_squares_overflow_still_gives_the_exact_finite_norm():
-    g = np.full((1000,), 3e19, np.float32)  # finite elements whose squares overflow float32
-    rows = table_record([tf.constant(g)])
-    assert rows[layout.NONFINITE, 0] == 0
-    assert rows[layout.NORM, 0] == pytest.approx(numpy_norm(g), rel=1e-6)
+@pytest.mark.parametrize("max_abs", [False, True], ids=["default", "max_abs"])
+def test_float32_edges_are_documented_by_default_and_exact_with_max_abs(max_abs):
+    """gradtel.stats: by default a float32 gradient below ~1e-19 squares to 0 and counts as zero, and a norm beyond
+    ~1.8e19 overflows float32 and counts as non-finite; with max_abs both are measured exactly. Float64 gradients
+    are measured in float64 either way."""
+    tiny, small = np.full((8,), 1e-25, np.float32), np.full((8,), 1e-15, np.float32)
+    huge = np.full((1000,), 3e19, np.float32)  # finite elements whose squares overflow float32
+    rows = table_record([tf.constant(tiny), tf.constant(small), tf.constant(huge), tf.constant(huge, tf.float64)],
+                        max_abs=max_abs)
+    assert list(rows[layout.ZERO]) == ([0, 0, 0, 0] if max_abs else [1, 0, 0, 0])
+    assert list(rows[layout.NONFINITE]) == ([0, 0, 0, 0] if max_abs else [0, 0, 1, 0])
+    assert rows[layout.NORM, 1] == pytest.approx(numpy_norm(small), rel=1e-6)
+    assert rows[layout.NORM, 3] == pytest.approx(numpy_norm(huge.astype(np.float64)), rel=1e-12)
+    if max_abs:
+        assert rows[layout.NORM, 0] == pytest.approx(numpy_norm(tiny), rel=1e-6)
+        assert rows[layout.NORM, 2] == pytest.approx(numpy_norm(huge), rel=1e-6)
+        assert list(rows[layout.MAX_ABS]) == pytest.approx([1e-25, 1e-15, 3e19, 3e19], rel=1e-6)
+    else:
+        assert np.isnan(rows[layout.MAX_ABS]).all()
 
 
 def test_empty_gradient_counts_as_zero_not_nonfinite():
     rows = table_record([tf.zeros((0, 4))])
     assert (rows[layout.ZERO, 0], rows[layout.NONFINITE, 0], rows[layout.NORM, 0]) == (1, 0, 0)
+    assert rows[layout.MAX_ABS, 0] == 0
 
 
 def test_step_graph_holds_only_numeric_ops():
@@ -134,5 +154,27 @@ def test_step_graph_holds_only_numeric_ops():
     forbidden = {"PrintV2", "Print", "PyFunc", "EagerPyFunc", "PyFuncStateless", "WriteSummary",
                  "WriteScalarSummary", "WriteHistogramSummary"}
     assert not op_types & forbidden
-    assert {"Sum", "Max", "Square"} <= op_types  # gradtel's statistics are in the step
+    assert "L2Loss" in op_types  # gradtel's statistics are in the step
+    gradtel.uninstrument(opt)
+
+
+def test_graph_grows_by_one_op_per_variable_and_with_max_abs_by_distinct_shapes():
+    """The cost model in gradtel.stats: one L2Loss per gradient plus a fixed tail; the max_abs path stacks
+    shape-alike gradients, so its graph grows with distinct shapes, not variables."""
+    def ops(n: int, max_abs: bool) -> int:
+        table = stats.StatsTable(n, f"count{n}{max_abs}", max_abs=max_abs)
+        fn = tf.function(lambda: table.update([tf.ones((4, 4)) * i for i in range(n)]), autograph=False)
+        return len(fn.get_concrete_function().graph.get_operations()) - 3 * n  # minus the inputs: const, const, mul
+
+    assert ops(40, False) - ops(20, False) == 20  # one L2Loss per gradient, the rest on vectors
+    assert ops(40, True) == ops(20, True)  # max_abs: shape-alike gradients stacked, ops per distinct shape
+
+
+def test_max_abs_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("GRADTEL_MAX_ABS", "maybe")
+    with pytest.raises(ValueError, match="GRADTEL_MAX_ABS must be true or false, got 'maybe'"):
+        gradtel.instrument(keras.optimizers.SGD(), name="bad-max-abs", start_exporter=False)
+    monkeypatch.setenv("GRADTEL_MAX_ABS", "on")
+    opt = keras.optimizers.SGD()
+    assert gradtel.instrument(opt, name="max-abs-on", start_exporter=False).max_abs
     gradtel.uninstrument(opt)

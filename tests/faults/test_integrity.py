@@ -40,7 +40,8 @@ def scraped_run(tmp_path_factory):
     try:
         proc = group.start(trainee("--steps", "0", "--stop", str(stop), "--progress", str(prog), "--done",
                                    str(done), "--hold", str(hold), "--extra", str(EXTRA), report=str(report)),
-                           {"OTEL_EXPORTER_PROMETHEUS_PORT": str(port), "GRADTEL_RUN_ID": "integrity"},
+                           {"OTEL_EXPORTER_PROMETHEUS_PORT": str(port), "GRADTEL_RUN_ID": "integrity",
+                            "GRADTEL_MAX_ABS": "true"},
                            name="scraped")
         wait_for(lambda: progress(prog) > 0 or proc.poll() is not None, 120, "the first steps")
         scrapes = []

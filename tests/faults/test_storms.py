@@ -48,7 +48,7 @@ def test_ten_thousand_non_finite_steps_are_counted_exactly_without_a_log_flood(e
     assert (records["fine"].nonfinite_steps, records["fine"].steps, records["fine"].norm) == (0, STORM_STEPS, 5.0)
     assert records["cut"].missing_steps == STORM_STEPS
     assert (records["nan_v"].state, records["inf_v"].state) == ("nonfinite", "nonfinite")
-    assert math.isnan(records["nan_v"].norm) and math.isinf(records["inf_v"].max_abs)
+    assert math.isnan(records["nan_v"].norm) and math.isinf(records["inf_v"].norm)
     # The scrape says the same; as documented, non-finite norms are left out and the global norm covers the
     # finite gradients only, so the storm does not hide the healthy variable.
     labels = {"optimizer": "storm"}
@@ -64,10 +64,10 @@ def test_ten_thousand_non_finite_steps_are_counted_exactly_without_a_log_flood(e
     assert len([r for r in caplog.records if r.name.startswith("gradtel")]) <= 2
 
 
-def _measure(grad: np.ndarray, dtype: tf.DType, name: str) -> gradtel.VariableRecord:
+def _measure(grad: np.ndarray, dtype: tf.DType, name: str, max_abs: bool = True) -> gradtel.VariableRecord:
     var = keras.Variable(np.zeros(grad.shape, dtype.as_numpy_dtype), name=name, dtype=dtype.name)
     optimizer = keras.optimizers.SGD(0.0)
-    handle = gradtel.instrument(optimizer, name=f"edge-{name}", start_exporter=False)
+    handle = gradtel.instrument(optimizer, name=f"edge-{name}", max_abs=max_abs, start_exporter=False)
     optimizer.apply_gradients([(tf.constant(grad, dtype), var)])
     gradtel.uninstrument(optimizer)
     (record,) = handle.records()
@@ -83,14 +83,14 @@ def _exact_norm(grad: np.ndarray) -> float:
     np.array([3e38, -3e38, 1.0], np.float32),
     np.array([2e19, 2e19, 2e19], np.float32),  # the squares are finite, their sum is not
 ], ids=["float32-max", "mixed-huge", "sum-overflows"])
-def test_float32_overflowing_norms_are_exact_and_not_called_non_finite(grad):
+def test_float32_overflowing_norms_are_exact_and_not_called_non_finite_with_max_abs(grad):
     record = _measure(grad, tf.float32, "huge")
     assert record.state == "ok" and record.nonfinite_steps == 0
     assert math.isclose(record.norm, _exact_norm(grad), rel_tol=1e-6)
     assert record.max_abs == float(np.max(np.abs(grad)))
 
 
-def test_float32_underflowing_norms_are_not_reported_as_zero():
+def test_float32_underflowing_norms_are_not_reported_as_zero_with_max_abs():
     grad = np.full(4, 1e-30, np.float32)  # normal float32 values whose squares (1e-60) underflow
     record = _measure(grad, tf.float32, "tiny")
     assert record.state == "ok" and record.max_abs > 0
@@ -109,3 +109,17 @@ def test_half_precision_gradients_are_measured_in_float32(dtype):
 
     inf = _measure(np.array([np.inf, 1.0], np.float32), dtype, f"half-inf-{dtype.name}")
     assert inf.state == "nonfinite" and inf.nonfinite_steps == 1
+
+
+@pytest.mark.parametrize("grad, state", [
+    (np.array([2e19, 2e19, 2e19], np.float32), "nonfinite"),  # the float32 sum of squares overflows
+    (np.full(4, 1e-30, np.float32), "zero"),  # every square underflows float32
+    (np.array([1e19, -1.0], np.float32), "ok"),  # the largest norm float32 squares still hold
+    (np.full(4, 1e-18, np.float32), "ok"),
+], ids=["overflow", "underflow", "big", "small"])
+def test_default_statistics_classify_float32_edges_as_documented(grad, state):
+    record = _measure(grad, tf.float32, f"default-{state}-{grad.size}", max_abs=False)
+    assert record.state == state
+    assert math.isnan(record.max_abs)
+    if state == "ok":
+        assert math.isclose(record.norm, _exact_norm(grad), rel_tol=1e-6)
