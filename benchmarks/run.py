@@ -1,6 +1,6 @@
 """Run every benchmark section, each in a fresh process, and write results/latest.{json,md}.
 
-    .venv/bin/python -m benchmarks.run [--quick] [--only SECTION ...] [--out DIR]
+    .venv/bin/python -m benchmarks.run [--quick] [--only SECTION ...] [--merge] [--out DIR]
 
 Sections: step_overhead, debugger, floor, export_cost, memory (see docs/benchmarks.md).
 """
@@ -39,20 +39,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (a smoke run, ~5 min)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the sections run in the existing latest.json (the report names them "
+                             "and when they were re-run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.json and latest.md")
     args = parser.parse_args()
     started = time.perf_counter()
-    results: dict[str, Any] = {
-        "mode": "quick" if args.quick else "full",
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": timing.machine(),
-    }
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    previous = args.out / "latest.json"
+    if args.merge and previous.exists():
+        results: dict[str, Any] = json.loads(previous.read_text())
+        results.setdefault("rerun", {})
+    else:
+        results = {"mode": "quick" if args.quick else "full", "started_utc": now, "machine": timing.machine()}
     for name in args.only or SECTIONS:
         print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
         results[name] = _section(name, args.quick)
+        if "rerun" in results:
+            results["rerun"][name] = now
         print(f"[benchmarks] {name} done in {results[name].get('wall_s')} s", file=sys.stderr, flush=True)
-    results["wall_s"] = round(time.perf_counter() - started, 1)
-    results["load_average_at_end"] = os.getloadavg()
+    if "rerun" not in results:
+        results["wall_s"] = round(time.perf_counter() - started, 1)
+        results["load_average_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (args.out / "latest.md").write_text(report.markdown(results))

@@ -6,6 +6,7 @@ instrumented keeps the instrumented trace; a plain run needs a fresh instance). 
 
 Variants (custom ``tf.function`` loop unless said):
 - ``gradtel``: ``gradtel.instrument(optimizer)``, statistics every step;
+- ``gradtel_max_abs``: the same with ``max_abs=True`` (max |g| and exact float32 edges);
 - ``tb_histogram``: ``tf.summary.histogram`` of every gradient every step into a temp logdir (the TensorBoard way);
 - ``numpy_norm``: the step returns its gradients, then ``np.linalg.norm(g.numpy())`` per variable on the host;
 - ``fit_jit``: ``model.fit(jit_compile=True)`` with ``gradtel.keras.GradientTelemetry`` vs without;
@@ -58,6 +59,9 @@ def custom_loop(builder: str, steps: int, rounds: int, alternatives: bool, logdi
     inst = build()
     gradtel.instrument(inst.optimizer, start_exporter=False)
     runners["gradtel"] = models.graph_step(inst)
+    full = build()
+    gradtel.instrument(full.optimizer, max_abs=True, start_exporter=False)
+    runners["gradtel_max_abs"] = models.graph_step(full)
     if alternatives:
         hist = build()
         runners["tb_histogram"] = models.graph_step(hist, _histogram_extra(hist, tf.summary.create_file_writer(logdir)))
@@ -107,10 +111,10 @@ def run(quick: bool) -> dict[str, Any]:
     keras.config.disable_interactive_logging()
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as logdir:
-        out["deep_mlp"] = custom_loop("deep_mlp", steps=10 if quick else 20, rounds=5 if quick else 15,
+        out["deep_mlp"] = custom_loop("deep_mlp", steps=10 if quick else 20, rounds=5 if quick else 31,
                                       alternatives=True, logdir=logdir)
         # quick: the transformer without the alternatives (each one is another slow Keras trace)
-        out["transformer"] = custom_loop("transformer", steps=3 if quick else 10, rounds=3 if quick else 15,
+        out["transformer"] = custom_loop("transformer", steps=3 if quick else 10, rounds=3 if quick else 31,
                                          alternatives=not quick, logdir=logdir)
     out["fit_jit_deep_mlp"] = fit_jit(steps=10 if quick else 50, rounds=2 if quick else 11)
     out["eager_deep_mlp16"] = eager(steps=2 if quick else 5, rounds=2 if quick else 9)

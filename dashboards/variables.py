@@ -31,7 +31,8 @@ def _norms() -> list[Any]:
         common.timeseries_panel(
             "Largest gradient element by variable",
             "Largest absolute element of each variable's gradient at the latest step (log scale): one huge "
-            "element with a modest norm points at a single unstable unit.",
+            "element with a modest norm points at a single unstable unit. Measured only when the job sets "
+            "GRADTEL_MAX_ABS=true (or instrument(max_abs=True)); empty otherwise.",
             "none", [common.query(common.selector(metrics.MAX_ABS, FILTERS), legend=_LEGEND)], log_scale=True,
         ),
         common.timeseries_panel(
