@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from gradtel import layout
 from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
@@ -26,9 +26,12 @@ class MissingGradientWarning(UserWarning):
     """Some (not all) gradients are None: which variables, and why."""
 
 
-@dataclass(frozen=True)
-class VariableRecord:
-    """The latest statistics of one variable, as the exporter and the report see them."""
+class VariableRecord(NamedTuple):
+    """The latest statistics of one variable, as the exporter and the report see them (immutable).
+
+    A named tuple, not a frozen dataclass: a collection of a 10,000-variable model builds 10,000 of these, and a
+    frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field) made building them a third of it.
+    """
 
     optimizer: str
     name: str
@@ -308,28 +311,26 @@ class Handle:
     def _records(self, snapshots: list[tuple[_Table, layout.Snapshot]]) -> list[VariableRecord]:
         out: dict[str, VariableRecord] = {}
         for table, snap in snapshots:
-            rows = snap.rows
+            rows = snap.rows.tolist()  # once: indexing numpy per field costs more than building the record
+            missing, zero, nonfinite = rows[layout.MISSING], rows[layout.ZERO], rows[layout.NONFINITE]
+            seen, norm, max_abs = rows[layout.STEPS_SEEN], rows[layout.NORM], rows[layout.MAX_ABS]
+            states, touched = rows[layout.STATE], rows[layout.ROWS_TOUCHED]
             for i, name in enumerate(table.names):
-                steps_seen = int(rows[layout.STEPS_SEEN, i])
-                if steps_seen == 0:
+                if not seen[i]:
                     continue
-                state = snap.state_name(i)
+                state = layout.STATE_NAMES.get(states[i], "ok")
                 if i in table.disagreement:
                     state = "replica_disagreement"
                 elif state == "missing" and table.expected[i]:
                     state = "expected_missing"
-                previous = out.get(name)
-                missing_cause = table.causes.get(i) if rows[layout.MISSING, i] else None
-                cause = {"missing": missing_cause, "expected_missing": missing_cause,
-                         "zero": table.zero_hints.get(i)}.get(state)
+                missing_cause = table.causes.get(i) if missing[i] else None
+                cause = (missing_cause if state in ("missing", "expected_missing")
+                         else table.zero_hints.get(i) if state == "zero" else None)
                 record = VariableRecord(
-                    optimizer=self.name, name=name, layer=table.layers[i], expected_missing=table.expected[i],
-                    cause=cause, missing_cause=missing_cause,
-                    steps=steps_seen, missing_steps=int(rows[layout.MISSING, i]),
-                    zero_steps=int(rows[layout.ZERO, i]), nonfinite_steps=int(rows[layout.NONFINITE, i]),
-                    norm=float(rows[layout.NORM, i]), max_abs=float(rows[layout.MAX_ABS, i]),
-                    rows_touched=int(rows[layout.ROWS_TOUCHED, i]), state=state,
+                    self.name, name, table.layers[i], table.expected[i], cause, missing_cause, int(seen[i]),
+                    int(missing[i]), int(zero[i]), int(nonfinite[i]), norm[i], max_abs[i], int(touched[i]), state,
                 )
+                previous = out.get(name)
                 out[name] = record if previous is None else _merge(previous, record)
         return list(out.values())
 
@@ -341,13 +342,12 @@ class Handle:
 
 def _merge(older: VariableRecord, newer: VariableRecord) -> VariableRecord:
     """One variable seen through two variable lists: counts add up, the latest values come from ``newer``."""
-    return VariableRecord(
-        **{**newer.__dict__,
-           "steps": older.steps + newer.steps,
-           "missing_steps": older.missing_steps + newer.missing_steps,
-           "zero_steps": older.zero_steps + newer.zero_steps,
-           "nonfinite_steps": older.nonfinite_steps + newer.nonfinite_steps,
-           "missing_cause": newer.missing_cause or older.missing_cause},
+    return newer._replace(
+        steps=older.steps + newer.steps,
+        missing_steps=older.missing_steps + newer.missing_steps,
+        zero_steps=older.zero_steps + newer.zero_steps,
+        nonfinite_steps=older.nonfinite_steps + newer.nonfinite_steps,
+        missing_cause=newer.missing_cause or older.missing_cause,
     )
 
 

@@ -34,6 +34,3 @@ class Snapshot:
     global_norm: float
     skipped: int  # steps a loss-scale optimizer skipped because a gradient overflowed
     rows: np.ndarray
-
-    def state_name(self, i: int) -> str:
-        return STATE_NAMES.get(float(self.rows[STATE, i]), "ok")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from gradtel.handle import VariableRecord
 from gradtel.naming import PatternSet
@@ -61,7 +61,8 @@ class SeriesPolicy:
                             key=lambda r: r.norm, reverse=True)
             picked = finite[: self.top_k] + unhealthy
             return Selection(picked, picked)
-        return Selection(_layers(chosen) + unhealthy, _layers_by_cause(chosen) + unhealthy)
+        by_layer, by_cause = _layer_roll_ups(chosen)
+        return Selection(by_layer + unhealthy, by_cause + unhealthy)
 
 
 @dataclass(frozen=True)
@@ -74,40 +75,46 @@ class Selection:
 
 
 def _merge(layer: str, members: Sequence[VariableRecord]) -> VariableRecord:
-    """One record standing for ``members``: counts summed, norm = sqrt(sum of squares), max |g| = max."""
-    finite = [r for r in members if math.isfinite(r.norm)]
-    return replace(
-        members[0],
-        name=f"{layer}/*" if layer else "*",
-        expected_missing=all(r.expected_missing for r in members),
-        cause=None,
-        steps=max(r.steps for r in members),
-        missing_steps=sum(r.missing_steps for r in members),
-        zero_steps=sum(r.zero_steps for r in members),
-        nonfinite_steps=sum(r.nonfinite_steps for r in members),
-        norm=math.sqrt(sum(r.norm**2 for r in finite)) if finite else math.nan,
-        max_abs=max((r.max_abs for r in finite), default=math.nan),
-        rows_touched=sum(r.rows_touched for r in members),
-        state="ok" if all(r.state == "ok" for r in members) else "mixed",
+    """One record standing for ``members``: counts summed, norm = sqrt(sum of squares), max |g| = max.
+
+    One pass (this runs per layer per collection: thousands of times for a large model)."""
+    first = members[0]
+    steps = missing = zero = nonfinite = touched = 0
+    sumsq, max_abs, finite = 0.0, -math.inf, False
+    expected, ok = True, True
+    for r in members:
+        if r.steps > steps:
+            steps = r.steps
+        missing += r.missing_steps
+        zero += r.zero_steps
+        nonfinite += r.nonfinite_steps
+        touched += r.rows_touched
+        expected = expected and r.expected_missing
+        ok = ok and r.state == "ok"
+        if math.isfinite(r.norm):
+            finite = True
+            sumsq += r.norm * r.norm
+            if r.max_abs > max_abs:  # False for NaN (max |g| not measured)
+                max_abs = r.max_abs
+    return VariableRecord(
+        optimizer=first.optimizer, name=f"{layer}/*" if layer else "*", layer=first.layer,
+        expected_missing=expected, cause=None, missing_cause=first.missing_cause, steps=steps,
+        missing_steps=missing, zero_steps=zero, nonfinite_steps=nonfinite,
+        norm=math.sqrt(sumsq) if finite else math.nan,
+        max_abs=max_abs if max_abs >= 0.0 else math.nan, rows_touched=touched, state="ok" if ok else "mixed",
     )
 
 
-def _group(records: Iterable[VariableRecord], by_cause: bool) -> dict[tuple[str, ...], list[VariableRecord]]:
-    groups: dict[tuple[str, ...], list[VariableRecord]] = defaultdict(list)
+def _layer_roll_ups(records: Iterable[VariableRecord]) -> tuple[list[VariableRecord], list[VariableRecord]]:
+    """One record per layer (the gauges and counters) and one per layer and missing cause (the missing counter,
+    whose ``cause`` label must stay exact). A layer whose variables share one cause, nearly all of them, is
+    merged once and serves both."""
+    groups: dict[tuple[str, str], dict[str, list[VariableRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        cause = (r.missing_cause.category if r.missing_cause is not None else "",) if by_cause else ()
-        groups[(r.optimizer, r.layer, *cause)].append(r)
-    return groups
-
-
-def _layers(records: Iterable[VariableRecord]) -> list[VariableRecord]:
-    return [_merge(key[1], members) for key, members in _group(records, by_cause=False).items()]
-
-
-def _layers_by_cause(records: Iterable[VariableRecord]) -> list[VariableRecord]:
-    """Per layer and missing cause, so the missing counter's cause label stays exact."""
-    out = []
-    for key, members in _group(records, by_cause=True).items():
-        merged = _merge(key[1], members)
-        out.append(replace(merged, missing_cause=members[0].missing_cause))
-    return out
+        groups[(r.optimizer, r.layer)][r.missing_cause.category if r.missing_cause is not None else ""].append(r)
+    by_layer, by_cause = [], []
+    for (_, layer), causes in groups.items():
+        merged = [_merge(layer, members) for members in causes.values()]
+        by_cause += merged
+        by_layer.append(merged[0] if len(merged) == 1 else _merge(layer, [r for m in causes.values() for r in m]))
+    return by_layer, by_cause
