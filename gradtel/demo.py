@@ -111,7 +111,7 @@ def run(steps: int, batch_size: int = 32, nan_at: int | None = None, out: TextIO
 
     model = build_model(nan_at)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss={"main_head": "mse"})
-    telemetry = GradientTelemetry()
+    telemetry = GradientTelemetry(max_abs=True)  # a tiny model: every dashboard panel gets data, max |g| too
 
     stop = StopRequest()
 
