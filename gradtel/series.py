@@ -27,7 +27,7 @@ from gradtel.handle import VariableRecord
 from gradtel.naming import PatternSet
 
 MODES = ("auto", "variable", "layer", "topk", "none")
-#: Variables with series of their own in ``auto`` mode: about 5 series each, so about 10,000 series per
+#: Variables with series of their own in ``auto`` mode: 3 to 5 series each, so at most about 10,000 series per
 #: optimizer and run, well inside what one Prometheus handles per target.
 DEFAULT_BUDGET = 2000
 DEFAULT_TOP_K = 100
