@@ -47,7 +47,8 @@ def main() -> None:
     started = time.perf_counter()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     previous = args.out / "latest.json"
-    if args.merge and previous.exists():
+    merging = args.merge and previous.exists()
+    if merging:
         results: dict[str, Any] = json.loads(previous.read_text())
         results.setdefault("rerun", {})
     else:
@@ -55,10 +56,10 @@ def main() -> None:
     for name in args.only or SECTIONS:
         print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
         results[name] = _section(name, args.quick)
-        if "rerun" in results:
+        if merging:
             results["rerun"][name] = now
         print(f"[benchmarks] {name} done in {results[name].get('wall_s')} s", file=sys.stderr, flush=True)
-    if "rerun" not in results:
+    if not merging:  # the run's own totals; a merge keeps the first run's
         results["wall_s"] = round(time.perf_counter() - started, 1)
         results["load_average_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)

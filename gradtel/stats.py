@@ -185,15 +185,16 @@ class StatsTable:
         present = np.array([g is not None for g in grads])
         measured = [None if g is None else _as_measurable(g) for g in grads]
         dense = [None if m is None else m[0] for m in measured]
+        max_abs: tf.Tensor | np.ndarray = np.full(self.n, np.nan)  # not measured
         if not present.any():
-            sumsq, max_abs = tf.zeros([self.n], tf.float64), tf.constant(np.full(self.n, np.nan))
+            sumsq = tf.zeros([self.n], tf.float64)
         elif self.max_abs:
             sumsq, max_abs = _exact_reduce(dense)
         else:
-            sumsq, max_abs = _sums_of_squares(dense), tf.constant(np.full(self.n, np.nan))
-        finite = tf.math.is_finite(sumsq)  # a missing gradient's 0 is finite: never non-finite
-        if self.max_abs:  # exact: a finite gradient whose float32 squares over- or underflowed was recomputed
-            finite = tf.logical_and(finite, tf.logical_not(tf.math.is_inf(max_abs)))
+            sumsq = _sums_of_squares(dense)
+        # A missing gradient's 0 is finite: never non-finite. On the max_abs path a finite gradient whose float32
+        # squares overflowed was recomputed in float64, so only NaN/Inf elements leave its sum non-finite.
+        finite = tf.math.is_finite(sumsq)
         nonfinite = tf.cast(tf.logical_not(finite), tf.float64)
         zero = tf.cast(tf.equal(sumsq, 0.0), tf.float64) * present.astype(np.float64)
         if loss_scaled:
