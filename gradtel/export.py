@@ -1,9 +1,11 @@
-"""Export through OpenTelemetry: a MeterProvider whose observable instruments read gradtel's latest snapshot.
+"""Export through OpenTelemetry: a MeterProvider whose readers read gradtel's latest snapshot.
 
 Configured from the standard OpenTelemetry environment (see :mod:`gradtel.config`). The data path runs one way:
-at collection time (a Prometheus scrape, or the OTLP reader's timer) the callbacks read one snapshot per
-optimizer table and turn it into observations. Nothing here ever touches the training step, and any failure is
-logged once and leaves training alone.
+at collection time (a Prometheus scrape, or the OTLP reader's timer) one snapshot per optimizer table is read and
+turned into points (:class:`Sources`). The optimizer-level metrics are observable instruments; the per-variable
+ones, the bulk of the series, reach gradtel's own readers through :mod:`gradtel.producer` (or, on the
+application's MeterProvider, through instruments too). Nothing here ever touches the training step, and any
+failure is logged once and leaves training alone.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import atexit
 import logging
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from opentelemetry.sdk.metrics import ExemplarReservoir
 from gradtel import instrumenting, metrics
 from gradtel.config import Config
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord
+from gradtel.producer import ProducingPeriodicReader, VariableProducer
 from gradtel.series import Selection, SeriesPolicy
 
 log = logging.getLogger("gradtel")
@@ -78,16 +81,29 @@ class SnapshotCache:
             return _OptimizerView(handle.name, OptimizerSummary(0, float("nan"), 0), [], Selection([], []))
 
 
-class Instruments:
-    """gradtel's observable instruments on one meter; each callback yields observations from the cache."""
+#: Metrics with a series per variable (or layer roll-up): the bulk of the series, which gradtel's own readers take
+#: from :class:`gradtel.producer.VariableProducer` instead of the SDK's instruments.
+PER_VARIABLE: tuple[metrics.Metric, ...] = (metrics.MISSING, metrics.ZERO, metrics.NONFINITE, metrics.NORM,
+                                            metrics.MAX_ABS)
 
-    def __init__(self, meter: otel_metrics.Meter, config: Config, cache: SnapshotCache) -> None:
+#: One series: its value and its attributes (one dict per series for the whole run).
+Point = tuple[float, dict[str, str]]
+
+
+class Sources:
+    """What gradtel exports, metric by metric, as (value, attributes) pairs read from the snapshot cache.
+
+    The one home of which series exist and what they carry; the SDK's instruments (:class:`Instruments`) and the
+    producer (:mod:`gradtel.producer`) only wrap these pairs in their own types.
+    """
+
+    def __init__(self, config: Config, cache: SnapshotCache) -> None:
         self._common = {"run": config.run_id, "worker": config.worker.label}
-        self._cache = cache
-        self._failed = False
+        self.cache = cache
         # Bounded by the series ever exported (variables, layer roll-ups, causes): what Prometheus holds too.
         self._attrs_cache: dict[tuple[str, ...], dict[str, str]] = {}
-        sources = {
+        self._selected: dict[str, tuple[list[VariableRecord] | None, list[dict[str, str]]]] = {}
+        self._by_metric = {
             metrics.STEPS: self._steps,
             metrics.MISSING: self._missing,
             metrics.ZERO: self._per_variable("zero_steps"),
@@ -98,24 +114,11 @@ class Instruments:
             metrics.VARIABLES: self._variables,
             metrics.SKIPPED: self._skipped,
         }
-        for metric, callback in sources.items():
-            create = (meter.create_observable_counter if metric.kind is metrics.Kind.COUNTER
-                      else meter.create_observable_gauge)
-            create(metric.otel_name, callbacks=[self._guarded(callback)], unit=metric.unit,
-                   description=metric.description)
 
-    def _guarded(self, callback: Any) -> Any:
-        def safe(options: CallbackOptions) -> Iterable[Observation]:
-            try:
-                return list(callback())
-            except Exception:
-                if not self._failed:
-                    self._failed = True
-                    log.warning("gradtel: an export callback failed; collections skip it (logged once).",
-                                exc_info=True)
-                return []
-
-        return safe
+    def of(self, metric: metrics.Metric) -> Callable[[], Iterable[Point]]:
+        """The points of ``metric`` in the current snapshot. ``gradtel_steps``, read first in every collection,
+        takes the snapshot; the others reuse it, so one collection is one snapshot."""
+        return self._by_metric[metric]
 
     def _attrs(self, optimizer: str, *pairs: str) -> dict[str, str]:
         """The attribute dict of one series (``pairs``: key, value, key, value...), built once: a series keeps its
@@ -130,48 +133,81 @@ class Instruments:
     def _variable_attrs(self, record: VariableRecord, *pairs: str) -> dict[str, str]:
         return self._attrs(record.optimizer, "variable", record.name, "layer", record.layer, *pairs)
 
-    def _steps(self) -> Iterable[Observation]:
-        for view in self._cache.refresh():  # the first callback of every collection: take the snapshot
-            yield Observation(view.summary.steps, self._attrs(view.name))
+    def _steps(self) -> Iterable[Point]:
+        for view in self.cache.refresh():  # the first metric of every collection: take the snapshot
+            yield view.summary.steps, self._attrs(view.name)
 
-    def _skipped(self) -> Iterable[Observation]:
-        for view in self._cache.views():
-            yield Observation(view.summary.skipped_steps, self._attrs(view.name))
+    def _skipped(self) -> Iterable[Point]:
+        for view in self.cache.views():
+            yield view.summary.skipped_steps, self._attrs(view.name)
 
-    def _global_norm(self) -> Iterable[Observation]:
-        for view in self._cache.views():
+    def _global_norm(self) -> Iterable[Point]:
+        for view in self.cache.views():
             if view.summary.steps and math.isfinite(view.summary.global_norm):
-                yield Observation(view.summary.global_norm, self._attrs(view.name))
+                yield view.summary.global_norm, self._attrs(view.name)
 
-    def _variables(self) -> Iterable[Observation]:
-        for view in self._cache.views():
+    def _variables(self) -> Iterable[Point]:
+        for view in self.cache.views():
             counts = dict.fromkeys(metrics.STATES, 0)
             for record in view.records:
                 counts[record.state] += 1
             for state, count in counts.items():
-                yield Observation(count, self._attrs(view.name, "state", state))
+                yield count, self._attrs(view.name, "state", state)
 
-    def _missing(self) -> Iterable[Observation]:
+    def _missing(self) -> Iterable[Point]:
         # A variable gets a missing series once it has been missing; 'cause' is bounded (causes.py names).
-        for view in self._cache.views():
+        for view in self.cache.views():
             for record in view.selected.missing:
                 if record.missing_steps:
                     cause = record.missing_cause.category if record.missing_cause is not None else "unknown"
                     expected = "true" if record.expected_missing else "false"
-                    attrs = self._variable_attrs(record, "cause", cause, "expected", expected)
-                    yield Observation(record.missing_steps, attrs)
+                    yield record.missing_steps, self._variable_attrs(record, "cause", cause, "expected", expected)
 
-    def _per_variable(self, field: str) -> Any:
+    def _per_variable(self, field: str) -> Callable[[], Iterable[Point]]:
         # OpenTelemetry drops (and logs, every collection) non-finite observations: a gauge of a missing or
         # non-finite gradient is left out instead; the counters and gradtel_variables say which state it is in.
-        def observe() -> Iterable[Observation]:
-            for view in self._cache.views():
-                for record in view.selected.records:
+        def points() -> Iterable[Point]:
+            for view in self.cache.views():
+                for record, attrs in zip(view.selected.records, self._selected_attrs(view), strict=True):
                     value = getattr(record, field)
                     if math.isfinite(value):
-                        yield Observation(value, self._variable_attrs(record))
+                        yield value, attrs
 
-        return observe
+        return points
+
+    def _selected_attrs(self, view: _OptimizerView) -> list[dict[str, str]]:
+        """The attributes of ``view``'s selected records, looked up once per snapshot for the four per-variable
+        metrics that share them (kept per optimizer: bounded by the optimizers)."""
+        records, attrs = self._selected.get(view.name, (None, []))
+        if records is not view.selected.records:
+            records, attrs = view.selected.records, [self._variable_attrs(r) for r in view.selected.records]
+            self._selected[view.name] = (records, attrs)
+        return attrs
+
+
+class Instruments:
+    """Observable instruments on one meter for ``chosen`` metrics; each callback observes its :class:`Sources`."""
+
+    def __init__(self, meter: otel_metrics.Meter, sources: Sources, chosen: Iterable[metrics.Metric]) -> None:
+        self._failed = False
+        for metric in sorted(chosen, key=metrics.ALL.index):  # gradtel_steps first: it takes the snapshot
+            create = (meter.create_observable_counter if metric.kind is metrics.Kind.COUNTER
+                      else meter.create_observable_gauge)
+            create(metric.otel_name, callbacks=[self._guarded(sources.of(metric))], unit=metric.unit,
+                   description=metric.description)
+
+    def _guarded(self, points: Callable[[], Iterable[Point]]) -> Any:
+        def safe(options: CallbackOptions) -> Iterable[Observation]:
+            try:
+                return [Observation(value, attrs) for value, attrs in points()]
+            except Exception:
+                if not self._failed:
+                    self._failed = True
+                    log.warning("gradtel: an export callback failed; collections skip it (logged once).",
+                                exc_info=True)
+                return []
+
+        return safe
 
 
 class Exporter:
@@ -184,12 +220,18 @@ class Exporter:
         self._owned_provider: Any = None
         self._server: Any = None
         provider = otel_metrics.get_meter_provider()
+        self.cache = SnapshotCache(config.series)
+        sources = Sources(config, self.cache)
         if _is_configured(provider):
             log.info("gradtel: using the application's global MeterProvider (its views and limits apply).")
-        else:
+            self.producer = None
+            through_sdk = metrics.ALL
+        else:  # gradtel's own readers: the per-variable series skip the SDK's per-series work (see producer.py)
+            self.producer = VariableProducer({m: sources.of(m) for m in PER_VARIABLE}, METER_NAME,
+                                             config.max_series)
             provider = self._owned_provider = self._build_provider()
-        self.cache = SnapshotCache(config.series)
-        self.instruments = Instruments(provider.get_meter(METER_NAME, _version()), config, self.cache)
+            through_sdk = tuple(m for m in metrics.ALL if m not in PER_VARIABLE)
+        Instruments(provider.get_meter(METER_NAME, _version()), sources, through_sdk)
 
     def _build_provider(self) -> Any:
         from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
@@ -208,13 +250,11 @@ class Exporter:
         if kind == "prometheus":
             return self._prometheus_reader()
         if kind == "otlp":
-            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-            return PeriodicExportingMetricReader(_otlp_exporter(self.config.otlp_protocol))
+            return ProducingPeriodicReader(_otlp_exporter(self.config.otlp_protocol), self.producer)
         if kind == "console":
-            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
-            return PeriodicExportingMetricReader(ConsoleMetricExporter())
+            return ProducingPeriodicReader(ConsoleMetricExporter(), self.producer)
         return None
 
     def _prometheus_reader(self) -> Any:
@@ -222,7 +262,7 @@ class Exporter:
         from gradtel.exposition import PrometheusReader
 
         reader = self.prometheus_reader = PrometheusReader(self.config.prometheus_min_interval_s,
-                                                           self.config.prometheus_cpu_share)
+                                                           self.config.prometheus_cpu_share, self.producer)
         host, port = self.config.prometheus_host, self.config.prometheus_port
         try:
             self._server = Endpoint(reader.exposition, host, port, self.config.security())

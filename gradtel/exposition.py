@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -37,6 +37,9 @@ from opentelemetry.sdk.metrics.export import (
     MetricsData,
     Sum,
 )
+
+if TYPE_CHECKING:
+    from gradtel.producer import VariableProducer
 
 log = logging.getLogger("gradtel")
 
@@ -93,18 +96,18 @@ def _help(text: str) -> str:
 class Renderer:
     """MetricsData -> text exposition. Label strings are cached per data-point attribute set.
 
-    The SDK keeps one attributes mapping per series for the series' lifetime, so the cache is keyed by the metric
-    name and that mapping's identity (checked with ``is``, never trusted on id alone) and rebuilt from the series
-    seen in each collection: it holds exactly the live series, never more.
+    The SDK keeps one attributes mapping per series for the series' lifetime (and so does gradtel's producer), so
+    the cache is keyed by family, scope and that mapping's identity (checked with ``is``, never trusted on id
+    alone) and rebuilt from the series seen in each collection: it holds exactly the live series, never more.
     """
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, int, int], tuple[Any, Any, str]] = {}
+        self._cache: dict[tuple[str, int], tuple[Any, dict[int, tuple[Any, str]]]] = {}
         self._warned: set[str] = set()
 
     def render(self, data: MetricsData) -> bytes:
         families: dict[str, tuple[str, str, list[str]]] = {}
-        cache: dict[tuple[str, int, int], tuple[Any, Any, str]] = {}
+        cache: dict[tuple[str, int], tuple[Any, dict[int, tuple[Any, str]]]] = {}
         out: list[str] = []
         for resource_metrics in data.resource_metrics:
             attrs = sorted(resource_metrics.resource.attributes.items())
@@ -122,14 +125,18 @@ class Renderer:
                     name = metric.name + "_total" if kind == "counter" and not metric.name.endswith("_total") \
                         else metric.name
                     _, _, lines = families.setdefault(name, (kind, metric.description, []))
+                    key = (name, id(scope))
+                    cached_scope, previous = self._cache.get(key, (None, {}))
+                    if cached_scope is not scope:
+                        previous = {}
+                    _, prefixes = cache.setdefault(key, (scope, {}))
                     for point in metric.data.data_points:
-                        key = (name, id(point.attributes), id(scope))
-                        entry = self._cache.get(key)
-                        if entry is None or entry[0] is not point.attributes or entry[1] is not scope:
-                            labels = _labels([*point.attributes.items(), *scope_pairs])
-                            entry = (point.attributes, scope, name + labels + " ")
-                        cache[key] = entry
-                        lines.append(entry[2] + _value(point.value) + "\n")
+                        attributes = point.attributes
+                        entry = previous.get(id(attributes))
+                        if entry is None or entry[0] is not attributes:
+                            entry = (attributes, name + _labels([*attributes.items(), *scope_pairs]) + " ")
+                        prefixes[id(attributes)] = entry
+                        lines.append(entry[1] + _value(point.value) + "\n")
         self._cache = cache
         for name, (kind, description, lines) in families.items():
             out += [f"# HELP {name} {_help(description)}\n", f"# TYPE {name} {kind}\n", *lines]
@@ -163,8 +170,9 @@ class PrometheusReader(MetricReader):
     training thread's GIL.
     """
 
-    def __init__(self, min_interval_s: float, cpu_share: float) -> None:
+    def __init__(self, min_interval_s: float, cpu_share: float, producer: VariableProducer | None = None) -> None:
         super().__init__()  # cumulative temporality for every instrument: what Prometheus expects
+        self._producer = producer  # adds the per-variable series to each collection (see gradtel.producer)
         self.min_interval_s = min_interval_s
         self.cpu_share = cpu_share
         self._typical_cost_s = 0.0  # median CPU seconds of the recent collections
@@ -179,6 +187,8 @@ class PrometheusReader(MetricReader):
 
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
         if metrics_data is not None:
+            if self._producer is not None:
+                metrics_data = self._producer.merge(metrics_data, self)
             self._latest = Exposition(self._renderer.render(metrics_data))
 
     def exposition(self) -> Exposition:
