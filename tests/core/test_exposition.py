@@ -3,6 +3,7 @@ CPU cost, and the HTTP details a scraper relies on (gzip, HEAD, content type).""
 
 from __future__ import annotations
 
+import gc
 import gzip
 import logging
 import time
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradtel.endpoint import Endpoint, Security
-from gradtel.exposition import CONTENT_TYPE, PrometheusReader
+from gradtel.exposition import CONTENT_TYPE, PrometheusReader, cyclic_gc_paused
 
 ODD_VALUES = ['plain', 'with "quotes"', "back\\slash", "new\nline", "ünïcødé ∇", "", "a,b=c}"]
 
@@ -125,6 +126,27 @@ def test_an_expensive_collection_spaces_the_next_by_its_cpu_share(caplog):
     reader.cpu_share = 1.0  # a larger share takes effect at once: 0.05 s of CPU now allows a collection after ~0.05 s
     time.sleep(0.15)
     assert _ticks(reader) == 4
+    mp.shutdown()
+
+
+def test_collections_run_with_the_cyclic_collector_paused_and_leave_it_as_found():
+    seen = []
+    reader = PrometheusReader(0.0, 1.0)
+    mp = MeterProvider(metric_readers=[reader])
+    mp.get_meter("gradtel").create_observable_gauge(
+        "gradtel_gc", callbacks=[lambda options: seen.append(gc.isenabled()) or [Observation(1)]])
+    assert gc.isenabled()
+    reader.exposition()
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # an application that manages the collector itself
+    try:
+        reader.exposition()
+        assert seen == [False, False] and not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), cyclic_gc_paused():
+        raise RuntimeError("a failing collection")
+    assert gc.isenabled()
     mp.shutdown()
 
 

@@ -3,6 +3,7 @@ SDK's instruments export: the same series, values, kinds and temporality, overfl
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 
@@ -114,14 +115,17 @@ def test_the_producer_exports_what_the_sdk_instruments_export(delta, limit):
         our_provider.shutdown()
 
 
-def test_a_failing_producer_leaves_the_other_metrics_and_logs_once(caplog):
+def test_a_failing_producer_leaves_the_other_metrics_and_logs_once_and_the_collector_as_found(caplog):
     variable = keras.Variable(np.zeros((2,), "float32"), name="v")
     opt = keras.optimizers.SGD(0.0)
     gradtel.instrument(opt, name="failing")
     config = Config(run_id="r")
     sources = Sources(config, SnapshotCache(config.series))
 
+    collector_running = []
+
     def broken():
+        collector_running.append(gc.isenabled())
         raise RuntimeError("boom")
 
     recorder = Recorder(delta=False)
@@ -135,6 +139,7 @@ def test_a_failing_producer_leaves_the_other_metrics_and_logs_once(caplog):
             reader.collect()
             reader.collect()
         assert set(recorder.exports[-1][1]) == {"gradtel_steps"}
+        assert collector_running == [False, False] and gc.isenabled()  # collections run with it paused
         assert [r.message for r in caplog.records if "per-variable series failed" in r.message] == [
             "gradtel: producing the per-variable series failed; collections leave them out (logged once)."]
     finally:
