@@ -5,17 +5,21 @@ Kept free of TensorFlow so the child process starts fast under the ``spawn`` sta
 
 from __future__ import annotations
 
+import gzip
 import time
 import urllib.request
 from typing import Any
 
 
 def scrape(url: str) -> tuple[float, int]:
-    """One GET: (seconds, body bytes)."""
+    """One GET asking for gzip, as Prometheus does: (seconds, uncompressed body bytes)."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
     start = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=60) as response:
-        size = len(response.read())
-    return time.perf_counter() - start, size
+    with urllib.request.urlopen(request, timeout=60) as response:
+        body = response.read()
+        if response.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+    return time.perf_counter() - start, len(body)
 
 
 def loop(url: str, interval: float, active: Any, stop: Any, latencies: Any) -> None:

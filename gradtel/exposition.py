@@ -140,7 +140,7 @@ class Renderer:
                         if entry is None or entry[0] is not attributes:
                             entry = (attributes, name + _labels([*attributes.items(), *scope_pairs]) + " ")
                         prefixes[id(attributes)] = entry
-                        lines.append(entry[1] + _value(point.value) + "\n")
+                        lines.extend((entry[1], _value(point.value), "\n"))  # no copy of the label string
         self._cache = cache
         for name, (kind, description, lines) in families.items():
             out += [f"# HELP {name} {_help(description)}\n", f"# TYPE {name} {kind}\n", *lines]
