@@ -25,7 +25,7 @@ from opentelemetry.sdk.metrics import ExemplarReservoir
 from gradtel import instrumenting, metrics
 from gradtel.config import Config
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord
-from gradtel.producer import ProducingPeriodicReader, VariableProducer
+from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
 from gradtel.series import Selection, SeriesPolicy
 
 log = logging.getLogger("gradtel")
@@ -85,10 +85,6 @@ class SnapshotCache:
 #: from :class:`gradtel.producer.VariableProducer` instead of the SDK's instruments.
 PER_VARIABLE: tuple[metrics.Metric, ...] = (metrics.MISSING, metrics.ZERO, metrics.NONFINITE, metrics.NORM,
                                             metrics.MAX_ABS)
-
-#: One series: its value and its attributes (one dict per series for the whole run).
-Point = tuple[float, dict[str, str]]
-
 
 class Sources:
     """What gradtel exports, metric by metric, as (value, attributes) pairs read from the snapshot cache.

@@ -44,7 +44,9 @@ log = logging.getLogger("gradtel")
 #: The attributes of the series that holds what is past the cardinality limit (as the SDK names it).
 _OVERFLOW: dict[str, Any] = {"otel.metric.overflow": True}
 
-Points = Callable[[], Iterable[tuple[float, dict[str, str]]]]
+#: One series: its value and its attributes (one dict per series for the whole run, see export.Sources).
+Point = tuple[float, dict[str, str]]
+Points = Callable[[], Iterable[Point]]
 
 
 class VariableProducer:
@@ -112,7 +114,7 @@ class VariableProducer:
             self._previous[reader_id] = (now, current)
         return produced
 
-    def _bounded(self, metric: metrics.Metric, pairs: list[tuple[float, dict[str, str]]],
+    def _bounded(self, metric: metrics.Metric, pairs: list[Point],
                  counter: bool) -> list[tuple[float, dict[str, Any]]]:
         """At most ``max_series`` series, then one overflow series: the sum of the rest for a counter, the last
         value for a gauge (the SDK's aggregations of the same)."""

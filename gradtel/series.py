@@ -74,7 +74,7 @@ class Selection:
     missing: list[VariableRecord]
 
 
-def _merge(layer: str, members: Sequence[VariableRecord]) -> VariableRecord:
+def _roll_up(layer: str, members: Sequence[VariableRecord]) -> VariableRecord:
     """One record standing for ``members``: counts summed, norm = sqrt(sum of squares), max |g| = max.
 
     One pass (this runs per layer per collection: thousands of times for a large model)."""
@@ -114,7 +114,7 @@ def _layer_roll_ups(records: Iterable[VariableRecord]) -> tuple[list[VariableRec
         groups[(r.optimizer, r.layer)][r.missing_cause.category if r.missing_cause is not None else ""].append(r)
     by_layer, by_cause = [], []
     for (_, layer), causes in groups.items():
-        merged = [_merge(layer, members) for members in causes.values()]
+        merged = [_roll_up(layer, members) for members in causes.values()]
         by_cause += merged
-        by_layer.append(merged[0] if len(merged) == 1 else _merge(layer, [r for m in causes.values() for r in m]))
+        by_layer.append(merged[0] if len(merged) == 1 else _roll_up(layer, [r for m in causes.values() for r in m]))
     return by_layer, by_cause
