@@ -187,12 +187,14 @@ def instrument(
                 "traced again. Use gradtel.keras.GradientTelemetry() with fit, or instrument before training.",
                 getattr(optimizer, "name", optimizer),
             )
+        process_diagnoser = diagnoser()
+        process_diagnoser.expect_optimizer()
         handle = Handle(
             name=_unique_optimizer_name(name, optimizer),
             flavour=flavour,
             expect_missing=PatternSet(expect_missing),
             loss_scale=_loss_scale_of(optimizer) if flavour == "keras3" else None,
-            diagnoser=diagnoser(),
+            diagnoser=process_diagnoser,
             max_abs=config.max_abs_default() if max_abs is None else bool(max_abs),
         )
         method, wrapper = _FUNNEL[flavour]

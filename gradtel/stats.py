@@ -22,9 +22,11 @@ twice the cost on a model of many small layers: shape-alike gradients are stacke
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import resource_variable_ops
 
 from gradtel.layout import (
     COUNTER_ROWS,
@@ -150,6 +152,20 @@ def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None] | None])
     return tf.tensor_scatter_nd_update(static, indices, tf.cast(tf.stack([d for _, d in dynamic]), tf.float64))
 
 
+def _new_variable(initial_value: tf.Tensor, **kwargs: Any) -> tf.Variable:
+    """The table's variable, created so that the ``tf.function`` being traced does not notice it.
+
+    A variable created during a function's first trace (through ``tf.Variable``, even under ``init_scope``) goes
+    through the function's variable creator, which then traces the whole step a second time: a step that creates no
+    variable of its own (an optimizer built before it, as ``fit`` does) would pay that second trace for gradtel
+    alone, as long as its first trace. Outside a distribution strategy the plain ``ResourceVariable`` class skips
+    the creator stack; under a strategy the creator is what makes the per-replica variable, so it is kept.
+    """
+    if tf.distribute.has_strategy():
+        return tf.Variable(initial_value, **kwargs)
+    return resource_variable_ops.ResourceVariable(initial_value, **kwargs)
+
+
 class StatsTable:
     """Accumulated gradient statistics for one fixed list of variables, in one gradtel-owned variable.
 
@@ -163,7 +179,7 @@ class StatsTable:
         # ON_READ: under a strategy every replica updates its own copy (no cross-replica traffic in the step);
         # the exporter reads the first local replica's.
         with tf.init_scope():
-            self.variable = tf.Variable(
+            self.variable = _new_variable(
                 tf.zeros([N_GLOBALS + N_ROWS * n_variables], tf.float64),
                 trainable=False, name=f"gradtel_{name}", dtype=tf.float64,
                 synchronization=tf.VariableSynchronization.ON_READ,

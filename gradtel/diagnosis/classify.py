@@ -8,6 +8,10 @@ The same code serves graph and eager mode. Sets of tensor ids answer every quest
 A path exists when R and B meet. The gradient stops where an edge leaves R - G into G: that op is the cut,
 and its kind names the category (not recorded -> outside_tape, StopGradient, assign, an op without a
 gradient, or an integer edge whose producer is blamed).
+
+Cost: B and G are computed once per step and shared by every variable; the zero hints, asked for every variable
+with a gradient, read per-tensor tables built in one pass over the graph (``DataflowGraph.newest_downstream``), so
+a step of N variables costs O(graph + N), not O(graph x N). Only missing variables get a walk of their own.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from gradtel.diagnosis.op_rules import (
     describe_op,
 )
 from gradtel.diagnosis.tape_hook import GradientCall
+from gradtel.diagnosis.variables import display_name
+
+#: A zero-gradient rule: its category, the tensors a gradient reaches while avoiding the rule's nodes, and per
+#: tensor the newest rule node on a gradient path from it (the culprit a hint names).
+ZeroRule = tuple[str, set[int], dict[int, Node]]
 
 
 @dataclass
@@ -75,6 +84,30 @@ class Analysis:
             if node is not None:
                 return node.location()
         return None
+
+    @cached_property
+    def imports_into_loss(self) -> list[int]:
+        """Clock values at which a tensor created from a NumPy value inside the tape entered the loss's ancestry."""
+        return [c.seq for c in self.flow.imports if c.tensor in self.loss_ancestors
+                and c.seq > self.step_start and self.in_tape(c.seq)]
+
+    @cached_property
+    def zero_rules(self) -> list[ZeroRule]:
+        """Each zero rule that some node of this graph matches, with its shared reachability tables."""
+        rules = []
+        for category, on_node in _ZERO_RULES:
+            if any(on_node(n) for n in self.flow.nodes):
+                rules.append((category, self.gradient_reach_avoiding(on_node), self._culprits(on_node)))
+        return rules
+
+    @cached_property
+    def half_on_path(self) -> dict[int, Node]:
+        """Per tensor, the newest float16 op on a gradient path from it to the loss."""
+        return self._culprits(lambda n: n.half and n.kind != LINK)
+
+    def _culprits(self, on_node: Callable[[Node], bool]) -> dict[int, Node]:
+        reach = self.gradient_reach
+        return self.flow.newest_downstream(lambda n: on_node(n) and any(k in reach for k in n.outputs))
 
     def step_reads(self, keys: set[int]) -> list[Node]:
         """Ops that read the variable during the current step."""
@@ -125,10 +158,18 @@ def explain_missing(analysis: Analysis, variable: Any, keys: set[int], name: str
 
 
 def _no_path(analysis: Analysis, keys: set[int], name: str, reach_from_var: set[int]) -> Cause:
-    """No path from the variable to the loss: its values escaped to NumPy, the loss depends on no
-    variable at all, the variable was not read, or what it fed does not reach the loss."""
+    """No path from the variable to the loss: its values escaped to NumPy and came back, the loss depends on no
+    variable at all, the variable was not read, or what it fed does not reach the loss.
+
+    ``left_tensorflow`` needs evidence of a round trip: a value computed from the variable was copied out
+    (``.numpy()``) and a NumPy value entered the loss after it, or the loss depends on no trainable variable
+    but on a NumPy value created after the variable was used. A tensor fed to a model from NumPy, or an output
+    that is simply unused, is not one.
+    """
+    returns = analysis.imports_into_loss
     in_tape = [e for e in analysis.flow.escapes
-               if e.tensor in reach_from_var and e.seq > analysis.step_start and analysis.in_tape(e.seq)]
+               if e.tensor in reach_from_var and e.seq > analysis.step_start and analysis.in_tape(e.seq)
+               and any(seq >= e.seq for seq in returns)]
     if in_tape:
         return make_cause(
             "left_tensorflow",
@@ -136,15 +177,15 @@ def _no_path(analysis: Analysis, keys: set[int], name: str, reach_from_var: set[
             "computed from the copy",
             location=in_tape[0].location,
         )
-    reentry = _numpy_reentry(analysis, reach_from_var)
-    if reentry is not None:
-        return make_cause(
-            "left_tensorflow",
-            f"The loss is computed from a value that re-entered TensorFlow after `{name}` was used here "
-            "(NumPy maths on a tensor)",
-            location=reentry.location(),
-        )
     if not (analysis.loss_ancestors & analysis.trainable_keys):
+        reentry = _numpy_reentry(analysis, reach_from_var)
+        if reentry is not None:
+            return make_cause(
+                "left_tensorflow",
+                f"The loss is computed from a value that re-entered TensorFlow after `{name}` was used here "
+                "(NumPy maths on a tensor)",
+                location=reentry.location(),
+            )
         return make_cause(
             "loss_disconnected",
             f"The loss does not depend on any trainable variable, so `{name}` gets no gradient",
@@ -167,8 +208,7 @@ def _numpy_reentry(analysis: Analysis, reach_from_var: set[int]) -> Node | None:
     computed from a tensor created from a NumPy value inside the tape after the variable fed an op. Blame
     the newest op computed from the variable before that value came back."""
     flow = analysis.flow
-    returns = [c.seq for c in flow.imports if c.tensor in analysis.loss_ancestors
-               and c.seq > analysis.step_start and analysis.in_tape(c.seq)]
+    returns = analysis.imports_into_loss
     if not returns:
         return None
     derived = [flow.producer[k] for k in reach_from_var if k in flow.producer]
@@ -245,35 +285,38 @@ _ZERO_RULES: tuple[tuple[str, Callable[[Node], bool]], ...] = (
 )
 
 
-def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> Cause | None:
-    """The likely cause if this variable's (present) gradient turns out all-zero, or None."""
+def zero_hint(analysis: Analysis, keys: set[int], variable: Any, float16: bool) -> Cause | None:
+    """The likely cause if this variable's (present) gradient turns out all-zero, or None.
+
+    O(len(keys)): every table it reads is computed once per analysis.
+    """
     if float16:
-        return make_cause("underflow", f"`{name}` has a float16 gradient")
+        return make_cause("underflow", f"`{display_name(variable)}` has a float16 gradient")
     if not keys & analysis.gradient_reach:
         return None
-    reach_from_var = None
-    for category, on_node in _ZERO_RULES:
-        if keys & analysis.gradient_reach_avoiding(on_node):
+    half = _newest(analysis.half_on_path, keys)
+    if half is not None:
+        return make_cause(
+            "underflow",
+            f"The gradient of `{display_name(variable)}` flows back through float16 ops ({half.op_type})",
+            op=half.op_type, location=half.location())
+    for category, avoiding, culprits in analysis.zero_rules:
+        if keys & avoiding:
             continue
-        reach_from_var = reach_from_var or analysis.flow.descendants(keys)
-        culprit = _newest_on_path(analysis, reach_from_var, on_node)
-        op = culprit.op_type if culprit is not None and category != "untaken_branch" else None
+        name = display_name(variable)
+        culprit = _newest(culprits, keys)
         if category == "untaken_branch":
             location = culprit.branch_location() if culprit is not None else None
-            detail = f"Every path from `{name}` to the loss runs inside a tf.cond branch"
-        else:
-            location = culprit.location() if culprit is not None else None
-            detail = f"Every path from `{name}` to the loss goes through {op}"
-        return make_cause(category, detail, op=op, location=location)
+            return make_cause(category, f"Every path from `{name}` to the loss runs inside a tf.cond branch",
+                              location=location)
+        op = culprit.op_type if culprit is not None else None
+        return make_cause(category, f"Every path from `{name}` to the loss goes through {op}", op=op,
+                          location=culprit.location() if culprit is not None else None)
     return None
 
 
-def _newest_on_path(analysis: Analysis, reach_from_var: set[int],
-                    on_node: Callable[[Node], bool]) -> Node | None:
-    reach = analysis.gradient_reach
-    found = [n for n in analysis.flow.nodes
-             if on_node(n) and any(k in reach_from_var for k in n.inputs)
-             and any(k in reach for k in n.outputs)]
+def _newest(table: dict[int, Node], keys: set[int]) -> Node | None:
+    found = [table[k] for k in keys if k in table]
     return max(found, key=lambda n: n.seq) if found else None
 
 

@@ -7,6 +7,11 @@ unique tensor ids (``tensor._id``, never reused), so nothing here keeps a tensor
 Variable state is made explicit: an assignment produces a pseudo tensor and every later read of the same
 handle consumes it, so a value that reaches the loss only through ``Variable.assign`` shows as a path
 through the assign op.
+
+Ops that read only their input's shape (``tf.shape``, ``tf.zeros_like``...) keep no edge from that input: their
+output does not depend on its values. Graph mode often folds them into constants anyway (a static shape), eager
+mode never does; without this rule the same program would be "cut by ZerosLike" in one mode and "not on the
+loss path" in the other.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from gradtel.diagnosis.op_rules import ASSIGN_OPS, READ_OPS
+from gradtel.diagnosis.op_rules import ASSIGN_OPS, READ_OPS, SHAPE_ONLY_OPS
 
 #: Node kinds: a real op, a synthetic edge into/out of a function body, or an op whose gradient is
 #: user code that the walker cannot see into (its gradient may be None even though it is registered).
@@ -38,6 +43,7 @@ class Node:
     label: str | None = None
     branch: Where = None
     in_branch: bool = False
+    half: bool = False  # an output is float16: gradients through it can underflow without loss scaling
 
     def location(self) -> str | None:
         """The user's ``file:line`` for this op, resolved on first use (tracebacks are costly)."""
@@ -78,7 +84,9 @@ class DataflowGraph:
 
     def add(self, node: Node) -> None:
         """Add an op; a later producer of a tensor replaces an earlier one, as on the tape."""
-        if node.op_type in ASSIGN_OPS and node.inputs:
+        if node.op_type in SHAPE_ONLY_OPS:
+            node.inputs, node.in_ok = (), ()
+        elif node.op_type in ASSIGN_OPS and node.inputs:
             self._as_state_write(node)
         elif node.op_type in READ_OPS and node.inputs and node.inputs[0] in self._state:
             node.inputs = (*node.inputs, self._state[node.inputs[0]])
@@ -164,6 +172,28 @@ class DataflowGraph:
                     seen.add(key)
                     stack.append(key)
         return seen
+
+    def newest_downstream(self, selected: Callable[[Node], bool]) -> dict[int, Node]:
+        """For every tensor, the newest selected node computed from it (over live edges), in ONE pass.
+
+        Nodes are visited newest first, so a node's outputs are settled before its inputs; a loop's back edge
+        (a While body feeding its own inputs) is the one edge this order misses, which only costs a hint.
+        The diagnosis of N variables asks this once instead of walking the graph once per variable.
+        """
+        best: dict[int, Node] = {}
+        for node in reversed(self.nodes):
+            found = node if selected(node) else None
+            for out in node.outputs:
+                later = best.get(out)
+                if later is not None and self.producer.get(out) is node and (found is None or later.seq > found.seq):
+                    found = later
+            if found is None:
+                continue
+            for key in node.inputs:
+                current = best.get(key)
+                if current is None or found.seq > current.seq:
+                    best[key] = found
+        return best
 
     def trim(self, max_nodes: int) -> None:
         """Keep only the newest half of ``max_nodes`` nodes once there are more than ``max_nodes``."""

@@ -1,9 +1,14 @@
 """The Diagnoser: installs the hooks, picks the facts for an optimizer step and asks the walker.
 
 Graph mode (tf.function, model.fit, jit_compile): ``diagnose`` runs at trace time inside the FuncGraph, so the
-whole step graph is there to walk. Eager mode: the recorder is armed at install and re-armed only when a new
-set of missing gradients appears; a step with a known set returns the cached diagnosis at the cost of one
-pass over the gradient list.
+whole step graph is there to walk. Eager mode: the eager tape cannot be inspected afterwards, so the recorder
+must be armed BEFORE a step runs. It is armed while something waits for a recorded step: an instrumented
+optimizer that has not stepped yet (its first step may be its only one: Keras raises when every gradient is
+None), or a new set of missing gradients met in an unrecorded step (the same optimizer's next step is recorded,
+however many steps of other optimizers come in between: a GAN, an actor-critic). A step with a known set returns
+the cached diagnosis at the cost of one pass over the gradient list. Waiting is bounded: after
+``_RECORDING_BUDGET`` diagnosed steps without the awaited one, the recorder gives up and is disarmed, so an
+optimizer that never steps (compile()'s default in a custom train_step) cannot keep every eager op recorded.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from gradtel.diagnosis.variables import (
 )
 
 _CACHE_SIZE = 64
+#: Diagnosed steps (any optimizer) the recorder stays armed for while it waits for a first or pending step.
+_RECORDING_BUDGET = 64
 _Key = tuple[tuple[int, ...], tuple[int, ...]]
 
 
@@ -47,6 +54,12 @@ class Diagnoser:
         self._graph_cache: weakref.WeakKeyDictionary[Any, dict[_Key, Diagnosis]] = weakref.WeakKeyDictionary()
         self._step_start = 0
         self._step_recorded = False
+        # What keeps the recorder armed: optimizers announced but not yet stepped, missing sets whose next step
+        # must be recorded, and how many more diagnosed steps the recorder waits for them.
+        self._awaiting = 0
+        self._pending: set[_Key] = set()
+        self._budget = 0
+        self._lists: set[int] = set()  # hashes of the variable lists seen (an optimizer's first step)
         self._influencers: dict[int, tuple[weakref.ref, str]] = {}
         # Every variable ever handed to an instrumented optimizer, alive: an optimizer long gone (its handle
         # retired and dropped) still trained its variables, which are then not "not optimized".
@@ -62,11 +75,23 @@ class Diagnoser:
         try:
             self._tapes.install()
             self._recorder.install()
-            self._recorder.arm()
-            self._step_start, self._step_recorded = self._recorder.clock(), True
             self._installed = True
+            self._arm()
         except Exception:
             self.uninstall()
+
+    def expect_optimizer(self) -> None:
+        """A new optimizer was instrumented: record until its first step, wherever other optimizers stand."""
+        self._awaiting += 1
+        self._budget = _RECORDING_BUDGET
+        if self._installed and not self._recorder.armed:
+            with contextlib.suppress(Exception):
+                self._arm()
+
+    def _arm(self) -> None:
+        self._recorder.arm()
+        self._budget = max(self._budget, _RECORDING_BUDGET)
+        self._step_start, self._step_recorded = self._recorder.clock(), True
 
     def uninstall(self) -> None:
         """Remove every patch and forget what was recorded."""
@@ -76,6 +101,8 @@ class Diagnoser:
             self._recorder.uninstall()
         self._eager_cache.clear()
         self._graph_cache = weakref.WeakKeyDictionary()
+        self._pending.clear()
+        self._awaiting = 0
         self._installed = False
 
     @property
@@ -89,6 +116,10 @@ class Diagnoser:
         """Causes for the None entries of ``grads`` (and zero hints for the others); never raises."""
         try:
             with self._recorder.paused():
+                lists = hash(tuple(id(v) for v in variables))
+                if lists not in self._lists:
+                    self._lists.add(lists)
+                    self._awaiting = max(0, self._awaiting - 1)
                 if context.executing_eagerly():
                     return self._diagnose_eager(grads, variables)
                 return self._diagnose_graph(grads, variables)
@@ -96,11 +127,11 @@ class Diagnoser:
             return _failed(grads, error)
 
     def _diagnose_graph(self, grads: list, variables: list) -> Diagnosis:
-        # Steps run as graphs: the eager recorder armed at install has nothing to record for them, and left
-        # armed it would slow every eager op of the process (evaluation, data code) for nothing.
-        if self._recorder.armed:
-            self._recorder.disarm()
-            self._step_recorded = False
+        # Steps run as graphs are diagnosed at trace time: the recorder only matters for eager steps. Optimizers
+        # not stepped yet most likely step as graphs too, and left armed for them the recorder would slow every
+        # eager op of the process (evaluation, data code) for nothing; a pending eager set still keeps it.
+        self._awaiting = 0
+        self._settle()
         graph = ops.get_default_graph()
         key = _key(grads, variables)
         cached = self._graph_cache.setdefault(graph, {})
@@ -116,11 +147,26 @@ class Diagnoser:
             self._remember(key, result)
         if result is None:
             result = _pending(grads, variables)
+            self._pending.add(key)
+            self._budget = max(self._budget, _RECORDING_BUDGET)
+        else:
+            self._pending.discard(key)
+        self._settle()
+        return result
+
+    def _settle(self) -> None:
+        """Arm the recorder while a step is awaited (within the budget), disarm it otherwise; start a new step."""
+        waiting = self._awaiting > 0 or bool(self._pending)
+        if waiting:
+            self._budget -= 1
+            if self._budget <= 0:
+                self._awaiting, waiting = 0, False
+                self._pending.clear()
+        if waiting and not self._recorder.armed:
             self._recorder.arm()
-        elif self._recorder.armed:
+        elif not waiting and self._recorder.armed:
             self._recorder.disarm()
         self._step_start, self._step_recorded = self._recorder.clock(), self._recorder.armed
-        return result
 
     def _remember(self, key: _Key, result: Diagnosis) -> None:
         self._eager_cache[key] = result
@@ -133,8 +179,11 @@ class Diagnoser:
         call = _best_call(self._tapes, graph, variables)
         result = Diagnosis()
         analysis, call_graph = None, None
+        keys_of: Any = _eager_keys
         if call is not None:
             call_graph = call.graph() if call.graph is not None else None
+            if call_graph is not None:
+                keys_of = graph_source.VariableKeys(call_graph)
             if call.graph is None:
                 flow = self._recorder.graph
             elif call_graph is not None:
@@ -145,31 +194,32 @@ class Diagnoser:
                 analysis = Analysis(flow, call, step_start if call.graph is None else -1)
                 analysis.trainable_keys = {
                     k for v in (*variables, *call.watched) if is_trainable(v)
-                    for k in _keys(v, call_graph)
+                    for k in _keys(v, keys_of)
                 }
         for index, (grad, variable) in enumerate(zip(grads, variables, strict=False)):
-            name = display_name(variable)
             try:
                 if grad is None:
-                    cause = _cheap(variable, name) or _walked(analysis, variable, name, call_graph)
+                    name = display_name(variable)
+                    cause = _cheap(variable, name) or _walked(analysis, variable, name, keys_of)
                     result.causes[index] = cause
                 elif analysis is not None:
-                    hint = zero_hint(analysis, _keys(variable, call_graph), name, _is_float16(grad, variable))
+                    hint = zero_hint(analysis, _keys(variable, keys_of), variable, _is_float16(grad, variable))
                     if hint is not None:
                         result.zero_hints[index] = hint
             except Exception as error:
                 if grad is None:
-                    result.causes[index] = make_cause(UNKNOWN, f"Diagnosing `{name}` failed ({error!r})")
+                    result.causes[index] = make_cause(
+                        UNKNOWN, f"Diagnosing `{display_name(variable)}` failed ({error!r})")
         if analysis is not None:
-            self._note_influencers(analysis, call_graph)
+            self._note_influencers(analysis, keys_of)
         return result
 
-    def _note_influencers(self, analysis: Analysis, call_graph: Any) -> None:
+    def _note_influencers(self, analysis: Analysis, keys_of: Any) -> None:
         for variable in analysis.call.watched:
             if not is_trainable(variable) or not is_differentiable_dtype(dtype_of(variable)):
                 continue
             with contextlib.suppress(Exception):
-                if influences_loss(analysis, _keys(variable, call_graph)):
+                if influences_loss(analysis, _keys(variable, keys_of)):
                     inner = underlying(variable)
                     self._influencers[id(inner)] = (weakref.ref(inner), display_name(variable))
 
@@ -199,14 +249,15 @@ def _key(grads: list, variables: list) -> _Key:
     return tuple(id(v) for v in variables), tuple(i for i, g in enumerate(grads) if g is None)
 
 
-def _keys(variable: Any, graph: Any) -> set[int]:
-    """The tensor ids of the variable's handle in the dataflow graph of ``graph`` (None: eager)."""
+def _keys(variable: Any, keys_of: Any) -> set[int]:
+    """The tensor ids of the variable's handle in the dataflow graph (``keys_of``: a handle's ids there)."""
     resource = handle(variable)
-    if resource is None:
-        return set()
-    if graph is None:
-        return {resource._id} if hasattr(resource, "_id") else set()
-    return graph_source.variable_keys(graph, resource)
+    return set() if resource is None else keys_of(resource)
+
+
+def _eager_keys(resource: Any) -> set[int]:
+    """Eager mode: the recorder knows a handle by its own tensor id."""
+    return {resource._id} if hasattr(resource, "_id") else set()
 
 
 def _best_call(tapes: TapeHook, graph: Any, variables: list) -> GradientCall | None:
@@ -235,10 +286,10 @@ def _cheap(variable: Any, name: str) -> Cause | None:
     return None
 
 
-def _walked(analysis: Analysis | None, variable: Any, name: str, graph: Any) -> Cause:
+def _walked(analysis: Analysis | None, variable: Any, name: str, keys_of: Any) -> Cause:
     if analysis is None:
         return make_cause(UNKNOWN, f"No GradientTape.gradient call was seen for `{name}`")
-    return explain_missing(analysis, variable, _keys(variable, graph), name)
+    return explain_missing(analysis, variable, _keys(variable, keys_of), name)
 
 
 def _is_float16(grad: Any, variable: Any) -> bool:

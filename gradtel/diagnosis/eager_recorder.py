@@ -30,7 +30,7 @@ from tensorflow.python.util import nest
 
 from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, OP, Crossing, DataflowGraph, Node
 from gradtel.diagnosis.frames import location_of_stack
-from gradtel.diagnosis.graph_source import carries_gradient
+from gradtel.diagnosis.graph_source import carries_gradient, has_half
 
 _ESCAPE_METHODS = ("numpy", "__array__")
 
@@ -134,7 +134,7 @@ class EagerRecorder:
                 self._add_fast_path_reads(inputs, location)
             kind = FUNCTION if op_type.startswith("__") else OP
             self.graph.add(Node(op_type, _keys(inputs), _keys(outputs), self.seq, _flags(inputs),
-                                _flags(outputs), location, kind))
+                                _flags(outputs), location, kind, half=has_half(outputs)))
             self.graph.trim(self.max_nodes)
         except Exception:
             self.failures += 1

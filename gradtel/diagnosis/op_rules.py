@@ -16,6 +16,8 @@ from tensorflow.python.framework import ops
 READ_OPS = frozenset({"ReadVariableOp", "ResourceGather", "ResourceGatherNd"})
 #: Ops that write a variable: first input the handle, second the value written.
 ASSIGN_OPS = frozenset({"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp"})
+#: Ops whose output depends only on an input's shape (or dtype), never on its values.
+SHAPE_ONLY_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank", "ZerosLike", "OnesLike", "VariableShape"})
 #: Ops that stop the gradient on purpose.
 STOP_OPS = frozenset({"StopGradient", "PreventGradient"})
 #: Ops registered with a gradient function that always returns None.

@@ -13,6 +13,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import tensorflow as tf
@@ -36,10 +37,14 @@ class GradientCall:
     graph: weakref.ref | None
     seq: int
 
+    @cached_property
+    def watched_ids(self) -> frozenset[int]:
+        """Identities of the watched variables, computed once: ``watches`` is asked once per missing variable."""
+        return frozenset(identity(v) for v in self.watched)
+
     def watches(self, variable: Any) -> bool:
         """Whether the tape watched this variable."""
-        key = identity(variable)
-        return any(identity(v) == key for v in self.watched)
+        return identity(variable) in self.watched_ids
 
 
 def _graph_clock(graph: Any) -> int:
