@@ -77,6 +77,22 @@ def _patch_module(module: ModuleType) -> None:
             cls = getattr(module, name, None)
             if isinstance(cls, type) and "__init__" in cls.__dict__ and all(c is not cls for c, _ in _patched):
                 _wrap_init(cls)
+    _start_diagnosis()
+
+
+def _start_diagnosis() -> None:
+    """Install the diagnoser as Keras is imported, before the script builds its model.
+
+    Its eager recorder then sees what the script computes before the first step (a kernel derived once in
+    ``build()``, a forward pass before the tape), which is what names those causes and their lines. It records only
+    until the first steps are diagnosed (graph steps at once). A failure here only costs the diagnosis.
+    """
+    try:
+        from gradtel.instrumenting import diagnoser
+
+        diagnoser()
+    except Exception:
+        log.debug("gradtel: the diagnoser could not be installed at import", exc_info=True)
 
 
 class _PatchingLoader(importlib.abc.Loader):

@@ -31,7 +31,7 @@ from gradtel.diagnosis.op_rules import (
     describe_op,
 )
 from gradtel.diagnosis.tape_hook import GradientCall
-from gradtel.diagnosis.variables import display_name
+from gradtel.diagnosis.variables import display_name, handle
 
 #: A zero-gradient rule: its category, the tensors a gradient reaches while avoiding the rule's nodes, and per
 #: tensor the newest rule node on a gradient path from it (the culprit a hint names).
@@ -45,6 +45,10 @@ class Analysis:
     flow: DataflowGraph
     call: GradientCall
     step_start: int = -1
+    read_in_pipeline: Callable[[Any], tuple[bool, str | None]] = lambda resource: (False, None)
+    #: Graph mode: the eager recording, and which graph tensors capture eager values (graph id -> eager id).
+    earlier: DataflowGraph | None = None
+    captured: dict[int, int] = field(default_factory=dict)
     trainable_keys: set[int] = field(default_factory=set)
 
     def recorded(self, node: Node) -> bool:
@@ -146,7 +150,7 @@ def explain_missing(analysis: Analysis, variable: Any, keys: set[int], name: str
     """The cause of a None gradient for a trainable, floating variable whose handle has ``keys``."""
     reach_from_var = analysis.flow.descendants(keys)
     if not (reach_from_var & analysis.loss_ancestors):
-        return _no_path(analysis, keys, name, reach_from_var)
+        return _no_path(analysis, variable, keys, name, reach_from_var)
     reach = analysis.gradient_reach
     if keys & reach:
         return _unexplained(analysis, variable, keys, name, reach_from_var)
@@ -157,7 +161,7 @@ def explain_missing(analysis: Analysis, variable: Any, keys: set[int], name: str
     return _cut_cause(analysis, node, key, name, reach_from_var)
 
 
-def _no_path(analysis: Analysis, keys: set[int], name: str, reach_from_var: set[int]) -> Cause:
+def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach_from_var: set[int]) -> Cause:
     """No path from the variable to the loss: its values escaped to NumPy and came back, the loss depends on no
     variable at all, the variable was not read, or what it fed does not reach the loss.
 
@@ -177,6 +181,14 @@ def _no_path(analysis: Analysis, keys: set[int], name: str, reach_from_var: set[
             "computed from the copy",
             location=in_tape[0].location,
         )
+    stale = _stale_capture(analysis, variable)
+    if stale is not None:
+        return make_cause(
+            "outside_tape",
+            f"A value computed from `{name}` before the step (here) is used in the step as a constant, so the "
+            "gradient cannot reach the variable",
+            location=stale.location(),
+        )
     if not (analysis.loss_ancestors & analysis.trainable_keys):
         reentry = _numpy_reentry(analysis, reach_from_var)
         if reentry is not None:
@@ -192,15 +204,37 @@ def _no_path(analysis: Analysis, keys: set[int], name: str, reach_from_var: set[
             location=analysis.loss_location,
         )
     reads = analysis.step_reads(keys)
+    recorded_reads = [n for n in reads if analysis.recorded(n)]
+    if not recorded_reads:
+        # Eager mode also records the dataset op that captures the variable (MapDataset): not a read in the tape.
+        in_pipeline, where = analysis.read_in_pipeline(handle(variable))
+        if in_pipeline:
+            return make_cause(
+                "outside_tape",
+                f"`{name}` is read in a tf.data function (Dataset.map...), which runs outside the GradientTape: "
+                "the step gets its result as data",
+                location=where,
+            )
     if not reads:
         return make_cause("unused", f"`{name}` was not read during this step")
-    recorded_reads = [n for n in reads if analysis.recorded(n)]
     read = (recorded_reads or reads)[0]
     return make_cause(
         "not_on_loss_path",
         f"`{name}` is read inside the tape but nothing computed from it reaches the loss",
         location=read.location(),
     )
+
+
+def _stale_capture(analysis: Analysis, variable: Any) -> Node | None:
+    """Graph mode: the eager op that computed, from the variable, a value the traced step captured and feeds to the
+    loss (a kernel derived once in ``build()``); None when the eager recorder saw no such thing."""
+    earlier, resource = analysis.earlier, handle(variable)
+    if earlier is None or not analysis.captured or not hasattr(resource, "_id"):
+        return None
+    derived = earlier.descendants({resource._id})
+    stale = [external for internal, external in analysis.captured.items()
+             if internal in analysis.loss_ancestors and external in derived and external in earlier.producer]
+    return max((earlier.producer[key] for key in stale), key=lambda n: n.seq) if stale else None
 
 
 def _numpy_reentry(analysis: Analysis, reach_from_var: set[int]) -> Node | None:
@@ -222,11 +256,12 @@ def _unexplained(analysis: Analysis, variable: Any, keys: set[int], name: str,
     it, or an op whose gradient is user code (custom_gradient, py_function, a function) returned None."""
     reads = [n for n in analysis.step_reads(keys) if analysis.recorded(n)]
     if reads and not analysis.call.watches(variable):
+        # The line to edit is the tape's (or a tape.watch next to it), not the read.
         return make_cause(
             "outside_tape",
-            f"`{name}` is read while the tape records, but the tape never watched it "
+            f"`{name}` is read while the tape records (at {reads[0].location()}), but the tape never watched it "
             "(watch_accessed_variables=False without tape.watch)",
-            location=reads[0].location(),
+            location=analysis.call.tape_location or reads[0].location(),
         )
     on_path = [n for n in analysis.flow.nodes
                if (n.kind in (CUSTOM_GRADIENT, FUNCTION) or n.op_type in USER_GRADIENT_OPS)

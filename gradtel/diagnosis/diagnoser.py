@@ -27,6 +27,7 @@ from gradtel.diagnosis import graph_source
 from gradtel.diagnosis.cause import UNKNOWN, Cause, Diagnosis, make_cause
 from gradtel.diagnosis.classify import Analysis, explain_missing, influences_loss, zero_hint
 from gradtel.diagnosis.eager_recorder import EagerRecorder
+from gradtel.diagnosis.pipeline_hook import PipelineHook
 from gradtel.diagnosis.tape_hook import GradientCall, TapeHook
 from gradtel.diagnosis.variables import (
     display_name,
@@ -50,6 +51,7 @@ class Diagnoser:
     def __init__(self, max_recorded_ops: int = 100_000) -> None:
         self._recorder = EagerRecorder(max_recorded_ops)
         self._tapes = TapeHook(self._recorder.clock, self._recorder.paused)
+        self._pipeline = PipelineHook()
         self._eager_cache: OrderedDict[_Key, Diagnosis] = OrderedDict()
         self._graph_cache: weakref.WeakKeyDictionary[Any, dict[_Key, Diagnosis]] = weakref.WeakKeyDictionary()
         self._step_start = 0
@@ -74,6 +76,7 @@ class Diagnoser:
             return
         try:
             self._tapes.install()
+            self._pipeline.install()
             self._recorder.install()
             self._installed = True
             self._arm()
@@ -97,6 +100,8 @@ class Diagnoser:
         """Remove every patch and forget what was recorded."""
         with contextlib.suppress(Exception):
             self._tapes.uninstall()
+        with contextlib.suppress(Exception):
+            self._pipeline.uninstall()
         with contextlib.suppress(Exception):
             self._recorder.uninstall()
         self._eager_cache.clear()
@@ -191,7 +196,11 @@ class Diagnoser:
             else:
                 flow = None
             if flow is not None:
-                analysis = Analysis(flow, call, step_start if call.graph is None else -1)
+                analysis = Analysis(flow, call, step_start if call.graph is None else -1,
+                                    read_in_pipeline=self._pipeline.read_in_pipeline)
+                if call_graph is not None:
+                    analysis.earlier = self._recorder.graph
+                    analysis.captured = graph_source.captured_values(call_graph)
                 analysis.trainable_keys = {
                     k for v in (*variables, *call.watched) if is_trainable(v)
                     for k in _keys(v, keys_of)

@@ -162,7 +162,7 @@ class EagerRecorder:
 
         def __getattribute__(variable: Any, name: str) -> Any:
             value = generic(variable, name)
-            if name == "_handle" and recorder._recording():
+            if name == "_handle" and recorder._recording() and context.executing_eagerly():
                 caller = sys._getframe(1).f_code.co_filename
                 if os.path.basename(caller).startswith("gen_"):
                     with contextlib.suppress(Exception):

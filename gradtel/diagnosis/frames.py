@@ -63,6 +63,14 @@ def location_of_stack(skip: int = 1) -> str | None:
     return None
 
 
+def location_of_mapped_stack() -> str | None:
+    """The innermost user frame of the current stack, AutoGraph's generated frames mapped back to the user's source
+    (as in op tracebacks): code running inside a traced ``tf.function`` is in a generated file otherwise."""
+    from tensorflow.python.util import tf_stack
+
+    return location_of_traceback(tf_stack.extract_stack())
+
+
 def location_of_traceback(frames: Iterable[Any]) -> str | None:
     """The innermost user frame of an op's creation traceback (outermost frame first)."""
     for frame in reversed(list(frames)):

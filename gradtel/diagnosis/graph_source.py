@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.framework.ops import EagerTensor
 
 from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, DataflowGraph, Node, Where
 from gradtel.diagnosis.frames import location_of_traceback
@@ -152,6 +153,16 @@ def _function_graph(graph: Any, name: str) -> Any:
             return function.graph
         graph = getattr(graph, "outer_graph", None)
     raise LookupError(name)
+
+
+def captured_values(graph: Any) -> dict[int, int]:
+    """Tensor id in ``graph`` -> id of the eager tensor it captures, for captured values that are not handles.
+
+    Such a value was computed before the step was traced (in ``build()``, before the tape): when the eager
+    recorder saw it computed from a variable, the variable's gradient is cut there.
+    """
+    return {internal._id: external._id for external, internal in graph.captures
+            if isinstance(external, EagerTensor) and external.dtype != tf.resource}
 
 
 class VariableKeys:

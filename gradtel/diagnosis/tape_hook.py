@@ -20,6 +20,7 @@ import tensorflow as tf
 from tensorflow.python.eager import backprop, context
 from tensorflow.python.framework import ops
 
+from gradtel.diagnosis.frames import location_of_mapped_stack
 from gradtel.diagnosis.variables import identity
 
 _MAX_CALLS = 8
@@ -36,6 +37,7 @@ class GradientCall:
     intervals: tuple[tuple[int, float], ...]
     graph: weakref.ref | None
     seq: int
+    tape_location: str | None = None  # the user's line that opened the tape (``with tf.GradientTape(...)``)
 
     @cached_property
     def watched_ids(self) -> frozenset[int]:
@@ -110,7 +112,8 @@ class TapeHook:
 
     def _open_interval(self, tape: Any) -> None:
         graph, now = self._clock()
-        tape.__dict__.setdefault(_INTERVALS, []).append([_graph_ref(graph), now, float("inf")])
+        where = location_of_mapped_stack()
+        tape.__dict__.setdefault(_INTERVALS, []).append([_graph_ref(graph), now, float("inf"), where])
 
     def _close_interval(self, tape: Any) -> None:
         intervals = tape.__dict__.get(_INTERVALS)
@@ -120,11 +123,8 @@ class TapeHook:
     def _remember(self, tape: Any, target: Any, sources: Any) -> None:
         graph, now = self._clock()
         graph_ref = _graph_ref(graph)
-        intervals = tuple(
-            (start, end if end != float("inf") else now)
-            for ref, start, end in tape.__dict__.get(_INTERVALS, ())
-            if ref == graph_ref
-        )
+        mine = [interval for interval in tape.__dict__.get(_INTERVALS, ()) if interval[0] == graph_ref]
+        intervals = tuple((start, end if end != float("inf") else now) for _, start, end, _ in mine)
         call = GradientCall(
             targets=tuple(t._id for t in tf.nest.flatten(target) if hasattr(t, "_id")),
             sources=frozenset(identity(s) for s in tf.nest.flatten(sources)),
@@ -132,6 +132,7 @@ class TapeHook:
             intervals=intervals,
             graph=graph_ref,
             seq=now,
+            tape_location=mine[0][3] if mine else None,
         )
         if graph is None:
             self._eager_calls.append(call)

@@ -264,9 +264,9 @@ def tape_not_watching() -> Step:
     x, y = batch()
 
     def step():
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:  # CULPRIT: the tape watches only w_out
             tape.watch(w_out)
-            hidden = tf.tanh(tf.matmul(x, w_hidden))  # CULPRIT
+            hidden = tf.tanh(tf.matmul(x, w_hidden))
             loss = tf.reduce_mean(tf.square(tf.matmul(hidden, w_out)[:, 0] - y))
         variables = [w_hidden, w_out]
         return tape.gradient(loss, variables), variables
