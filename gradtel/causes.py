@@ -41,7 +41,10 @@ ZERO_CAUSES: dict[str, str] = {
     "underflow": "float16 gradients underflowed to zero; use a LossScaleOptimizer (mixed_float16 policy).",
     "dead_activation": "Every unit feeding from this variable is inactive (dead ReLU); lower the learning "
     "rate, use LeakyReLU/GELU or re-initialise.",
-    "other": "The gradient is exactly zero for a reason gradtel could not name.",
+    "other": "The gradient is exactly zero, and gradtel found no op on the path that explains it: check what "
+    "multiplies it on the way to the loss (a mask or weight that is all zero, a saturated sigmoid/tanh, a value "
+    "clipped by tf.clip_by_value/minimum/maximum, a loss that is exactly 0 for this batch); print the layer's "
+    "output and the loss for one batch to find which.",
 }
 
 #: Label value for variables that are not missing (the cause label exists only on the missing counter).
