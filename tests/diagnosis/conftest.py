@@ -25,3 +25,19 @@ def diagnoser() -> Iterator[Diagnoser]:
         yield instance
     finally:
         instance.uninstall()
+
+
+@pytest.fixture
+def instrumented_cleanup() -> Iterator[None]:
+    """For tests that instrument optimizers: afterwards every optimizer is uninstrumented and the process's
+    diagnoser uninstalled (its GradientTape patches removed), so the next test starts from a clean process."""
+    from gradtel import instrumenting
+
+    try:
+        yield
+    finally:
+        instrumenting.uninstrument_all()
+        with instrumenting._lock:
+            if instrumenting._diagnoser is not None:
+                instrumenting._diagnoser.uninstall()
+                instrumenting._diagnoser = None

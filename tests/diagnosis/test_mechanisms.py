@@ -1,0 +1,226 @@
+"""Diagnosis mechanisms that the per-case corpus cannot express: several optimizers in one eager loop, causes set
+up before the step (build(), tf.data), eager and graph agreeing on shape-only ops, evidence for left_tensorflow,
+and the linear-cost zero hints agreeing with a per-variable walk."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import gradtel
+from gradtel.diagnosis import Diagnoser
+from gradtel.diagnosis.variables import display_name
+
+
+def _line_of(marker: str, function) -> str:
+    """``file:line`` of the line of ``function``'s source that contains ``marker``."""
+    lines, first = inspect.getsourcelines(function)
+    (offset,) = [i for i, line in enumerate(lines) if marker in line]
+    return f"{os.path.basename(inspect.getsourcefile(function))}:{first + offset}"
+
+
+def _causes(handle) -> dict[str, tuple[str, str | None]]:
+    out = {}
+    for table in handle._tables.values():
+        for i, cause in table.causes.items():
+            out[table.names[i]] = (cause.category, os.path.basename(cause.location or ""))
+    return out
+
+
+def test_every_optimizer_of_an_eager_loop_gets_its_first_step_diagnosed(instrumented_cleanup) -> None:
+    """A GAN-like loop: the second optimizer's first step comes after the first's, and raises (every gradient
+    None), so it has no next step: its cause must come from that first step."""
+    generator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, name="g")], name="gen")
+    critic = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="c")], name="critic")
+    g_opt, c_opt = keras.optimizers.SGD(0.01), keras.optimizers.SGD(0.01)
+    g_handle = gradtel.instrument(g_opt, name="generator", start_exporter=False)
+    gradtel.instrument(c_opt, name="critic", start_exporter=False)
+    real = tf.ones((4, 3))
+    raised = None
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            c_loss = tf.reduce_mean(critic(generator(tf.ones((4, 2))))) - tf.reduce_mean(critic(real))
+        c_opt.apply(tape.gradient(c_loss, critic.trainable_variables), critic.trainable_variables)
+        with tf.GradientTape() as tape:
+            g_loss = -tf.reduce_mean(critic(real))  # the bug: the generator is not called in its own step
+        try:
+            g_opt.apply(tape.gradient(g_loss, generator.trainable_variables), generator.trainable_variables)
+        except ValueError as error:
+            raised = error
+            break
+    assert raised is not None and "gen/g/kernel: unused" in str(raised)
+    assert _causes(g_handle) == {"gen/g/kernel": ("unused", ""), "gen/g/bias": ("unused", "")}
+
+
+def test_a_pending_set_is_recorded_on_its_own_next_step_whatever_steps_between(diagnoser: Diagnoser) -> None:
+    """Two optimizers alternate; the second's missing set appears in an unrecorded step. The first optimizer's
+    cached steps in between must not stop the recording the second one waits for."""
+    a, b = keras.layers.Dense(1, name="a"), keras.layers.Dense(1, name="b")
+    aux = keras.layers.Dense(1, name="aux")
+    for layer in (a, b, aux):
+        layer.build((None, 3))
+    x = tf.ones((2, 3))
+
+    def step(layer, use_aux):
+        with tf.GradientTape() as tape:
+            out = layer(x)
+            extra = aux(x)  # read, but reaches the loss only when use_aux
+            loss = tf.reduce_mean(out + (extra if use_aux else 0.0))
+        variables = layer.trainable_variables + aux.trainable_variables
+        return diagnoser.diagnose(list(tape.gradient(loss, variables)), variables)
+
+    step(a, True)  # recorded; the recorder disarms once nothing waits
+    step(a, True)
+    pending = step(b, False)  # a new missing set, unrecorded: pending
+    assert {c.category for c in pending.causes.values()} == {"unknown"}
+    for _ in range(3):
+        step(a, True)  # another optimizer's cached steps
+    full = step(b, False)
+    assert sorted(c.category for c in full.causes.values()) == ["not_on_loss_path", "not_on_loss_path"]
+
+
+def test_shape_only_ops_agree_in_eager_and_graph(diagnoser: Diagnoser) -> None:
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="shape_only")])
+    x, y = tf.ones((4, 3)), tf.ones((4, 1))
+
+    def step():
+        with tf.GradientTape() as tape:
+            pred = model(x)
+            loss = tf.reduce_mean(tf.square(tf.zeros_like(pred) + tf.cast(tf.size(pred), tf.float32) - y))
+        return tape.gradient(loss, model.trainable_variables), model.trainable_variables
+
+    grads, variables = step()
+    eager = diagnoser.diagnose(list(grads), list(variables))
+    box = {}
+
+    @tf.function
+    def traced():
+        grads, variables = step()
+        box["graph"] = diagnoser.diagnose(list(grads), list(variables))
+        return tf.constant(0)
+
+    traced()
+    for result in (eager, box["graph"]):
+        assert {c.category for c in result.causes.values()} == {"loss_disconnected"}
+        assert all(c.op is None for c in result.causes.values())
+
+
+def test_unused_head_fed_from_numpy_is_not_left_tensorflow(diagnoser: Diagnoser) -> None:
+    """NumPy inputs and labels converted inside the tape are not a round trip through NumPy."""
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(4, name="trunk")(inputs)
+    heads = [keras.layers.Dense(1, name="main")(hidden), keras.layers.Dense(1, name="spare")(hidden)]
+    model = keras.Model(inputs, heads)
+    x, y = np.ones((4, 3), np.float32), np.ones((4, 1), np.float32)
+    diagnoser.expect_optimizer()
+    with tf.GradientTape() as tape:
+        main, _spare = model(x)
+        loss = keras.losses.MeanSquaredError()(y, main)
+    grads = tape.gradient(loss, model.trainable_variables)
+    result = diagnoser.diagnose(list(grads), model.trainable_variables)
+    names = {display_name(model.trainable_variables[i]): c.category for i, c in result.causes.items()}
+    assert names == {"spare/kernel": "not_on_loss_path", "spare/bias": "not_on_loss_path"}
+
+
+def _pipeline_program(mode: str):
+    encoder = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="enc")], name="encoder")
+    head = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="head")], name="head_model")
+    optimizer = keras.optimizers.SGD(0.1)
+    handle = gradtel.instrument(optimizer, start_exporter=False)
+    data = tf.data.Dataset.from_tensor_slices((np.ones((8, 3), np.float32), np.ones((8, 1), np.float32)))
+    data = data.batch(4).map(lambda x, y: (encoder(x), y))  # MAP LINE
+    variables = encoder.trainable_variables + head.trainable_variables
+
+    def step(features, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(head(features) - y))
+        optimizer.apply(tape.gradient(loss, variables), variables)
+
+    step = tf.function(step) if mode == "graph" else step
+    for features, y in data:
+        step(features, y)
+    return handle
+
+
+def test_model_applied_in_dataset_map_is_outside_tape_at_the_map_line(instrumented_cleanup) -> None:
+    where = _line_of("# MAP LINE", _pipeline_program)
+    for mode in ("eager", "graph"):
+        causes = _causes(_pipeline_program(mode))
+        assert causes == {"encoder/enc/kernel": ("outside_tape", where), "encoder/enc/bias": ("outside_tape", where)}
+
+
+class _WeightNormDense(keras.layers.Layer):
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 1), name="kernel")
+        self.unit_kernel = self.kernel / tf.norm(self.kernel)  # DERIVED ONCE
+
+    def call(self, inputs):
+        return tf.matmul(inputs, self.unit_kernel)
+
+
+def test_kernel_derived_in_build_is_outside_tape_at_the_build_line_in_graph_mode(instrumented_cleanup) -> None:
+    """The layer is built (eagerly, while the diagnoser records) before the traced step captures the stale value."""
+    gradtel.instrument(keras.optimizers.SGD(0.1), start_exporter=False)  # installs and arms the diagnoser
+    layer = _WeightNormDense(name="wn")
+    x, y = tf.ones((4, 3)), tf.ones((4, 1))
+    layer(x)
+    optimizer = keras.optimizers.SGD(0.1)
+    handle = gradtel.instrument(optimizer, start_exporter=False)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(layer(x) - y))
+        optimizer.apply(tape.gradient(loss, layer.trainable_variables), layer.trainable_variables)
+
+    try:
+        step()
+    except ValueError as error:  # Keras: no gradients provided for any variable
+        assert "wn/kernel: outside_tape" in str(error)
+    assert _causes(handle) == {"wn/kernel": ("outside_tape", _line_of("# DERIVED ONCE", _WeightNormDense))}
+
+
+def test_mixed_precision_path_hints_underflow(diagnoser: Diagnoser) -> None:
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="half")])
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.cast(model(tf.ones((4, 3))), tf.float32))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert all(g.dtype == tf.float32 for g in grads)  # float32 variables: the float16 is on the path only
+    result = diagnoser.diagnose(list(grads), model.trainable_variables)
+    assert {h.category for h in result.zero_hints.values()} == {"underflow"}
+    assert len(result.zero_hints) == 2
+
+
+def test_zero_hints_of_many_variables_match_a_walk_per_variable(diagnoser: Diagnoser) -> None:
+    """The one-pass tables name, for each variable, the newest gating op on its path: check them against a
+    direct walk (descendants of the variable, the ReLU nodes among their consumers) on a branching model."""
+    inputs = keras.Input((3,))
+    branches = [keras.layers.Dense(2, activation="relu", name=f"b{i}")(inputs) for i in range(6)]
+    merged = keras.layers.Concatenate()(branches)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="relu", name="top")(merged))
+    box = {}
+
+    @tf.function
+    def traced():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(model(tf.ones((2, 3))))
+        grads = tape.gradient(loss, model.trainable_variables)
+        box["result"] = diagnoser.diagnose(list(grads), list(model.trainable_variables))
+        return loss
+
+    traced()
+    hints = {display_name(model.trainable_variables[i]): h for i, h in box["result"].zero_hints.items()}
+    assert set(hints) == {v.path for v in model.trainable_variables}
+    assert {h.category for h in hints.values()} == {"dead_activation"}
+    # Every branch's newest ReLU on the path to the loss is the top layer's, created after the branches' own.
+    top = hints["top/kernel"].location
+    assert all(h.op == "Relu" and h.location == top for h in hints.values())
