@@ -90,9 +90,10 @@ class Analysis:
         return None
 
     @cached_property
-    def imports_into_loss(self) -> list[int]:
-        """Clock values at which a tensor created from a NumPy value inside the tape entered the loss's ancestry."""
-        return [c.seq for c in self.flow.imports if c.tensor in self.loss_ancestors
+    def imports_into_loss(self) -> list[tuple[int, bool]]:
+        """(clock, from NumPy) of each tensor created from a NumPy value or a Python float inside the tape that
+        entered the loss's ancestry."""
+        return [(c.seq, c.numpy) for c in self.flow.imports if c.tensor in self.loss_ancestors
                 and c.seq > self.step_start and self.in_tape(c.seq)]
 
     @cached_property
@@ -173,7 +174,7 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
     returns = analysis.imports_into_loss
     in_tape = [e for e in analysis.flow.escapes
                if e.tensor in reach_from_var and e.seq > analysis.step_start and analysis.in_tape(e.seq)
-               and any(seq >= e.seq for seq in returns)]
+               and any(seq >= e.seq for seq, _ in returns)]
     if in_tape:
         return make_cause(
             "left_tensorflow",
@@ -242,7 +243,7 @@ def _numpy_reentry(analysis: Analysis, reach_from_var: set[int]) -> Node | None:
     computed from a tensor created from a NumPy value inside the tape after the variable fed an op. Blame
     the newest op computed from the variable before that value came back."""
     flow = analysis.flow
-    returns = analysis.imports_into_loss
+    returns = [seq for seq, from_numpy in analysis.imports_into_loss if from_numpy]
     if not returns:
         return None
     derived = [flow.producer[k] for k in reach_from_var if k in flow.producer]

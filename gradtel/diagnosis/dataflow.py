@@ -65,6 +65,8 @@ class Crossing:
     tensor: int
     seq: int
     location: str | None
+    #: An import from a NumPy value (not a Python float): evidence on its own that a value came back from NumPy.
+    numpy: bool = True
 
 
 class DataflowGraph:

@@ -32,7 +32,8 @@ from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, OP, Crossing, 
 from gradtel.diagnosis.frames import location_of_stack
 from gradtel.diagnosis.graph_source import carries_gradient, has_half
 
-_ESCAPE_METHODS = ("numpy", "__array__")
+#: Ways a tensor's values leave TensorFlow that Python code can see (NumPy's buffer-protocol reads cannot be hooked).
+_ESCAPE_METHODS = ("numpy", "__array__", "__float__", "__int__")
 
 
 def _flags(tensors: Any) -> tuple[bool, ...]:
@@ -223,10 +224,10 @@ class EagerRecorder:
 
         def convert_to_eager_tensor(value: Any, *args: Any, **kwargs: Any) -> Any:
             tensor = original(value, *args, **kwargs)
-            if (isinstance(value, np.ndarray | np.generic) and recorder._recording()
-                    and carries_gradient(tensor.dtype) and value.dtype.kind in "fc"):
+            from_numpy = isinstance(value, np.ndarray | np.generic) and value.dtype.kind in "fc"
+            if (from_numpy or isinstance(value, float)) and recorder._recording() and carries_gradient(tensor.dtype):
                 with contextlib.suppress(Exception):
-                    recorder.graph.add_import(Crossing(tensor._id, recorder.seq, location_of_stack(2)))
+                    recorder.graph.add_import(Crossing(tensor._id, recorder.seq, location_of_stack(2), from_numpy))
             return tensor
 
         return convert_to_eager_tensor

@@ -19,7 +19,7 @@ from gradtel.diagnosis.variables import display_name
 def _line_of(marker: str, function) -> str:
     """``file:line`` of the line of ``function``'s source that contains ``marker``."""
     lines, first = inspect.getsourcelines(function)
-    (offset,) = [i for i, line in enumerate(lines) if marker in line]
+    (offset,) = [i for i, line in enumerate(lines) if marker in line and "_line_of(" not in line]
     return f"{os.path.basename(inspect.getsourcefile(function))}:{first + offset}"
 
 
@@ -224,3 +224,23 @@ def test_zero_hints_of_many_variables_match_a_walk_per_variable(diagnoser: Diagn
     # Every branch's newest ReLU on the path to the loss is the top layer's, created after the branches' own.
     top = hints["top/kernel"].location
     assert all(h.op == "Relu" and h.location == top for h in hints.values())
+
+
+def test_python_float_round_trip_is_left_tensorflow_but_a_constant_factor_is_not(diagnoser: Diagnoser) -> None:
+    x = tf.ones((4, 3))
+    escaped = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="escaped")])
+    with tf.GradientTape() as tape:
+        value = float(tf.reduce_mean(escaped(x)))  # FLOAT
+        loss = tf.square(tf.constant(value) - 1.0)
+    result = diagnoser.diagnose(list(tape.gradient(loss, escaped.trainable_variables)), escaped.trainable_variables)
+    where = _line_of("# FLOAT", test_python_float_round_trip_is_left_tensorflow_but_a_constant_factor_is_not)
+    assert {(c.category, os.path.basename(c.location)) for c in result.causes.values()} == {("left_tensorflow", where)}
+
+    diagnoser.expect_optimizer()  # record the next step
+    unrelated = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="unrelated")])
+    with tf.GradientTape() as tape:
+        unrelated(x)
+        loss = tf.reduce_sum(tf.ones((4, 1))) * 2.0  # a loss from the labels only, scaled by a Python float
+    grads = tape.gradient(loss, unrelated.trainable_variables)
+    result = diagnoser.diagnose(list(grads), unrelated.trainable_variables)
+    assert {c.category for c in result.causes.values()} == {"loss_disconnected"}
