@@ -28,6 +28,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "tf_keras.src.optimizers.optimizer": ("_BaseOptimizer",),
     "tf_keras.src.optimizers.legacy.optimizer_v2": ("OptimizerV2",),
     "tf_keras.src.mixed_precision.loss_scale_optimizer": ("LossScaleOptimizer", "LossScaleOptimizerV3"),
+    "tensorflow.python.training.optimizer": ("Optimizer",),
 }
 
 _lock = threading.RLock()
@@ -77,7 +78,8 @@ def _patch_module(module: ModuleType) -> None:
             cls = getattr(module, name, None)
             if isinstance(cls, type) and "__init__" in cls.__dict__ and all(c is not cls for c, _ in _patched):
                 _wrap_init(cls)
-    _start_diagnosis()
+    if module.__name__.startswith(("keras.", "tf_keras.")):  # not tensorflow's own: it loads with every TF program
+        _start_diagnosis()
 
 
 def _start_diagnosis() -> None:

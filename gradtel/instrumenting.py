@@ -27,7 +27,8 @@ log = logging.getLogger("gradtel")
 
 SUPPORTED = (
     "a Keras 3 optimizer (keras.optimizers.Optimizer with the TensorFlow backend, LossScaleOptimizer included) "
-    "or a tf_keras 2.x optimizer (tf_keras.optimizers.Optimizer or tf_keras.optimizers.legacy.Optimizer)"
+    "or a tf_keras 2.x optimizer (tf_keras.optimizers.Optimizer or tf_keras.optimizers.legacy.Optimizer) "
+    "or a tf.compat.v1.train optimizer"
 )
 
 _lock = threading.RLock()
@@ -56,12 +57,14 @@ def diagnoser() -> Any:
 
 
 def _flavour(optimizer: Any) -> str:
-    """'keras3' or 'tf_keras', from the optimizer's class hierarchy; TypeError for anything else."""
+    """'keras3', 'tf_keras' or 'tf_v1', from the optimizer's class hierarchy; TypeError for anything else."""
     modules = [klass.__module__ for klass in type(optimizer).__mro__]
     if any(m.startswith("keras.") for m in modules) and hasattr(optimizer, "_filter_empty_gradients"):
         return "keras3"
     if any(m.startswith("tf_keras.") for m in modules) and hasattr(optimizer, "apply_gradients"):
         return "tf_keras"
+    if "tensorflow.python.training.optimizer" in modules and hasattr(optimizer, "apply_gradients"):
+        return "tf_v1"  # tf.compat.v1.train.*Optimizer: still in TF 2 programs ported from TF 1 (minimize included)
     raise TypeError(f"gradtel.instrument() expected {SUPPORTED}; got {type(optimizer).__module__}."
                     f"{type(optimizer).__qualname__}")
 
@@ -121,7 +124,11 @@ def _reduce_wrapper(optimizer: Any, original: Callable[..., Any], handle: Handle
 
 
 #: The method that funnels every update, per flavour.
-_FUNNEL = {"keras3": ("apply", _keras3_wrapper), "tf_keras": ("apply_gradients", _tf_keras_wrapper)}
+_FUNNEL = {
+    "keras3": ("apply", _keras3_wrapper),
+    "tf_keras": ("apply_gradients", _tf_keras_wrapper),
+    "tf_v1": ("apply_gradients", _tf_keras_wrapper),  # same (grads_and_vars, global_step=None, name=None) funnel
+}
 #: The method that all-reduces gradients across replicas (Keras 3; tf_keras; tf_keras legacy).
 _REDUCERS = ("_all_reduce_sum_gradients", "aggregate_gradients", "_aggregate_gradients")
 

@@ -155,7 +155,7 @@ class Diagnoser:
     def _diagnose_eager(self, grads: list, variables: list) -> Diagnosis:
         key = _key(grads, variables)
         result = self._eager_cache.get(key)
-        if result is None and self._step_recorded:
+        if result is None and self._step_recorded and self._recorder.armed:
             result = self._full(grads, variables, None, self._step_start)
             self._remember(key, result)
         if result is None:

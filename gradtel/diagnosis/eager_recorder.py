@@ -47,8 +47,12 @@ def _keys(tensors: Any) -> tuple[int, ...]:
 class EagerRecorder:
     """Records eagerly executed ops into a bounded DataflowGraph while armed."""
 
-    def __init__(self, max_nodes: int = 100_000) -> None:
+    def __init__(self, max_nodes: int = 100_000, max_armed_ops: int = 1_000_000) -> None:
         self.max_nodes = max_nodes
+        #: Ops recorded in one armed stretch before the recorder gives up by itself: a process that never steps
+        #: (or only in graph mode, after long eager work) must not pay for recording forever.
+        self.max_armed_ops = max_armed_ops
+        self._armed_at = 0
         self.graph = DataflowGraph()
         self.seq = 0
         self.armed = False
@@ -89,6 +93,7 @@ class EagerRecorder:
     def arm(self) -> None:
         """Start recording eager ops."""
         if not self.armed:
+            self._armed_at = self.seq
             op_callbacks.add_op_callback(self._on_op)
             resource_variable_ops.BaseResourceVariable.__getattribute__ = self._fast_path_read_hook()
             self.armed = True
@@ -137,6 +142,8 @@ class EagerRecorder:
             self.graph.add(Node(op_type, _keys(inputs), _keys(outputs), self.seq, _flags(inputs),
                                 _flags(outputs), location, kind, half=has_half(outputs)))
             self.graph.trim(self.max_nodes)
+            if self.seq - self._armed_at > self.max_armed_ops:
+                self.disarm()
         except Exception:
             self.failures += 1
         return None

@@ -100,6 +100,31 @@ def test_unsupported_optimizer_is_a_type_error_naming_what_is_supported():
         gradtel.instrument(keras.optimizers.SGD(), expect_missing=[3], start_exporter=False)
 
 
+@pytest.mark.parametrize("traced", [False, True])
+def test_tf_compat_v1_optimizer_minimize_and_apply_gradients(traced):
+    """Programs ported from TF 1 keep tf.compat.v1.train optimizers: minimize() funnels through apply_gradients."""
+    w = tf.Variable(tf.ones((4, 1)), name="v1_w")
+    unused = tf.Variable(tf.ones((2,)), name="v1_unused")
+    optimizer = tf.compat.v1.train.GradientDescentOptimizer(0.01)
+    handle = gradtel.instrument(optimizer, name=f"v1-{traced}", start_exporter=False)
+
+    def step():
+        optimizer.minimize(lambda: tf.reduce_mean(tf.square(X[:8] @ w - Y[:8])), var_list=[w, unused])
+
+    step = tf.function(step) if traced else step
+    expected = []
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(X[:8] @ w - Y[:8]))
+        expected.append(numpy_norm(tape.gradient(loss, w)))
+        step()
+    records = by_name(handle)
+    assert records["v1_w"].steps == 3 and records["v1_w"].norm == pytest.approx(expected[-1], rel=1e-5)
+    assert records["v1_unused"].state == "missing" and records["v1_unused"].missing_steps == 3
+    assert records["v1_unused"].cause.category == "unused"
+    gradtel.uninstrument(optimizer)
+
+
 def test_expected_missing_variables_are_reported_as_expected():
     model = two_head_model()
     model.compile(optimizer="adam", loss=["mse", None])
