@@ -25,15 +25,22 @@ _CONTROL_FLOW_OPS = _IF_OPS | _CASE_OPS | _WHILE_OPS | _CALL_OPS
 _MAX_DEPTH = 8
 
 
+@functools.lru_cache(maxsize=256)
 def carries_gradient(dtype: Any) -> bool:
-    """Whether a tensor of this dtype can carry a gradient (as backprop_util.IsTrainable)."""
+    """Whether a tensor of this dtype can carry a gradient (as backprop_util.IsTrainable).
+
+    Cached per dtype: asked for every input and output of every op the diagnosis sees (a DType's properties cost
+    about a microsecond each, which added up to a tenth of a large model's recorded construction)."""
     dtype = tf.as_dtype(dtype).base_dtype
     return dtype.is_floating or dtype.is_complex or dtype in (tf.resource, tf.variant)
 
 
 def has_half(tensors: Any) -> bool:
     """Whether one of these tensors is float16 (its gradient can underflow to zero without loss scaling)."""
-    return any(t.dtype == tf.float16 for t in tensors)
+    return any(t.dtype is _HALF for t in tensors)
+
+
+_HALF = tf.float16  # DTypes are interned: identity is the cheap comparison
 
 
 def _op_location(op: Any) -> str | None:
