@@ -10,7 +10,8 @@ import sys
 from typing import Any
 
 #: The issue's targets. Ratios are medians of per-round ratios; "flat" means less than this many MiB per 100k steps.
-GOALS = {"deep_mlp": 1.03, "transformer": 1.01, "scrape_10k_ms": 250.0, "scraped_ratio": 1.02}
+GOALS = {"deep_mlp": 1.03, "transformer": 1.01, "scrape_10k_ms": 250.0, "scraped_ratio": 1.02,
+         "first_step_ratio": 1.10, "extra_peak_share_10k": 0.10}
 FLAT_MIB_PER_100K = 2.0
 
 
@@ -137,6 +138,36 @@ def _memory(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _startup(res: dict[str, Any]) -> list[str]:
+    su = res.get("startup", {})
+    if "error" in su:
+        return [f"startup failed: `{su['error'][-300:]}`"]
+    lines = [
+        "Each cell: median (min-max) over rounds; every measurement is a fresh process, plain and gradtel alternating.",
+        "",
+        "| variables | rounds | plain first step s | gradtel first step s | ratio | plain peak RSS MiB | "
+        "extra peak MiB | extra share | extra KiB/variable |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, d in su.items():
+        if not isinstance(d, dict):
+            continue
+        if "error" in d:
+            lines.append(f"| {key} | failed: {d['error'][-200:]} ||||||||")
+            continue
+
+        def cell(name: str, digits: int, d: dict[str, Any] = d) -> str:
+            s = d[name]
+            return f"{s['median']:.{digits}f} ({s['minimum']:.{digits}f}-{s['maximum']:.{digits}f})"
+
+        lines.append(
+            f"| {d['variables']:,} | {d['first_step_ratio']['rounds']} | {cell('plain_first_step_s', 2)} | "
+            f"{cell('gradtel_first_step_s', 2)} | {cell('first_step_ratio', 3)} | {cell('plain_peak_rss_mib', 0)} | "
+            f"{cell('extra_peak_rss_mib', 1)} | {cell('extra_peak_rss_share', 3)} | "
+            f"{cell('extra_kib_per_variable', 1)} |")
+    return lines
+
+
 def goals(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     """(goal, measured, held) for each target; None when not measured."""
     so, ex, me = res.get("step_overhead", {}), res.get("export_cost", {}), res.get("memory", {})
@@ -160,6 +191,17 @@ def goals(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         out.append((f"step ratio scraped every second (10,000 variables, {what}) <= {ratio_goal}",
                     _spread(d["step_ratio_scraped_1hz"], *d["step_ratio_scraped_1hz_iqr"], 3) if ok else "n/a",
                     d["step_ratio_scraped_1hz"] <= ratio_goal if ok else None))
+    su = res.get("startup", {})
+    sizes = [d for d in su.values() if isinstance(d, dict) and "first_step_ratio" in d]
+    for d in sizes:
+        r, g = d["first_step_ratio"], GOALS["first_step_ratio"]
+        out.append((f"first step (trace + first call) at {d['variables']:,} variables <= {g}x plain",
+                    f"{r['median']:.3f} ({r['minimum']:.3f}-{r['maximum']:.3f}; n={r['rounds']})", r["median"] <= g))
+    ten = su.get("10000") if isinstance(su, dict) else None
+    if ten and "extra_peak_rss_share" in ten:
+        s, g = ten["extra_peak_rss_share"], GOALS["extra_peak_share_10k"]
+        out.append((f"extra peak RSS at 10,000 variables <= {g:.0%} of the plain process's",
+                    f"{s['median']:.1%} ({ten['extra_peak_rss_mib']['median']:.0f} MiB)", s["median"] <= g))
     d = me.get("long_instrumented")
     out.append((f"no memory growth over the long run (< {FLAT_MIB_PER_100K} MiB/100k steps)",
                 f"{d['growth_mib_per_100k_steps']:.2f} MiB/100k steps over {d['samples'][-1][0]} steps" if d else "n/a",
@@ -179,6 +221,7 @@ def markdown(res: dict[str, Any]) -> str:
         "", "## Floor: statistics vs the optimizer's update on the same gradients", "", *_floor(res),
         "", "## Export cost (gradtel's real /metrics endpoint)", "", *_export(res),
         "", "## Memory", "", *_memory(res),
+        "", "## Start-up: first step and peak memory as the variables grow", "", *_startup(res),
         "", "## Machine", "", *_machine(res.get("machine", {})),
         "", f"Load average at end: {res.get('load_average_at_end')}", "",
     ]

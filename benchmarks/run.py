@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.run [--quick] [--only SECTION ...] [--merge] [--out DIR]
 
-Sections: step_overhead, debugger, floor, export_cost, memory (see docs/benchmarks.md).
+Sections: step_overhead, debugger, floor, export_cost, memory, startup (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from benchmarks import report, timing
 
-SECTIONS = ("step_overhead", "debugger", "floor", "export_cost", "memory")
+SECTIONS = ("step_overhead", "debugger", "floor", "export_cost", "memory", "startup")
 RESULTS = Path(__file__).parent / "results"
 
 
