@@ -56,6 +56,7 @@ class OptimizerSummary:
     steps: int
     global_norm: float
     skipped_steps: int
+    raised: str | None = None  # Keras's error, when a step of this optimizer raised because every gradient was None
 
 
 @dataclass
@@ -74,6 +75,7 @@ class _Table:
     warned: tuple[int, ...] = ()  # the missing set last warned about
     disagreement: set[int] = field(default_factory=set)  # None on some replicas, present on others
     pending: tuple[int, ...] = ()  # a missing set whose causes were still being recorded
+    raised: str | None = None  # Keras's error when a step with these variables raised (every gradient None)
 
 
 class Handle:
@@ -221,6 +223,9 @@ class Handle:
         except ValueError as error:
             if not str(error).startswith("No gradients provided") or variables is None:
                 raise
+            table = self._tables.get(tuple(id(v) for v in variables))
+            if table is not None:  # the report and the gate keep the diagnosis of a step that never ran
+                table.raised = str(error).splitlines()[0]
             raise ValueError(f"{error}\n{self._explain_missing(variables)}") from error
 
     def _explain_missing(self, variables: Sequence[Any]) -> str:
@@ -296,13 +301,14 @@ class Handle:
 
     @staticmethod
     def _summarize(snapshots: list[tuple[_Table, layout.Snapshot]]) -> OptimizerSummary:
-        steps, skipped, global_norm = 0, 0, float("nan")
-        for _, snap in snapshots:
+        steps, skipped, global_norm, raised = 0, 0, float("nan"), None
+        for table, snap in snapshots:
             steps += snap.steps
             skipped += snap.skipped
             if snap.steps:
                 global_norm = snap.global_norm
-        return OptimizerSummary(steps, global_norm, skipped)
+            raised = table.raised or raised
+        return OptimizerSummary(steps, global_norm, skipped, raised)
 
     def records(self) -> list[VariableRecord]:
         """The latest statistics of every variable this optimizer has seen (one read per table)."""
@@ -316,14 +322,15 @@ class Handle:
             seen, norm, max_abs = rows[layout.STEPS_SEEN], rows[layout.NORM], rows[layout.MAX_ABS]
             states, touched = rows[layout.STATE], rows[layout.ROWS_TOUCHED]
             for i, name in enumerate(table.names):
-                if not seen[i]:
+                if not seen[i] and table.raised is None:
                     continue
-                state = layout.STATE_NAMES.get(states[i], "ok")
+                # A traced step that raised never ran its statistics: every variable of it is missing, as diagnosed.
+                state = layout.STATE_NAMES.get(states[i], "ok") if seen[i] else "missing"
                 if i in table.disagreement:
                     state = "replica_disagreement"
                 elif state == "missing" and table.expected[i]:
                     state = "expected_missing"
-                missing_cause = table.causes.get(i) if missing[i] else None
+                missing_cause = table.causes.get(i) if missing[i] or not seen[i] else None
                 cause = (missing_cause if state in ("missing", "expected_missing")
                          else table.zero_hints.get(i) if state == "zero" else None)
                 record = VariableRecord(

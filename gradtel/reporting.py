@@ -108,8 +108,11 @@ def build() -> dict[str, Any]:
     optimizers, records = [], []
     for handle in instrumenting.handles():
         summary, handle_records = handle.read()
-        optimizers.append({"name": handle.name, "steps": summary.steps, "skipped_steps": summary.skipped_steps,
-                           "last_global_norm": _number(summary.global_norm)})
+        entry = {"name": handle.name, "steps": summary.steps, "skipped_steps": summary.skipped_steps,
+                 "last_global_norm": _number(summary.global_norm)}
+        if summary.raised:
+            entry["raised"] = summary.raised
+        optimizers.append(entry)
         records.extend(handle_records)
     return {
         "schema": SCHEMA,

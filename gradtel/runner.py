@@ -49,6 +49,8 @@ class RunOptions:
 
 
 _options = RunOptions()
+#: ``check --json``: the original stdout, kept for the JSON alone (the script's own output goes to stderr).
+_json_fd: int | None = None
 _pid: int | None = None  # the launched process; forked children (data loaders) must not report or flush
 _finished = threading.Event()
 _lock = threading.Lock()
@@ -62,12 +64,22 @@ def bootstrap_from_env() -> None:
     global _options, _pid
     _options = RunOptions.from_env(raw)
     _pid = os.getpid()
+    if _options.json_output:
+        _keep_stdout_for_json()
     auto.enable(expect_missing=_options.expect_missing)
     atexit.register(_at_exit)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     if _options.check_steps:
         threading.Thread(target=_watch_steps, name="gradtel-check", daemon=True).start()
+
+
+def _keep_stdout_for_json() -> None:
+    """Point fd 1 (and so the script's prints, Python's and C's) at stderr; keep a copy of it for the JSON."""
+    global _json_fd
+    sys.stdout.flush()
+    _json_fd = os.dup(1)
+    os.dup2(2, 1)
 
 
 def _finish() -> dict[str, Any] | None:
@@ -95,8 +107,10 @@ def _at_exit() -> None:
         return
     report = _finish()
     if _options.check_steps and report is not None:
-        # The script may end before the watcher's next look: judge what was measured by then.
+        # The script may end before the watcher's next look: judge what was measured by then. A step that raised
+        # (every gradient None) is a verdict in itself, however few steps ran.
         enough = sum(o["steps"] for o in report["optimizers"]) >= _options.check_steps
+        enough = enough or verdict(report) == EXIT_UNHEALTHY
         if not enough:
             print(f"gradtel check: the script ended before {_options.check_steps} optimizer step(s) were "
                   "measured", file=sys.stderr)
@@ -140,6 +154,12 @@ def verdict(report: dict[str, Any]) -> int:
 
 def _print(report: dict[str, Any]) -> None:
     if _options.json_output:
-        print(json.dumps(report, indent=2))
+        text = json.dumps(report, indent=2) + "\n"
+        if _json_fd is None:
+            print(text, end="")
+        else:
+            sys.stdout.flush()
+            with os.fdopen(_json_fd, "w", closefd=False) as out:  # a loop of os.write calls, as a pipe needs
+                out.write(text)
     else:
         print(render.report_table(report))
