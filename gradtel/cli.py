@@ -25,6 +25,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a non-negative number of seconds was expected, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradtel", description="Gradient-health telemetry for TensorFlow training.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="the command to run, e.g. -- python train.py --epochs 3")
     check.add_argument("--steps", type=_non_negative, default=1, help="optimizer steps to measure (default 1)")
     check.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    check.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                       help="once one optimizer has taken --steps steps, wait at most this long for the other "
+                            "optimizers the script created (a GAN's second one) before judging (default 30)")
 
     stack = commands.add_parser("stack", add_help=False,
                                 help="run Prometheus and Alertmanager on loopback with the shipped configs "
@@ -85,7 +95,8 @@ def _launch(args: argparse.Namespace) -> int:
     checking = args.command == "check"
     options = runner.RunOptions(report=args.report, expect_missing=args.expect_missing,
                                 check_steps=max(1, args.steps) if checking else None,
-                                json_output=checking and args.json)
+                                json_output=checking and args.json,
+                                check_timeout=args.timeout if checking else 0.0)
     env = dict(os.environ)
     bootstrap = str(pathlib.Path(__file__).resolve().parent / "_bootstrap")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap, env.get("PYTHONPATH")) if p)

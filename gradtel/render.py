@@ -21,6 +21,30 @@ def _columns(rows: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
+def _optimizers_line(report: dict[str, Any]) -> str:
+    """Every optimizer the script created, with its steps: one that never stepped shows as 0."""
+    parts = [f"{o['name']} ({o['steps']} step{'s' if o['steps'] != 1 else ''}"
+             f"{', raised: ' + o['raised'] if o.get('raised') else ''})" for o in report["optimizers"]]
+    return "optimizers: " + (", ".join(parts) if parts else "none instrumented")
+
+
+def run_summary(report: dict[str, Any], shown: int = 4) -> str:
+    """``gradtel run``'s few lines at exit: the optimizers, then each finding with its variables and first location."""
+    causes = {v["name"]: v["cause"] for v in report["variables"]}
+    lines = [f"gradtel: {_optimizers_line(report)}"]
+    findings = [f for f in report["findings"] if f["category"] != "expected_missing"]
+    if not findings:
+        lines.append(f"gradtel: no unhealthy gradient in {len(report['variables'])} variables")
+    for finding in findings:
+        names = finding["variables"]
+        where = next((c["location"] for n in names if (c := causes.get(n)) and c.get("location")), None)
+        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+        lines.append(f"gradtel: {finding['category']}: {listed}" + (f" (at {where})" if where else ""))
+    if findings:
+        lines.append("gradtel: the fixes are in the report (gradtel run --report FILE) and docs/runbooks.md")
+    return "\n".join(lines)
+
+
 def report_table(report: dict[str, Any]) -> str:
     """``gradtel check``'s diagnosis: variable, status, cause, location; then the fix for each unhealthy one."""
     rows = [("optimizer", "variable", "status", "cause", "location")]
@@ -31,7 +55,7 @@ def report_table(report: dict[str, Any]) -> str:
         rows.append((v["optimizer"], v["name"], status, cause.get("category") or "", cause.get("location") or ""))
         if v["status"] != "ok" and not v["expected"] and cause:
             fixes.append(f"- {v['name']}: {cause['explanation']}")
-    lines = _columns(rows)
+    lines = [_optimizers_line(report), "", *_columns(rows)]
     if fixes:
         lines += ["", "How to fix:", *fixes]
     for finding in report["findings"]:

@@ -36,6 +36,7 @@ class RunOptions:
     expect_missing: list[str] = field(default_factory=list)
     check_steps: int | None = None  # set by ``gradtel check``: stop after this many steps
     json_output: bool = False
+    check_timeout: float = 30.0  # ``gradtel check``: how long to wait for the other optimizers once one is done
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
@@ -117,6 +118,16 @@ def _at_exit() -> None:
         _print(report)
         sys.stdout.flush()
         os._exit(verdict(report) if enough else EXIT_TOO_FEW_STEPS)
+    if report is not None:
+        _summarize(report)
+
+
+def _summarize(report: dict[str, Any]) -> None:
+    """``gradtel run``: the findings in a few lines on stderr, so a real bug is seen without opening the JSON."""
+    try:
+        print(render.run_summary(report), file=sys.stderr, flush=True)
+    except Exception:
+        log.debug("gradtel: the summary could not be printed", exc_info=True)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -126,24 +137,37 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # die by the signal, as the script would have
 
 
-def _steps_measured() -> int:
-    return sum(h.totals()[0] for h in instrumenting.handles())
-
-
 def _watch_steps() -> None:
-    """``gradtel check``: once N steps are measured, print the diagnosis and end the process with its verdict."""
+    """``gradtel check``: once every optimizer the script has created has taken N steps (or, after the first one
+    has, ``check_timeout`` seconds went by), print the diagnosis and end the process with its verdict."""
+    need, first_done = _options.check_steps or 1, None
     while not _finished.is_set():
         try:
-            if _steps_measured() >= (_options.check_steps or 1):
-                report = _finish()
-                if report is not None:
-                    _print(report)
-                    sys.stdout.flush()
-                    os._exit(verdict(report))
+            handles = instrumenting.handles(active_only=True)
+            done = [h.summary().steps >= need for h in handles]
+            if done and all(done):
+                _stop_and_judge()
                 return
+            if any(done):
+                first_done = first_done or time.monotonic()
+                if time.monotonic() - first_done >= _options.check_timeout:
+                    waiting = ", ".join(h.name for h, d in zip(handles, done, strict=True) if not d)
+                    print(f"gradtel check: optimizer(s) {waiting} took fewer than {need} step(s) in the "
+                          f"{_options.check_timeout:g} s after the first was done; judging what was measured",
+                          file=sys.stderr, flush=True)
+                    _stop_and_judge()
+                    return
         except Exception:
             log.debug("gradtel check: counters not readable yet", exc_info=True)
         time.sleep(CHECK_POLL_S)
+
+
+def _stop_and_judge() -> None:
+    report = _finish()
+    if report is not None:
+        _print(report)
+        sys.stdout.flush()
+        os._exit(verdict(report))
 
 
 def verdict(report: dict[str, Any]) -> int:

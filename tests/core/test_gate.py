@@ -69,3 +69,59 @@ def test_a_step_that_raises_keeps_its_diagnosis_in_the_report_and_fails_the_gate
         assert v["cause"]["location"].endswith(f"train.py:{LOSS_LINE}")
     (finding,) = report["findings"]
     assert finding["category"] == "loss_disconnected" and len(finding["variables"]) == 4
+
+
+# Two optimizers; the generator's first step comes after five critic steps. A third optimizer is created and never
+# steps (as compile() makes one that a custom train_step ignores).
+TWO_OPTIMIZERS = textwrap.dedent("""
+    import numpy as np, tensorflow as tf, keras
+    generator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4, name="g")], name="gen")
+    critic = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="c")], name="critic")
+    g_opt, c_opt = keras.optimizers.Adam(name="g_opt"), keras.optimizers.Adam(name="c_opt")
+    idle = keras.optimizers.RMSprop(name="idle_opt")
+    real = np.ones((8, 4), "float32")
+
+    @tf.function
+    def critic_step():
+        with tf.GradientTape() as tape:
+            fake = critic(generator(tf.ones((8, 2))))
+            loss = tf.reduce_mean(tf.nn.softplus(fake)) + tf.reduce_mean(tf.nn.softplus(-critic(real)))
+        c_opt.apply(tape.gradient(loss, critic.trainable_variables), critic.trainable_variables)
+
+    @tf.function
+    def generator_step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.softplus(-critic(generator(tf.ones((8, 2))))))
+        g_opt.apply(tape.gradient(loss, generator.trainable_variables), generator.trainable_variables)
+
+    for _ in range(1_000_000):  # ended by gradtel check
+        for _ in range(5):
+            critic_step()
+        generator_step()
+""")
+
+
+@pytest.mark.slow
+def test_check_measures_every_optimizer_and_names_the_one_that_never_stepped(tmp_path):
+    script = tmp_path / "gan.py"
+    script.write_text(TWO_OPTIMIZERS)
+    env = {**ENV, "OTEL_METRICS_EXPORTER": "none"}
+    done = subprocess.run([BIN / "gradtel", "check", "--steps", "2", "--timeout", "3", "--json", "--", sys.executable,
+                           str(script)], env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    steps = {o["name"]: o["steps"] for o in report["optimizers"]}
+    assert steps["g_opt"] >= 2 and steps["c_opt"] >= 10 and steps["idle_opt"] == 0
+    assert {v["name"] for v in report["variables"]} == {"gen/g/kernel", "gen/g/bias", "critic/c/kernel",
+                                                        "critic/c/bias"}
+    assert "optimizer(s) idle_opt took fewer than 2 step(s)" in done.stderr
+
+
+@pytest.mark.slow
+def test_run_prints_the_findings_on_stderr(tmp_path):
+    done = _run(tmp_path, "run", mode="loop_graph")
+    assert done.returncode == 1  # the script's own fate: Keras raised
+    summary = [line for line in done.stderr.splitlines() if line.startswith("gradtel: ")]
+    assert summary[0].startswith("gradtel: optimizers: adam (0 steps, raised: No gradients provided")
+    assert summary[1].startswith("gradtel: loss_disconnected: ") and summary[1].endswith(f"train.py:{LOSS_LINE})")
+    assert "d1/kernel" in summary[1]
