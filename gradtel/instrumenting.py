@@ -135,9 +135,14 @@ _REDUCERS = ("_all_reduce_sum_gradients", "aggregate_gradients", "_aggregate_gra
 
 def _patch(handle: Handle, target: Any, method: str, wrapper: Callable[..., Any]) -> None:
     """Replace ``target.method`` on the instance, remembering how to undo it exactly."""
+    from tensorflow.python.autograph.impl.api import do_not_convert
+
     had = method in vars(target)
     saved = vars(target).get(method)
-    object.__setattr__(target, method, wrapper(target, getattr(target, method), handle))
+    # AutoGraph converts what a converted step calls, unless its module is a library it knows (Keras is): gradtel's
+    # wrapper is not, so without this its code (and the diagnosis under it) would be rewritten on every trace.
+    patched = do_not_convert(wrapper(target, getattr(target, method), handle))
+    object.__setattr__(target, method, patched)
     handle.patches.append((target, method, had, saved))
 
 

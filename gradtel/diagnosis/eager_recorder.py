@@ -101,8 +101,11 @@ class EagerRecorder:
     def disarm(self) -> None:
         """Stop recording; what was recorded is kept (bounded) so later steps can refer to it."""
         if self.armed:
-            op_callbacks.remove_op_callback(self._on_op)
-            del resource_variable_ops.BaseResourceVariable.__getattribute__
+            # Op callbacks are per thread: a recorder armed in another thread has nothing to remove here.
+            with contextlib.suppress(KeyError, ValueError):
+                op_callbacks.remove_op_callback(self._on_op)
+            with contextlib.suppress(AttributeError):
+                del resource_variable_ops.BaseResourceVariable.__getattribute__
             self._pending_reads.clear()
             self.armed = False
 
