@@ -1,22 +1,61 @@
 """What the Keras callbacks of :mod:`gradtel.keras` and :mod:`gradtel.tf_keras` share.
 
-A callback cannot see gradients (it only gets ``logs``); it instruments ``model.optimizer`` when training begins
-and forces ``fit`` to trace its step again, because a step traced before the patch would never call it.
+A callback cannot see gradients (it only gets ``logs``); it instruments optimizers when training begins and
+forces ``fit`` to trace its step again, because a step traced before the patch would never call it.
+
+Which optimizers: ``model.optimizer`` is not always the one that steps. A ``train_step`` with its own optimizers
+(the GAN pattern: ``compile(d_optimizer, g_optimizer, ...)`` stores them as attributes after
+``super().compile()``, which makes a default optimizer ``train_step`` never uses) steps those instead. Keras's
+attribute tracker follows variables, layers and metrics, not optimizers, so the callback reads the model's
+attributes itself: every optimizer held directly or one level down in a list or dict, plus ``model.optimizer``.
+
+At the end of ``fit`` the callback compares each optimizer's step count with the one at the start:
+
+- ``model.optimizer`` idle while another held optimizer stepped is the GAN pattern working as written: the
+  callback logs it once at INFO and stops watching it (it is uninstrumented when the callback instrumented it),
+  so no dead series is exported and ``handles`` lists the optimizers that train;
+- any other optimizer idle while the model trained is suspicious (a ``train_step`` that forgets to step a
+  sub-model, or steps an optimizer the model does not hold): an :class:`IdleOptimizerWarning` names it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import logging
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, ClassVar
 
 from gradtel.handle import Handle
-from gradtel.instrumenting import instrument, is_instrumented
+from gradtel.instrumenting import instrument, is_instrumented, uninstrument
+
+log = logging.getLogger("gradtel")
+
+#: The label of ``model.optimizer`` among several held optimizers.
+COMPILED = "optimizer"
+
+
+class IdleOptimizerWarning(UserWarning):
+    """An optimizer the model holds took no step during ``fit``, though training ran."""
+
+
+class _Watched:
+    """One optimizer the callback watches: its handle, whether this callback instrumented it, steps at start."""
+
+    def __init__(self, optimizer: Any, handle: Handle, owned: bool) -> None:
+        self.optimizer = weakref.ref(optimizer)  # the callback keeps no optimizer alive
+        self.handle = handle
+        self.owned = owned
+        self.steps_at_begin = 0
 
 
 class TelemetryMixin:
-    """``on_train_begin``: instrument the model's optimizer (once) and re-make the train function."""
+    """``on_train_begin``: instrument the optimizers the model steps (once) and re-make the train function;
+    ``on_train_end``: say which of them never stepped."""
 
     model: Any
+    #: The optimizer classes the callback looks for among the model's attributes (set by each flavour).
+    optimizer_types: ClassVar[tuple[type, ...]] = ()
 
     def __init__(
         self,
@@ -26,18 +65,131 @@ class TelemetryMixin:
         max_abs: bool | None = None,
         start_exporter: bool = True,
     ) -> None:
-        """The arguments are those of :func:`gradtel.instrument`."""
+        """The arguments are those of :func:`gradtel.instrument`. With several optimizers, ``name`` prefixes
+        each one's label (``"gan/d_optimizer"``); without it the attribute name is the label."""
         super().__init__()
-        self._options = {"name": name, "expect_missing": expect_missing, "max_abs": max_abs,
-                         "start_exporter": start_exporter}
-        self.handle: Handle | None = None
+        self._name = name
+        self._options = {"expect_missing": expect_missing, "max_abs": max_abs, "start_exporter": start_exporter}
+        self._watched: dict[str, _Watched] = {}
+        self._batches = 0
+        #: ``model.optimizer`` objects found idle beside a stepping one: not instrumented again by a later fit.
+        self._dropped: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    @property
+    def handles(self) -> dict[str, Handle]:
+        """The watched optimizers' handles by label (attribute path, ``"optimizer"`` for ``model.optimizer``)."""
+        return {label: watched.handle for label, watched in self._watched.items()}
+
+    @property
+    def handle(self) -> Handle | None:
+        """The first watched handle: ``model.optimizer``'s when it is the only optimizer, else the first held
+        one (``d_optimizer`` in a GAN). ``handles`` has them all."""
+        return next((watched.handle for watched in self._watched.values()), None)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is None:
+        held = self._held_optimizers()
+        if not held:
             raise ValueError("GradientTelemetry needs a compiled model: call model.compile(optimizer=...) first")
+        self._batches = 0
+        retrace = False
+        for label, optimizer in held.items():
+            watched = self._watched.get(label)
+            if watched is None or watched.optimizer() is not optimizer or not watched.handle.active:
+                watched = self._watch(label, optimizer, several=len(held) > 1)
+                self._watched[label] = watched
+                retrace = True  # even if instrumented elsewhere: after a step traced earlier, it takes effect
+            watched.steps_at_begin = watched.handle.summary().steps
+        for label in set(self._watched) - set(held):
+            del self._watched[label]
+        if retrace:
+            self.model.make_train_function(force=True)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._batches += 1
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        try:
+            self._report_idle()
+        except Exception:  # telemetry never fails the user's training
+            log.debug("gradtel: could not check which optimizers stepped", exc_info=True)
+
+    def _held_optimizers(self) -> dict[str, Any]:
+        """label -> optimizer: those held as attributes (one level into lists and dicts), then
+        ``model.optimizer``; each object once, a loss-scale wrapper's inner optimizer left to its wrapper."""
+        found: dict[str, Any] = {}
+        for label, optimizer in _attribute_optimizers(self.model, self.optimizer_types):
+            if label != COMPILED and all(optimizer is not known for known in found.values()):
+                found[label] = optimizer
+        compiled = getattr(self.model, "optimizer", None)
+        held_elsewhere = any(compiled is known for known in found.values())
+        if compiled is not None and not held_elsewhere and not (found and compiled in self._dropped):
+            found[COMPILED] = compiled
+        inner = [getattr(optimizer, "inner_optimizer", None) for optimizer in found.values()]
+        return {label: opt for label, opt in found.items() if all(opt is not i for i in inner)}
+
+    def _watch(self, label: str, optimizer: Any, several: bool) -> _Watched:
         if is_instrumented(optimizer):
-            self.handle = instrument(optimizer)  # the existing handle
+            return _Watched(optimizer, instrument(optimizer), owned=False)  # the existing handle, its name
+        name = self._name
+        if several:
+            name = f"{self._name}/{label}" if self._name else label
+        return _Watched(optimizer, instrument(optimizer, name=name, **self._options), owned=True)
+
+    def _report_idle(self) -> None:
+        if not self._batches:
+            return  # no batch ran (epochs=0, an empty dataset): nothing should have stepped
+        stepped, idle = [], []
+        for label, watched in self._watched.items():
+            steps = watched.handle.summary().steps - watched.steps_at_begin
+            (stepped if steps > 0 else idle).append(label)
+        if stepped and COMPILED in idle:
+            idle.remove(COMPILED)
+            self._drop_compiled(stepped)
+        if idle:
+            warnings.warn(_idle_message(idle, stepped, self._watched), IdleOptimizerWarning, stacklevel=2)
+
+    def _drop_compiled(self, stepped: list[str]) -> None:
+        """``model.optimizer`` is unused beside the optimizers ``train_step`` steps: stop watching it."""
+        watched = self._watched.pop(COMPILED)
+        log.info(
+            "gradtel: model.optimizer (%r, made by compile()) took no step during fit; train_step stepped %s. "
+            "gradtel stops watching model.optimizer.",
+            watched.handle.name,
+            ", ".join(self._watched[label].handle.name for label in stepped),
+        )
+        optimizer = watched.optimizer()
+        if optimizer is None:
             return
-        self.handle = instrument(optimizer, **self._options)
-        self.model.make_train_function(force=True)
+        self._dropped.add(optimizer)
+        if watched.owned:
+            uninstrument(optimizer)
+
+
+def _attribute_optimizers(model: Any, types: tuple[type, ...]) -> Iterator[tuple[str, Any]]:
+    """(label, optimizer) for each optimizer in the model's attributes, directly or in a list/tuple/dict: public
+    attributes first, so an optimizer also held privately is labelled by its public name. TensorFlow's tracking
+    bookkeeping (``_self_*``: dicts mirroring the attributes) is skipped."""
+    attributes = [(a, v) for a, v in list(vars(model).items()) if not a.startswith("_self_")]
+    attributes.sort(key=lambda item: item[0].startswith("_"))  # stable: public, then private, each in order
+    for attribute, value in attributes:
+        if isinstance(value, types):
+            yield attribute, value
+        elif isinstance(value, Mapping):
+            yield from ((f"{attribute}[{key}]", v) for key, v in list(value.items()) if isinstance(v, types))
+        elif isinstance(value, (list, tuple)):
+            yield from ((f"{attribute}[{i}]", v) for i, v in enumerate(value) if isinstance(v, types))
+
+
+def _idle_message(idle: list[str], stepped: list[str], watched: Mapping[str, _Watched]) -> str:
+    names = ", ".join(f"{label} ({watched[label].handle.name!r})" for label in idle)
+    if stepped:
+        return (
+            f"gradtel: optimizer(s) {names} held by the model took no step during fit while "
+            f"{', '.join(stepped)} did: the variables they should train are not being updated "
+            "(does train_step apply their gradients?)"
+        )
+    return (
+        f"gradtel: no optimizer the model holds took a step during fit ({names}): gradtel measured no "
+        "gradient. If train_step steps an optimizer the model does not hold, hold it as a model attribute "
+        "(self.my_optimizer = ...) or instrument it with gradtel.instrument() before fit."
+    )

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import keras
 
-from gradtel.callback import TelemetryMixin
+from gradtel.callback import IdleOptimizerWarning, TelemetryMixin
+
+__all__ = ["GradientTelemetry", "IdleOptimizerWarning"]
 
 
 class GradientTelemetry(TelemetryMixin, keras.callbacks.Callback):
-    """Instrument ``model.optimizer`` when ``fit`` starts (arguments: those of ``gradtel.instrument``)."""
+    """Instrument the optimizers the model steps when ``fit`` starts: ``model.optimizer`` and those a custom
+    ``train_step`` holds as attributes (arguments: those of ``gradtel.instrument``)."""
+
+    # LossScaleOptimizer is a subclass: a wrapper is found, and its inner optimizer is left to it.
+    optimizer_types = (keras.optimizers.Optimizer,)
