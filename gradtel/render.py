@@ -29,17 +29,23 @@ def _optimizers_line(report: dict[str, Any]) -> str:
 
 
 def run_summary(report: dict[str, Any], shown: int = 4) -> str:
-    """``gradtel run``'s few lines at exit: the optimizers, then each finding with its variables and first location."""
+    """``gradtel run``'s lines at exit: one when all is healthy; else the optimizers, then each finding with its
+    variables and first location. Notes (intended, never faults) follow in either case."""
     causes = {v["name"]: v["cause"] for v in report["variables"]}
-    lines = [f"gradtel: {_optimizers_line(report)}"]
     findings = [f for f in report["findings"] if f["category"] != "expected_missing"]
-    if not findings:
-        lines.append(f"gradtel: no unhealthy gradient in {len(report['variables'])} variables")
+    if findings:
+        lines = [f"gradtel: {_optimizers_line(report)}"]
+    else:
+        lines = [f"gradtel: no unhealthy gradient in {len(report['variables'])} variables ({_optimizers_line(report)})"]
     for finding in findings:
         names = finding["variables"]
         where = next((c["location"] for n in names if (c := causes.get(n)) and c.get("location")), None)
         listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
         lines.append(f"gradtel: {finding['category']}: {listed}" + (f" (at {where})" if where else ""))
+    for note in report.get("notes", ()):
+        names = note["variables"]
+        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+        lines.append(f"gradtel: note, {note['category']} (no fault if intended): {listed}")
     if findings:
         lines.append("gradtel: the fixes are in the report (gradtel run --report FILE) and docs/runbooks.md")
     return "\n".join(lines)
@@ -59,8 +65,10 @@ def report_table(report: dict[str, Any]) -> str:
     if fixes:
         lines += ["", "How to fix:", *fixes]
     for finding in report["findings"]:
-        if finding["category"] == "not_optimized":
-            lines += ["", f"Never passed to an optimizer: {', '.join(finding['variables'])}. {finding['explanation']}"]
+        if finding["category"] == "untracked_variable":
+            lines += ["", f"Untracked, never trained: {', '.join(finding['variables'])}. {finding['explanation']}"]
+    for note in report.get("notes", ()):
+        lines += ["", f"Note, not optimized: {', '.join(note['variables'])}. {note['explanation']}"]
     return "\n".join(lines)
 
 

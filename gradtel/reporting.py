@@ -63,35 +63,55 @@ _FINDING_TEXT = {
     "replica_disagreement": "These variables get a gradient on some replicas and None on others, so the replicas "
                             "disagree on what trains: make the forward pass the same on every replica (no branch "
                             "on the replica id or on per-replica data shapes).",
-    "not_optimized": "These trainable variables influence the loss but were never passed to any optimizer, so they "
-                     "never train (plain tf.Variables in a Python list on a Keras 3 layer are not tracked): track "
-                     "them (add_weight, or a tracked attribute) so they reach the optimizer.",
+    "untracked_variable": "These plain tf.Variables are read in the training step and influence the loss, but "
+                          "Keras 3 does not track them (a tf.Variable set on a Keras 3 layer or kept in a Python "
+                          "list is not a Keras variable), so they are not in model.trainable_variables and never "
+                          "train: create them with self.add_weight(...) or keras.Variable(...).",
+    "not_optimized": "These trainable variables influence the loss but the program gave them to no optimizer, as "
+                     "a frozen feature extractor or a target network updated by assign is meant to be. If they "
+                     "should train, pass them to an optimizer; if not, trainable=False says so.",
 }
 
 
 def _finding_category(record: VariableRecord) -> str | None:
-    if record.state in ("nonfinite", "expected_missing", "replica_disagreement"):
-        return record.state
+    """The finding a variable belongs to: an ``--expect-missing`` match is expected whatever is wrong with it."""
     if record.state == "ok":
         return None
+    if record.expected_missing:
+        return "expected_missing"
+    if record.state in ("nonfinite", "replica_disagreement"):
+        return record.state
     cause = _cause(record)
     return cause["category"] if cause else "unknown"
 
 
-def _findings(records: list[VariableRecord], not_optimized: list[str]) -> list[dict[str, Any]]:
-    """Unhealthy variables grouped by cause; expected ones apart; variables no optimizer ever received."""
+def _grouped(groups: dict[str, list[str]]) -> list[dict[str, Any]]:
+    return [{"category": c, "variables": names, "explanation": _FINDING_TEXT.get(c) or causes.fix_for(c)}
+            for c, names in groups.items()]
+
+
+def _findings_and_notes(records: list[VariableRecord],
+                        not_optimized: list[tuple[str, bool]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Findings: what is wrong (unhealthy variables grouped by cause, untracked variables) and what was declared
+    expected. Notes: what is worth knowing but intended (tracked variables no optimizer received)."""
     groups: dict[str, list[str]] = defaultdict(list)
     for record in records:
         category = _finding_category(record)
         if category is not None:
             groups[category].append(record.name)
-    if not_optimized:
-        groups["not_optimized"] = list(not_optimized)
-    return [{"category": c, "variables": names, "explanation": _FINDING_TEXT.get(c) or causes.fix_for(c)}
-            for c, names in groups.items()]
+    notes: dict[str, list[str]] = defaultdict(list)
+    patterns = [h.expect_missing for h in instrumenting.handles()]
+    for name, tracked in not_optimized:
+        if any(p.matches(name) for p in patterns):
+            groups["expected_missing"].append(name)
+        elif tracked:
+            notes["not_optimized"].append(name)
+        else:
+            groups["untracked_variable"].append(name)
+    return _grouped(groups), _grouped(notes)
 
 
-def _not_optimized() -> list[str]:
+def _not_optimized() -> list[tuple[str, bool]]:
     diagnoser = instrumenting.current_diagnoser()
     if diagnoser is None:
         return []
@@ -114,13 +134,15 @@ def build() -> dict[str, Any]:
             entry["raised"] = summary.raised
         optimizers.append(entry)
         records.extend(handle_records)
+    findings, notes = _findings_and_notes(records, _not_optimized())
     return {
         "schema": SCHEMA,
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "run_id": run_id,
         "optimizers": optimizers,
         "variables": [_variable(r) for r in records],
-        "findings": _findings(records, _not_optimized()),
+        "findings": findings,
+        "notes": notes,
     }
 
 

@@ -28,6 +28,8 @@ log = logging.getLogger("gradtel")
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_TOO_FEW_STEPS = 0, 1, 3
 #: How often the check watcher looks at the step counters.
 CHECK_POLL_S = 0.05
+#: How long the check watcher waits, once the steps are counted, for an optimizer step still in progress to end.
+STEP_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ _json_fd: int | None = None
 _pid: int | None = None  # the launched process; forked children (data loaders) must not report or flush
 _finished = threading.Event()
 _lock = threading.Lock()
+#: ``gradtel check``: held from building the report to ``os._exit``, by the watcher or by the exit hook, so the
+#: script ending while the watcher judges waits for the verdict instead of ending the process without it.
+_judging = threading.Lock()
 
 
 def bootstrap_from_env() -> None:
@@ -106,20 +111,27 @@ def _finish() -> dict[str, Any] | None:
 def _at_exit() -> None:
     if os.getpid() != _pid:
         return
+    if _options.check_steps:
+        with _judging:
+            _judge_at_exit(_finish())
     report = _finish()
-    if _options.check_steps and report is not None:
-        # The script may end before the watcher's next look: judge what was measured by then. A step that raised
-        # (every gradient None) is a verdict in itself, however few steps ran.
-        enough = sum(o["steps"] for o in report["optimizers"]) >= _options.check_steps
-        enough = enough or verdict(report) == EXIT_UNHEALTHY
-        if not enough:
-            print(f"gradtel check: the script ended before {_options.check_steps} optimizer step(s) were "
-                  "measured", file=sys.stderr)
-        _print(report)
-        sys.stdout.flush()
-        os._exit(verdict(report) if enough else EXIT_TOO_FEW_STEPS)
     if report is not None:
         _summarize(report)
+
+
+def _judge_at_exit(report: dict[str, Any] | None) -> None:
+    """The script ended before the watcher's next look: judge what was measured by then. A step that raised (every
+    gradient None) is a verdict in itself, however few steps ran."""
+    if report is None:
+        return
+    enough = sum(o["steps"] for o in report["optimizers"]) >= _options.check_steps
+    enough = enough or verdict(report) == EXIT_UNHEALTHY
+    if not enough:
+        print(f"gradtel check: the script ended before {_options.check_steps} optimizer step(s) were "
+              "measured", file=sys.stderr)
+    _print(report)
+    sys.stdout.flush()
+    os._exit(verdict(report) if enough else EXIT_TOO_FEW_STEPS)
 
 
 def _summarize(report: dict[str, Any]) -> None:
@@ -140,17 +152,20 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def _watch_steps() -> None:
     """``gradtel check``: once every optimizer the script has created has taken N steps (or, after the first one
     has, ``check_timeout`` seconds went by), print the diagnosis and end the process with its verdict."""
-    need, first_done = _options.check_steps or 1, None
+    need, first_done, all_done = _options.check_steps or 1, None, None
     while not _finished.is_set():
         try:
             handles = instrumenting.handles(active_only=True)
             done = [h.summary().steps >= need for h in handles]
             if done and all(done):
-                _stop_and_judge()
-                return
+                all_done = all_done or time.monotonic()
+                if _between_steps(all_done):
+                    _stop_and_judge()
+                    return
             if any(done):
                 first_done = first_done or time.monotonic()
-                if time.monotonic() - first_done >= _options.check_timeout:
+                expired = first_done + _options.check_timeout
+                if time.monotonic() >= expired and _between_steps(expired):
                     waiting = ", ".join(h.name for h, d in zip(handles, done, strict=True) if not d)
                     print(f"gradtel check: optimizer(s) {waiting} took fewer than {need} step(s) in the "
                           f"{_options.check_timeout:g} s after the first was done; judging what was measured",
@@ -162,18 +177,41 @@ def _watch_steps() -> None:
         time.sleep(CHECK_POLL_S)
 
 
+def _between_steps(since: float) -> bool:
+    """No optimizer step is in progress, or one has been for too long (``STEP_GRACE_S`` after ``since``)."""
+    return not _step_in_progress() or time.monotonic() - since >= STEP_GRACE_S
+
+
+def _step_in_progress() -> bool:
+    """Whether another thread is inside an instrumented optimizer's apply. An eager step is counted when its
+    gradients are measured, before Keras applies them, or raises 'No gradients provided' (the report keeps that
+    message): the check judges between steps, never halfway through one."""
+    here = threading.get_ident()
+    for thread_id, frame in sys._current_frames().items():
+        if thread_id == here:
+            continue
+        while frame is not None:
+            if frame.f_code.co_filename == instrumenting.__file__:
+                return True
+            frame = frame.f_back
+    return False
+
+
 def _stop_and_judge() -> None:
-    report = _finish()
-    if report is not None:
-        _print(report)
-        sys.stdout.flush()
-        os._exit(verdict(report))
+    with _judging:
+        report = _finish()
+        if report is not None:
+            _print(report)
+            sys.stdout.flush()
+            os._exit(verdict(report))
 
 
 def verdict(report: dict[str, Any]) -> int:
-    """1 when any variable not declared expected is missing, zero or non-finite; else 0."""
+    """1 when any variable not declared expected is missing, zero or non-finite, or is read in the step but
+    untracked (it never reaches an optimizer); else 0."""
     bad = [v for v in report["variables"] if v["status"] != "ok" and not v["expected"]]
-    return EXIT_UNHEALTHY if bad else EXIT_HEALTHY
+    untracked = [f for f in report["findings"] if f["category"] == "untracked_variable"]
+    return EXIT_UNHEALTHY if bad or untracked else EXIT_HEALTHY
 
 
 def _print(report: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 import gradtel
+from gradtel import runner
 from gradtel.keras import GradientTelemetry
 from tests.core.test_cli import BIN, ENV
 from tests.pitfalls import UntrackedScale
@@ -71,6 +73,11 @@ def test_run_keeps_the_exit_status_and_writes_the_report(tmp_path, mode, status)
     assert proc.returncode == status, err
     check_report(tmp_path / "report.json", steps=4)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gradtel-report-")]  # no temporary left
+    # However the script ends, the summary on stderr names the disconnected head and a line of the script.
+    summary = [line for line in err.splitlines() if line.startswith("gradtel: ")]
+    assert summary[0] == "gradtel: optimizers: adam (4 steps)"
+    script = re.escape(str(tmp_path / "train.py"))
+    assert re.fullmatch(rf"gradtel: not_on_loss_path: aux/kernel, aux/bias \(at {script}:\d+\)", summary[1]), summary
 
 
 @pytest.mark.slow
@@ -177,9 +184,11 @@ def test_report_finds_variables_no_optimizer_receives():
     model.compile(optimizer="sgd", loss="mse")
     model.fit(np.ones((4, 3)), np.ones((4, 1)), verbose=0,
               callbacks=[GradientTelemetry(name="not-optimized", start_exporter=False)])
-    findings = {f["category"]: f["variables"] for f in gradtel.report()["findings"]}
-    assert [n for n in findings["not_optimized"] if n.endswith("scaled/untracked_scale")]
-    assert not any("kernel" in name for name in findings["not_optimized"]), findings["not_optimized"]
+    report = gradtel.report()
+    findings = {f["category"]: f["variables"] for f in report["findings"]}
+    assert [n for n in findings["untracked_variable"] if n.endswith("scaled/untracked_scale")]
+    assert not any("kernel" in name for name in findings["untracked_variable"]), findings["untracked_variable"]
+    assert runner.verdict(report) == runner.EXIT_UNHEALTHY
 
 
 def test_variables_of_an_optimizer_long_gone_are_not_reported_not_optimized():
@@ -199,5 +208,6 @@ def test_variables_of_an_optimizer_long_gone_are_not_reported_not_optimized():
         gradtel.instrument(churn, name=f"churn-{i}", start_exporter=False)
         gradtel.uninstrument(churn)
     assert "gone-optimizer" not in [h.name for h in instrumenting.handles()]  # the premise: dropped
-    names = [n for f in gradtel.report()["findings"] if f["category"] == "not_optimized" for n in f["variables"]]
+    report = gradtel.report()
+    names = [n for f in report["findings"] + report["notes"] for n in f["variables"]]
     assert not [n for n in names if "outlived" in n], names

@@ -88,7 +88,7 @@ def test_graph_diagnosis_is_cached_per_trace(diagnoser: Diagnoser) -> None:
     step(tf.ones((2, 3)))
     step(tf.ones((2, 3)))
     assert len(results) == 1
-    assert [c.category for c in results[0].causes.values()] == ["unused", "unused"]
+    assert [c.category for c in results[0].causes.values()] == ["unused", "unused"], results[0].causes
 
 
 def test_not_optimized_names_plain_variables_in_a_python_list(diagnoser: Diagnoser) -> None:
@@ -99,7 +99,7 @@ def test_not_optimized_names_plain_variables_in_a_python_list(diagnoser: Diagnos
         loss = tf.reduce_mean(layer(tf.ones((2, 3))))
     grads = tape.gradient(loss, layer.trainable_variables)
     diagnoser.diagnose(list(grads), layer.trainable_variables)
-    assert diagnoser.not_optimized(layer.trainable_variables) == ["scaled/untracked_scale"]
+    assert diagnoser.not_optimized(layer.trainable_variables) == [("scaled/untracked_scale", False)]
     assert diagnoser.not_optimized([*layer.trainable_variables, *layer.extras]) == []
 
 
