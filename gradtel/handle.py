@@ -123,6 +123,10 @@ class Handle:
         try:
             table = self._table_for(variables)
             self._diagnose(table, grads, variables)
+            if all(g is None for g in grads):
+                # Every supported optimizer raises 'No gradients provided' here: the step never happens, in eager
+                # mode as in a trace, so it is not counted; enriched_errors keeps its diagnosis for the report.
+                return
             replica = _replica()
             if replica is None:
                 self._measure(table, self._unscaled(grads), loss_scaled=self._loss_scale is not None)

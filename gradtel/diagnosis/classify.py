@@ -24,6 +24,7 @@ from typing import Any
 from gradtel.diagnosis.cause import UNKNOWN, Cause, make_cause
 from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, DataflowGraph, Node
 from gradtel.diagnosis.op_rules import (
+    ASSIGN_OPS,
     GATING_ACTIVATIONS,
     USER_GRADIENT_OPS,
     ZERO_GRADIENT_OPS,
@@ -71,7 +72,13 @@ class Analysis:
 
     @cached_property
     def loss_ancestors(self) -> set[int]:
-        return self.flow.ancestors(self.call.targets)
+        return self.flow.ancestors(self.call.targets, self.crosses)
+
+    def crosses(self, node: Node) -> bool:
+        """Whether a path to the loss may run through this node. A variable assigned before the tape and read inside
+        it is read as a variable: the history of its new value (an optimizer's update computed from another loss,
+        in a GAN's step) is no path to this loss; an assignment inside the tape is one (stateful_assign)."""
+        return node.op_type not in ASSIGN_OPS or self.recorded(node)
 
     @cached_property
     def gradient_reach(self) -> set[int]:
@@ -149,12 +156,15 @@ def _integer_source(flow: DataflowGraph, key: int, reach_from_var: set[int]) -> 
 
 def explain_missing(analysis: Analysis, variable: Any, keys: set[int], name: str) -> Cause:
     """The cause of a None gradient for a trainable, floating variable whose handle has ``keys``."""
-    reach_from_var = analysis.flow.descendants(keys)
+    reach_from_var = analysis.flow.descendants(keys, crosses=analysis.crosses)
     if not (reach_from_var & analysis.loss_ancestors):
         return _no_path(analysis, variable, keys, name, reach_from_var)
     reach = analysis.gradient_reach
     if keys & reach:
         return _unexplained(analysis, variable, keys, name, reach_from_var)
+    # Where the gradient reaches a tensor computed from the variable, the cut is upstream of it: a tensor past it
+    # (the bool condition of a where() on a prediction the gradient did reach) is no cut.
+    reach_from_var = analysis.flow.descendants(keys, stop=reach, crosses=analysis.crosses)
     cuts = _cut_nodes(analysis, reach_from_var, reach)
     if not cuts:
         return make_cause(UNKNOWN, f"No cut was found on the paths from `{name}` to the loss")

@@ -135,24 +135,37 @@ class DataflowGraph:
             found.extend(node for node in self.consumers.get(key, ()) if node.outputs)
         return found
 
-    def descendants(self, keys: Iterable[int]) -> set[int]:
-        """Every tensor computed from these tensors, over all edges."""
+    def descendants(self, keys: Iterable[int], stop: set[int] | None = None,
+                    crosses: Callable[[Node], bool] | None = None) -> set[int]:
+        """Every tensor computed from these tensors, over all edges (not beyond the tensors in ``stop``, which are
+        included but not followed; only through nodes ``crosses`` accepts)."""
         seen = set(keys)
         stack = list(seen)
         while stack:
-            for _node, out in self.live_consumers(stack.pop()):
+            key = stack.pop()
+            if stop is not None and key in stop:
+                continue
+            for node, out in self.live_consumers(key):
+                if crosses is not None and not crosses(node):
+                    continue
                 if out not in seen:
                     seen.add(out)
                     stack.append(out)
         return seen
 
-    def ancestors(self, keys: Iterable[int]) -> set[int]:
-        """Every tensor these tensors were computed from, over all edges."""
-        seen = set(keys)
+    def ancestors(self, keys: Iterable[int], crosses: Callable[[Node], bool] | None = None) -> set[int]:
+        """Every tensor these tensors were computed from, over all edges (only through nodes ``crosses`` accepts)."""
+        start = set(keys)
+        seen = set(start)
         stack = list(seen)
         while stack:
-            node = self.producer.get(stack.pop())
+            key = stack.pop()
+            node = self.producer.get(key)
             if node is None:
+                continue
+            if crosses is not None and not crosses(node):
+                if key not in start:  # made only by a node not crossed: not an ancestor through allowed edges
+                    seen.discard(key)
                 continue
             for key in node.inputs:
                 if key not in seen:

@@ -50,7 +50,7 @@ class Diagnoser:
 
     def __init__(self, max_recorded_ops: int = 100_000) -> None:
         self._recorder = EagerRecorder(max_recorded_ops)
-        self._tapes = TapeHook(self._recorder.clock, self._recorder.paused, self._graph_step_started)
+        self._tapes = TapeHook(self._recorder.clock, self._recorder.paused)
         self._pipeline = PipelineHook()
         self._eager_cache: OrderedDict[_Key, Diagnosis] = OrderedDict()
         self._graph_cache: weakref.WeakKeyDictionary[Any, dict[_Key, Diagnosis]] = weakref.WeakKeyDictionary()
@@ -90,14 +90,6 @@ class Diagnoser:
         if self._installed and not self._recorder.armed:
             with contextlib.suppress(Exception):
                 self._arm()
-
-    def _graph_step_started(self) -> None:
-        """A step is being traced: nothing it runs is eager, and the class-level read hook of an armed recorder
-        would only slow the trace (every attribute read of every variable). Recording resumes if a pending eager
-        set still needs it."""
-        if self._recorder.armed and not self._pending:
-            self._recorder.disarm()
-            self._step_recorded = False
 
     def _arm(self) -> None:
         self._recorder.arm()

@@ -89,7 +89,11 @@ def _link(flow: DataflowGraph, sources: list[Any], target: Any, seq: int, op: An
 
 
 def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, depth: int) -> bool:
-    """Add a control-flow or call op as its bodies linked to its inputs and outputs; False if not one."""
+    """Add a control-flow or call op as its bodies linked to its inputs and outputs; False if not one.
+
+    A body may have more outputs than its op: once a tape differentiates a call, TensorFlow appends the
+    intermediates its backward function needs to the forward FuncGraph's outputs. The op's outputs are the first
+    ones."""
     try:
         bodies = _bodies(graph, op)
     except Exception:
@@ -100,17 +104,17 @@ def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, d
     inputs, outputs = list(op.inputs), list(op.outputs)
     if kind == "call":
         (body,) = graphs
-        if len(body.inputs) != len(inputs) or len(body.outputs) != len(outputs):
+        if len(body.inputs) != len(inputs) or len(body.outputs) < len(outputs):
             return False
         for outer, inner in zip(inputs, body.inputs, strict=True):
             _link(flow, [outer], inner, seq, op, branch)
         _add_graph(flow, body, seq, branch, depth + 1)
-        for inner, outer in zip(body.outputs, outputs, strict=True):
+        for inner, outer in zip(body.outputs[: len(outputs)], outputs, strict=True):
             _link(flow, [inner], outer, seq, op, branch)
         return True
     if kind == "branches":
         args = inputs[1:]
-        if any(len(b.inputs) != len(args) or len(b.outputs) != len(outputs) for b in graphs):
+        if any(len(b.inputs) != len(args) or len(b.outputs) < len(outputs) for b in graphs):
             return False
         site = functools.partial(_op_location, op)
         for body in graphs:

@@ -58,12 +58,9 @@ def _graph_clock(graph: Any) -> int:
 class TapeHook:
     """Installs the GradientTape patches and keeps the most recent gradient calls per graph."""
 
-    def __init__(
-        self, eager_clock: Callable[[], int], eager_pause: Callable[[], Any], on_graph_tape: Callable[[], None]
-    ) -> None:
+    def __init__(self, eager_clock: Callable[[], int], eager_pause: Callable[[], Any]) -> None:
         self._eager_clock = eager_clock
         self._eager_pause = eager_pause
-        self._on_graph_tape = on_graph_tape  # a tape opened while tracing: the step runs as a graph
         self._originals: dict[str, Any] = {}
         self._eager_calls: deque[GradientCall] = deque(maxlen=_MAX_CALLS)
         self._graph_calls: weakref.WeakKeyDictionary[Any, deque[GradientCall]] = weakref.WeakKeyDictionary()
@@ -115,8 +112,6 @@ class TapeHook:
 
     def _open_interval(self, tape: Any) -> None:
         graph, now = self._clock()
-        if graph is not None:
-            self._on_graph_tape()
         where = location_of_mapped_stack()
         tape.__dict__.setdefault(_INTERVALS, []).append([_graph_ref(graph), now, float("inf"), where])
 
