@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from gradtel.diagnosis import graph_source
 from gradtel.diagnosis.cause import UNKNOWN, Cause, make_cause
-from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, DataflowGraph, Node
+from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, OP, DataflowGraph, Node
 from gradtel.diagnosis.op_rules import (
     ASSIGN_OPS,
     GATING_ACTIVATIONS,
@@ -47,6 +48,8 @@ class Analysis:
     call: GradientCall
     step_start: int = -1
     read_in_pipeline: Callable[[Any], tuple[bool, str | None]] = lambda resource: (False, None)
+    #: Eager mode: the FuncGraph of a tf.function by the name its call op ran under (None when unknown).
+    function_graph: Callable[[str], Any] = lambda name: None
     #: Graph mode: the eager recording, and which graph tensors capture eager values (graph id -> eager id).
     earlier: DataflowGraph | None = None
     captured: dict[int, int] = field(default_factory=dict)
@@ -71,8 +74,13 @@ class Analysis:
         return blocking_category(node.op_type) is None
 
     @cached_property
+    def targets(self) -> tuple[int, ...]:
+        """The differentiated tensors in the flow (a variable target stands for its latest written value)."""
+        return tuple(self.flow.value_of(key) for key in self.call.targets)
+
+    @cached_property
     def loss_ancestors(self) -> set[int]:
-        return self.flow.ancestors(self.call.targets, self.crosses)
+        return self.flow.ancestors(self.targets, self.crosses)
 
     def crosses(self, node: Node) -> bool:
         """Whether a path to the loss may run through this node. A variable assigned before the tape and read inside
@@ -82,15 +90,15 @@ class Analysis:
 
     @cached_property
     def gradient_reach(self) -> set[int]:
-        return self.flow.gradient_ancestors(self.call.targets, self.passes)
+        return self.flow.gradient_ancestors(self.targets, self.passes)
 
-    def gradient_reach_avoiding(self, avoid: Callable[[Node], bool]) -> set[int]:
-        """Like gradient_reach, but the gradient may not cross nodes for which ``avoid`` holds."""
-        return self.flow.gradient_ancestors(self.call.targets, lambda n: not avoid(n) and self.passes(n))
+    def zero_reach_avoiding(self, avoid: Callable[[Node], bool]) -> set[int]:
+        """Like zero_reach, but the gradient may not cross nodes for which ``avoid`` holds."""
+        return self.flow.gradient_ancestors(self.targets, lambda n: not avoid(n) and self.zero_passes(n))
 
     @cached_property
     def loss_location(self) -> str | None:
-        for key in self.call.targets:
+        for key in self.targets:
             node = self.flow.producer.get(key)
             if node is not None:
                 return node.location()
@@ -103,13 +111,23 @@ class Analysis:
         return [(c.seq, c.numpy) for c in self.flow.imports if c.tensor in self.loss_ancestors
                 and c.seq > self.step_start and self.in_tape(c.seq)]
 
+    def zero_passes(self, node: Node) -> bool:
+        """Whether a (possibly zero) gradient crosses this node: as ``passes``, and also an op without a gradient
+        inside a cond branch or a loop body, whose None TensorFlow's control-flow gradient turns into zeros."""
+        return self.passes(node) or (node.zero_filled and node.kind == OP and self.recorded(node))
+
+    @cached_property
+    def zero_reach(self) -> set[int]:
+        """Tensors that get a gradient, zeros included."""
+        return self.flow.gradient_ancestors(self.targets, self.zero_passes)
+
     @cached_property
     def zero_rules(self) -> list[ZeroRule]:
         """Each zero rule that some node of this graph matches, with its shared reachability tables."""
         rules = []
-        for category, on_node in _ZERO_RULES:
-            if any(on_node(n) for n in self.flow.nodes):
-                rules.append((category, self.gradient_reach_avoiding(on_node), self._culprits(on_node)))
+        for category, avoid, blame in _ZERO_RULES:
+            if any(avoid(n) for n in self.flow.nodes):
+                rules.append((category, self.zero_reach_avoiding(avoid), self._culprits(blame)))
         return rules
 
     @cached_property
@@ -118,7 +136,7 @@ class Analysis:
         return self._culprits(lambda n: n.half and n.kind != LINK)
 
     def _culprits(self, on_node: Callable[[Node], bool]) -> dict[int, Node]:
-        reach = self.gradient_reach
+        reach = self.zero_reach
         return self.flow.newest_downstream(lambda n: on_node(n) and any(k in reach for k in n.outputs))
 
     def step_reads(self, keys: set[int]) -> list[Node]:
@@ -287,12 +305,33 @@ def _unexplained(analysis: Analysis, variable: Any, keys: set[int], name: str,
                 f"The gradient function of {label} returns None for `{name}`",
                 op="custom_gradient", location=node.location(),
             )
+        inner = _blocking_inside(analysis, node) if node.kind == FUNCTION else None
+        if inner is not None:
+            return make_cause(
+                "non_differentiable_op",
+                f"`{name}` reaches the loss through a tf.function whose {describe_op(inner.op_type)} has no gradient",
+                op=inner.op_type, location=inner.location() or node.location(),
+            )
         return make_cause(
             "non_differentiable_op",
             f"The gradient of {describe_op(node.op_type)} on the path from `{name}` to the loss is None",
             op=node.op_type, location=node.location(),
         )
     return make_cause(UNKNOWN, f"No cut was found on the paths from `{name}` to the loss")
+
+
+def _blocking_inside(analysis: Analysis, node: Node) -> Node | None:
+    """Eager mode: the newest op without a gradient between the inputs and outputs of the tf.function this call
+    ran (its FuncGraph, noted by the recorder when it was called), or None when it is not known."""
+    graph = analysis.function_graph(node.op_type)
+    if graph is None:
+        return None
+    body = graph_source.build(graph)
+    downstream = body.descendants(t._id for t in graph.inputs)
+    upstream = body.ancestors(t._id for t in graph.outputs)
+    blocking = [n for n in body.nodes if n.kind == OP and blocking_category(n.op_type) is not None
+                and any(k in downstream for k in n.inputs) and any(k in upstream for k in n.outputs)]
+    return max(blocking, key=lambda n: n.seq) if blocking else None
 
 
 def _cut_cause(analysis: Analysis, node: Node, key: int, name: str, reach_from_var: set[int]) -> Cause:
@@ -324,10 +363,19 @@ def _cut_cause(analysis: Analysis, node: Node, key: int, name: str, reach_from_v
     return make_cause(category, detail, op=node.op_type, location=node.location())
 
 
-_ZERO_RULES: tuple[tuple[str, Callable[[Node], bool]], ...] = (
-    ("zero_gradient_op", lambda n: n.op_type in ZERO_GRADIENT_OPS),
-    ("untaken_branch", lambda n: n.in_branch),
-    ("dead_activation", lambda n: n.op_type in GATING_ACTIVATIONS),
+def _zero_op(node: Node) -> bool:
+    """An op whose gradient is zero: zero almost everywhere (Sign), or none at all inside control flow (zero-filled)."""
+    return node.op_type in ZERO_GRADIENT_OPS or (
+        node.zero_filled and node.kind == OP and blocking_category(node.op_type) is not None)
+
+
+#: (category, nodes every path must cross, nodes to blame), in order. The second rule: every path crosses a branch or
+#: a zero op, and a zero op is on some path; a zero gradient was observed, so the branch taken is the zero op's.
+_ZERO_RULES: tuple[tuple[str, Callable[[Node], bool], Callable[[Node], bool]], ...] = (
+    ("zero_gradient_op", _zero_op, _zero_op),
+    ("zero_gradient_op", lambda n: _zero_op(n) or n.in_branch, _zero_op),
+    ("untaken_branch", lambda n: n.in_branch, lambda n: n.in_branch),
+    ("dead_activation", lambda n: n.op_type in GATING_ACTIVATIONS, lambda n: n.op_type in GATING_ACTIVATIONS),
 )
 
 
@@ -338,7 +386,7 @@ def zero_hint(analysis: Analysis, keys: set[int], variable: Any, float16: bool) 
     """
     if float16:
         return make_cause("underflow", f"`{display_name(variable)}` has a float16 gradient")
-    if not keys & analysis.gradient_reach:
+    if not keys & analysis.zero_reach:
         return None
     half = _newest(analysis.half_on_path, keys)
     if half is not None:
@@ -351,6 +399,8 @@ def zero_hint(analysis: Analysis, keys: set[int], variable: Any, float16: bool) 
             continue
         name = display_name(variable)
         culprit = _newest(culprits, keys)
+        if culprit is None and category == "zero_gradient_op":
+            continue  # the second rule holds only with a zero op to blame
         if category == "untaken_branch":
             location = culprit.branch_location() if culprit is not None else None
             return make_cause(category, f"Every path from `{name}` to the loss runs inside a tf.cond branch",

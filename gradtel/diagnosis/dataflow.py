@@ -44,6 +44,7 @@ class Node:
     branch: Where = None
     in_branch: bool = False
     half: bool = False  # an output is float16: gradients through it can underflow without loss scaling
+    zero_filled: bool = False  # in a cond branch or loop body: a None gradient through it becomes zeros
 
     def location(self) -> str | None:
         """The user's ``file:line`` for this op, resolved on first use (tracebacks are costly)."""
@@ -112,6 +113,10 @@ class DataflowGraph:
         node.inputs, node.in_ok = tuple(inputs), tuple(in_ok)
         node.outputs, node.out_ok = (state,), (True,)
         self._state[handle] = state
+
+    def value_of(self, key: int) -> int:
+        """The tensor holding ``key``'s value: a variable handle's latest written state, else ``key`` itself."""
+        return self._state.get(key, key)
 
     def add_escape(self, crossing: Crossing) -> None:
         """Note that a tensor's value left TensorFlow."""

@@ -197,7 +197,8 @@ class Diagnoser:
                 flow = None
             if flow is not None:
                 analysis = Analysis(flow, call, step_start if call.graph is None else -1,
-                                    read_in_pipeline=self._pipeline.read_in_pipeline)
+                                    read_in_pipeline=self._pipeline.read_in_pipeline,
+                                    function_graph=self._recorder.function_graph)
                 if call_graph is not None:
                     analysis.earlier = self._recorder.graph
                     analysis.captured = graph_source.captured_values(call_graph)

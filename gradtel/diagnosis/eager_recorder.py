@@ -19,11 +19,13 @@ import contextlib
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from tensorflow.python.eager import context, record
+from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import constant_op, op_callbacks, ops
 from tensorflow.python.ops import resource_variable_ops, script_ops
 from tensorflow.python.util import nest
@@ -34,6 +36,8 @@ from gradtel.diagnosis.graph_source import carries_gradient, has_half
 
 #: Ways a tensor's values leave TensorFlow that Python code can see (NumPy's buffer-protocol reads cannot be hooked).
 _ESCAPE_METHODS = ("numpy", "__array__", "__float__", "__int__")
+#: tf.functions remembered by name at most (the newest kept).
+_MAX_FUNCTIONS = 256
 
 
 def _flags(tensors: Any) -> tuple[bool, ...]:
@@ -53,6 +57,8 @@ class EagerRecorder:
         #: (or only in graph mode, after long eager work) must not pay for recording forever.
         self.max_armed_ops = max_armed_ops
         self._armed_at = 0
+        #: tf.functions called eagerly while recording, by the name of their call op (bounded, weak).
+        self._functions: dict[str, weakref.ref] = {}
         self.graph = DataflowGraph()
         self.seq = 0
         self.armed = False
@@ -77,6 +83,8 @@ class EagerRecorder:
         script_ops.py_func_common = self._numpy_function_wrapper(script_ops.py_func_common)
         self._originals["convert_to_eager_tensor"] = constant_op.convert_to_eager_tensor
         constant_op.convert_to_eager_tensor = self._import_wrapper(constant_op.convert_to_eager_tensor)
+        self._originals["call_flat"] = atomic_function.AtomicFunction.call_flat
+        atomic_function.AtomicFunction.call_flat = self._function_call_wrapper(self._originals["call_flat"])
 
     def uninstall(self) -> None:
         """Disarm, restore the patches and drop everything recorded."""
@@ -87,6 +95,8 @@ class EagerRecorder:
             record.record_operation = self._originals["record_operation"]
             script_ops.py_func_common = self._originals["py_func_common"]
             constant_op.convert_to_eager_tensor = self._originals["convert_to_eager_tensor"]
+            atomic_function.AtomicFunction.call_flat = self._originals["call_flat"]
+        self._functions = {}
         self._originals = {}
         self.graph = DataflowGraph()
 
@@ -228,6 +238,26 @@ class EagerRecorder:
             return result
 
         return py_func_common
+
+    def function_graph(self, name: str) -> Any:
+        """The FuncGraph of the tf.function whose eager call ran as op ``name``, if it was called while recording."""
+        ref = self._functions.get(name)
+        function = ref() if ref is not None else None
+        return function.graph if function is not None else None
+
+    def _function_call_wrapper(self, original: Any) -> Any:
+        recorder = self
+
+        def call_flat(function: Any, *args: Any) -> Any:
+            if recorder._recording() and context.executing_eagerly():
+                with contextlib.suppress(Exception):
+                    name = function.name
+                    recorder._functions[name.decode() if isinstance(name, bytes) else name] = weakref.ref(function)
+                    while len(recorder._functions) > _MAX_FUNCTIONS:
+                        del recorder._functions[next(iter(recorder._functions))]
+            return original(function, *args)
+
+        return call_flat
 
     def _import_wrapper(self, original: Any) -> Any:
         recorder = self

@@ -57,22 +57,24 @@ def _flags(tensors: Any) -> tuple[bool, ...]:
 def build(graph: Any) -> DataflowGraph:
     """The dataflow graph of a FuncGraph as it stands now (ops added later are not seen)."""
     flow = DataflowGraph()
-    _add_graph(flow, graph, seq=None, branch=None, depth=0)
+    _add_graph(flow, graph, seq=None, branch=None, depth=0, filled=False)
     return flow
 
 
-def _add_graph(flow: DataflowGraph, graph: Any, seq: int | None, branch: Where, depth: int) -> None:
+def _add_graph(flow: DataflowGraph, graph: Any, seq: int | None, branch: Where, depth: int, filled: bool) -> None:
+    """Add ``graph``'s ops; ``filled``: inside a cond branch or a loop body, where TensorFlow's control-flow gradients
+    turn a None gradient into zeros."""
     for op in graph.get_operations():
         if op.type == "Placeholder" and op.outputs[0]._id in flow.producer:
             continue  # a body's argument: already produced by the link from the caller's input
         op_seq = op._id if seq is None else seq
-        if depth < _MAX_DEPTH and _inline(flow, graph, op, op_seq, branch, depth):
+        if depth < _MAX_DEPTH and _inline(flow, graph, op, op_seq, branch, depth, filled):
             continue
         kind = CUSTOM_GRADIENT if "_gradient_op_type" in op.node_def.attr else _kind_of(op)
         flow.add(Node(
             op.type, tuple(t._id for t in op.inputs), tuple(t._id for t in op.outputs), op_seq,
             _flags(op.inputs), _flags(op.outputs), functools.partial(_op_location, op), kind,
-            branch=branch, in_branch=branch is not None, half=has_half(op.outputs),
+            branch=branch, in_branch=branch is not None, half=has_half(op.outputs), zero_filled=filled,
         ))
 
 
@@ -88,7 +90,7 @@ def _link(flow: DataflowGraph, sources: list[Any], target: Any, seq: int, op: An
     ))
 
 
-def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, depth: int) -> bool:
+def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, depth: int, filled: bool) -> bool:
     """Add a control-flow or call op as its bodies linked to its inputs and outputs; False if not one.
 
     A body may have more outputs than its op: once a tape differentiates a call, TensorFlow appends the
@@ -108,7 +110,7 @@ def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, d
             return False
         for outer, inner in zip(inputs, body.inputs, strict=True):
             _link(flow, [outer], inner, seq, op, branch)
-        _add_graph(flow, body, seq, branch, depth + 1)
+        _add_graph(flow, body, seq, branch, depth + 1, filled)
         for inner, outer in zip(body.outputs[: len(outputs)], outputs, strict=True):
             _link(flow, [inner], outer, seq, op, branch)
         return True
@@ -120,7 +122,7 @@ def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, d
         for body in graphs:
             for outer, inner in zip(args, body.inputs, strict=True):
                 _link(flow, [outer], inner, seq, op, site)
-            _add_graph(flow, body, seq, site, depth + 1)
+            _add_graph(flow, body, seq, site, depth + 1, True)
         for j, outer in enumerate(outputs):
             _link(flow, [body.outputs[j] for body in graphs], outer, seq, op, branch)
         return True
@@ -129,7 +131,7 @@ def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, d
         return False
     for j, inner in enumerate(body.inputs):
         _link(flow, [inputs[j], body.outputs[j]], inner, seq, op, branch)
-    _add_graph(flow, body, seq, branch, depth + 1)
+    _add_graph(flow, body, seq, branch, depth + 1, True)
     for j, outer in enumerate(outputs):
         _link(flow, [inputs[j], body.outputs[j]], outer, seq, op, branch)
     return True

@@ -21,7 +21,7 @@ from tensorflow.python.eager import backprop, context
 from tensorflow.python.framework import ops
 
 from gradtel.diagnosis.frames import location_of_mapped_stack
-from gradtel.diagnosis.variables import identity
+from gradtel.diagnosis.variables import identity, underlying
 
 _MAX_CALLS = 8
 _INTERVALS = "_gradtel_intervals"
@@ -126,7 +126,7 @@ class TapeHook:
         mine = [interval for interval in tape.__dict__.get(_INTERVALS, ()) if interval[0] == graph_ref]
         intervals = tuple((start, end if end != float("inf") else now) for _, start, end, _ in mine)
         call = GradientCall(
-            targets=tuple(t._id for t in tf.nest.flatten(target) if hasattr(t, "_id")),
+            targets=tuple(key for key in map(_target_key, tf.nest.flatten(target)) if key is not None),
             sources=frozenset(identity(s) for s in tf.nest.flatten(sources)),
             watched=tuple(tape.watched_variables()),
             intervals=intervals,
@@ -148,6 +148,14 @@ class TapeHook:
         """Gradient calls made in any live FuncGraph."""
         for calls in list(self._graph_calls.values()):
             yield from calls
+
+
+def _target_key(target: Any) -> int | None:
+    """A tensor's id; for a variable differentiated as the target (a loss wrapped in ``tf.Variable``), its handle's
+    id, which the dataflow graph resolves to the variable's latest written value."""
+    if isinstance(target, tf.Variable):
+        target = getattr(underlying(target), "handle", None)
+    return getattr(target, "_id", None)
 
 
 def _graph_ref(graph: Any) -> weakref.ref | None:

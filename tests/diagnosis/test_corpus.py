@@ -9,7 +9,13 @@ import tensorflow as tf
 
 from gradtel.diagnosis import Diagnoser, Diagnosis
 from gradtel.diagnosis.variables import display_name
-from tests.diagnosis import cases_ops, cases_structure, cases_zero  # noqa: F401  (register the cases)
+from tests.diagnosis import (  # noqa: F401  (register the cases)
+    cases_ops,
+    cases_public,
+    cases_public2,
+    cases_structure,
+    cases_zero,
+)
 from tests.diagnosis.corpus import CASES, MODES, Case
 
 
@@ -43,7 +49,9 @@ PARAMS = [pytest.param(c, m, id=f"{c.name}-{m}") for c in CASES for m in MODES i
 
 
 def test_corpus_size() -> None:
-    assert len(CASES) >= 28
+    assert len(CASES) >= 80
+    public = [c for c in CASES if c.setup.__module__.startswith("tests.diagnosis.cases_public")]
+    assert len(public) >= 40  # reproductions of public bug reports (issue 12)
     assert {c.name for c in CASES} >= {"seed_loss_from_y_true", "seed_variable_not_trainable",
                                        "seed_integer_condition"}
 
