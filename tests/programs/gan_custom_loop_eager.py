@@ -1,0 +1,72 @@
+"""End-to-end GAN trained by a custom loop in eager mode, with two optimizers.
+
+Adapted from the Keras guide "Writing a training loop from scratch in TensorFlow", section "End-to-end example: a
+GAN training loop from scratch" (https://keras.io/guides/writing_a_custom_training_loop_in_tensorflow/): same
+discriminator/generator, d_optimizer and g_optimizer, BinaryCrossentropy(from_logits=True), the discriminator
+trained on generated + real images, then the generator through the discriminator; the train_step runs eagerly
+(without the guide's @tf.function; the tf.function variant is gan_custom_loop_tf_function.py). Random images.
+Expected gradtel outcome: healthy, both optimizers step, no finding (`gradtel check` exit 0).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+EXPECT = {"check_exit": 0, "run_exit": 0, "optimizers": 2, "stepping": 2}
+
+discriminator = keras.Sequential(
+    [
+        keras.Input(shape=(8, 8, 1)),
+        layers.Conv2D(4, (3, 3), strides=(2, 2), padding="same"),
+        layers.LeakyReLU(negative_slope=0.2),
+        layers.GlobalMaxPooling2D(),
+        layers.Dense(1),
+    ],
+    name="discriminator",
+)
+latent_dim = 8
+generator = keras.Sequential(
+    [
+        keras.Input(shape=(latent_dim,)),
+        layers.Dense(4 * 4 * 4),
+        layers.LeakyReLU(negative_slope=0.2),
+        layers.Reshape((4, 4, 4)),
+        layers.Conv2DTranspose(4, (4, 4), strides=(2, 2), padding="same"),
+        layers.LeakyReLU(negative_slope=0.2),
+        layers.Conv2D(1, (3, 3), padding="same", activation="sigmoid"),
+    ],
+    name="generator",
+)
+d_optimizer = keras.optimizers.Adam(learning_rate=0.0003)
+g_optimizer = keras.optimizers.Adam(learning_rate=0.0004)
+loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
+
+
+def train_step(real_images):
+    random_latent_vectors = tf.random.normal(shape=(tf.shape(real_images)[0], latent_dim))
+    generated_images = generator(random_latent_vectors)
+    combined_images = tf.concat([generated_images, real_images], axis=0)
+    labels = tf.concat([tf.ones((tf.shape(real_images)[0], 1)), tf.zeros((tf.shape(real_images)[0], 1))], axis=0)
+    labels += 0.05 * tf.random.uniform(labels.shape)
+
+    with tf.GradientTape() as tape:
+        predictions = discriminator(combined_images)
+        d_loss = loss_fn(labels, predictions)
+    grads = tape.gradient(d_loss, discriminator.trainable_weights)
+    d_optimizer.apply_gradients(zip(grads, discriminator.trainable_weights))
+
+    random_latent_vectors = tf.random.normal(shape=(tf.shape(real_images)[0], latent_dim))
+    misleading_labels = tf.zeros((tf.shape(real_images)[0], 1))
+    with tf.GradientTape() as tape:
+        predictions = discriminator(generator(random_latent_vectors))
+        g_loss = loss_fn(misleading_labels, predictions)
+    grads = tape.gradient(g_loss, generator.trainable_weights)
+    g_optimizer.apply_gradients(zip(grads, generator.trainable_weights))
+    return d_loss, g_loss, generated_images
+
+
+dataset = tf.data.Dataset.from_tensor_slices(np.random.rand(24, 8, 8, 1).astype("float32")).batch(8)
+for epoch in range(1):
+    for step, real_images in enumerate(dataset):
+        d_loss, g_loss, generated_images = train_step(real_images)
