@@ -4,7 +4,7 @@ A callback cannot see gradients (it only gets ``logs``); it instruments optimize
 forces ``fit`` to trace its step again, because a step traced before the patch would never call it.
 
 Which optimizers: ``model.optimizer`` is not always the one that steps. A ``train_step`` with its own optimizers
-(the GAN pattern: ``compile(d_optimizer, g_optimizer, ...)`` stores them as attributes after
+(the GAN pattern: ``model.compile(d_optimizer, g_optimizer, ...)`` stores them as attributes after
 ``super().compile()``, which makes a default optimizer ``train_step`` never uses) steps those instead. Keras's
 attribute tracker follows variables, layers and metrics, not optimizers, so the callback reads the model's
 attributes itself: every optimizer held directly or one level down in a list or dict, plus ``model.optimizer``.
@@ -152,7 +152,7 @@ class TelemetryMixin:
         """``model.optimizer`` is unused beside the optimizers ``train_step`` steps: stop watching it."""
         watched = self._watched.pop(COMPILED)
         log.info(
-            "gradtel: model.optimizer (%r, made by compile()) took no step during fit; train_step stepped %s. "
+            "gradtel: model.optimizer (%r, made by model.compile()) took no step during fit; train_step stepped %s. "
             "gradtel stops watching model.optimizer.",
             watched.handle.name,
             ", ".join(self._watched[label].handle.name for label in stepped),

@@ -135,7 +135,10 @@ def _judge_at_exit(report: dict[str, Any] | None) -> None:
 
 
 def _summarize(report: dict[str, Any]) -> None:
-    """``gradtel run``: the findings in a few lines on stderr, so a real bug is seen without opening the JSON."""
+    """``gradtel run``: the findings in a few lines on stderr, so a real bug is seen without opening the JSON. A
+    script that created no optimizer (a data-prep step run under gradtel) gets nothing added to its output."""
+    if not report["optimizers"]:
+        return
     try:
         print(render.run_summary(report), file=sys.stderr, flush=True)
     except Exception:

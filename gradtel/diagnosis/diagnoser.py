@@ -8,7 +8,7 @@ None), or a new set of missing gradients met in an unrecorded step (the same opt
 however many steps of other optimizers come in between: a GAN, an actor-critic). A step with a known set returns
 the cached diagnosis at the cost of one pass over the gradient list. Waiting is bounded: after
 ``_RECORDING_BUDGET`` diagnosed steps without the awaited one, the recorder gives up and is disarmed, so an
-optimizer that never steps (compile()'s default in a custom train_step) cannot keep every eager op recorded.
+optimizer that never steps (model.compile()'s default in a custom train_step) cannot keep every eager op recorded.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.autograph.impl import api as autograph
 from tensorflow.python.eager import context
 from tensorflow.python.framework import ops
 
@@ -117,8 +118,12 @@ class Diagnoser:
 
     # -- diagnosis -------------------------------------------------------------------------------------
 
+    @autograph.do_not_convert
     def diagnose(self, grads: list, variables: list) -> Diagnosis:
-        """Causes for the None entries of ``grads`` (and zero hints for the others); never raises."""
+        """Causes for the None entries of ``grads`` (and zero hints for the others); never raises.
+
+        Called while a step is traced, maybe from AutoGraph-converted code: gradtel's own code must run as written,
+        not rewritten by AutoGraph (the optimizer wrappers are marked the same way)."""
         try:
             with self._recorder.paused():
                 lists = hash(tuple(id(v) for v in variables))

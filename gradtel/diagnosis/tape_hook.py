@@ -24,7 +24,7 @@ from gradtel.diagnosis.frames import location_of_mapped_stack
 from gradtel.diagnosis.variables import identity, underlying
 
 _MAX_CALLS = 8
-_INTERVALS = "_gradtel_intervals"
+_INTERVALS = "_gradtel_intervals"  # per hook: f"{_INTERVALS}_{id(hook)}"
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class TapeHook:
         self._eager_clock = eager_clock
         self._eager_pause = eager_pause
         self._originals: dict[str, Any] = {}
+        # Each hook keeps its own intervals on the tape: two installed hooks (a process's diagnoser and another
+        # one) must not close each other's.
+        self._intervals = f"{_INTERVALS}_{id(self)}"
         self._eager_calls: deque[GradientCall] = deque(maxlen=_MAX_CALLS)
         self._graph_calls: weakref.WeakKeyDictionary[Any, deque[GradientCall]] = weakref.WeakKeyDictionary()
 
@@ -113,17 +116,17 @@ class TapeHook:
     def _open_interval(self, tape: Any) -> None:
         graph, now = self._clock()
         where = location_of_mapped_stack()
-        tape.__dict__.setdefault(_INTERVALS, []).append([_graph_ref(graph), now, float("inf"), where])
+        tape.__dict__.setdefault(self._intervals, []).append([_graph_ref(graph), now, float("inf"), where])
 
     def _close_interval(self, tape: Any) -> None:
-        intervals = tape.__dict__.get(_INTERVALS)
+        intervals = tape.__dict__.get(self._intervals)
         if intervals and intervals[-1][2] == float("inf"):
             intervals[-1][2] = self._clock()[1]
 
     def _remember(self, tape: Any, target: Any, sources: Any) -> None:
         graph, now = self._clock()
         graph_ref = _graph_ref(graph)
-        mine = [interval for interval in tape.__dict__.get(_INTERVALS, ()) if interval[0] == graph_ref]
+        mine = [interval for interval in tape.__dict__.get(self._intervals, ()) if interval[0] == graph_ref]
         intervals = tuple((start, end if end != float("inf") else now) for _, start, end, _ in mine)
         call = GradientCall(
             targets=tuple(key for key in map(_target_key, tf.nest.flatten(target)) if key is not None),
