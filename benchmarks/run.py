@@ -37,7 +37,7 @@ def _section(name: str, quick: bool) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (a smoke run, ~5 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (a smoke run, ~6-8 min)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--merge", action="store_true",
                         help="replace only the sections run in the existing latest.json (the report names them "

@@ -3,14 +3,20 @@
 A job pays start-up once, but it is what a user meets first, and it was where gradtel's cost grew with the square of
 the variables (a zero hint walked the graph once per variable). Each measurement is its own process (start-up and
 peak RSS are per process); plain and instrumented children alternate, round after round, so both see the same
-machine load. Instrumented means ``gradtel.instrument(optimizer)`` with the diagnosis on, as under ``gradtel run``.
+machine load. Instrumented means ``gradtel.instrument(optimizer, start_exporter=False)``, which installs the
+process's Diagnoser as ``gradtel run`` does: the diagnosis is on.
 
 The model is N small Keras weights (``add_weight`` of shape (4,), half of them fed through ReLU) on one layer, a
-loss that reads every weight and a Keras SGD step in a ``tf.function``: every op of the step is per variable, so the
-plain first step itself grows linearly and the ratio shows gradtel's own growth. (A functional model of N/2 Dense
-layers has the same shape of cost but takes ~90 s to build and ~6 min for a first step at 50,000 variables here.)
+loss that reads every weight and a Keras SGD step in a ``tf.function``: every op of the step is per variable (about
+12 ops each: no matmul, no layer machinery), so the plain first step is the least TensorFlow needs for N variables
+and the ratio shows gradtel's own growth. Even so TensorFlow's own first step grows faster than linearly here
+(7 s at 1,000 variables, 212 s at 10,000, not done in 480 s at 50,000 on 2 loaded cores; see docs/benchmarks.md).
 
-    .venv/bin/python -m benchmarks.startup --out FILE [--quick] [--sizes 100 1000]
+A child that runs past ``--timeout`` is killed and its cell reads "did not finish in T s"; larger sizes then skip
+that variant (it would not finish either). An instrumented child that did not finish leaves the plain ones measured;
+a plain one that did not finish leaves nothing to compare with, so the size's instrumented children are not run.
+
+    .venv/bin/python -m benchmarks.startup --out FILE [--quick] [--sizes 100 1000] [--rounds R] [--timeout S]
 """
 
 from __future__ import annotations
@@ -22,16 +28,19 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks import section, timing
 
 MIB = 2**20
-#: variables -> rounds (each round one plain and one instrumented child).
+#: variables -> rounds (each round one plain and one instrumented child, in alternating order).
 SIZES = {100: 5, 1_000: 5, 10_000: 3, 50_000: 1}
 QUICK_SIZES = {100: 2, 1_000: 2}
-#: A child that runs longer is reported as not finished (a quadratic start-up must not hang the benchmark).
+#: Seconds a child may run before its cell is reported as not finished (a quadratic start-up must not hang the run).
 CHILD_TIMEOUT_S = 1_200
+VARIANTS = ("plain", "gradtel")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def child(n: int, instrumented: bool) -> dict[str, Any]:
@@ -40,7 +49,7 @@ def child(n: int, instrumented: bool) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    rss_start = timing.rss_bytes()
+    rss_start = timing.rss_bytes()  # TensorFlow and Keras loaded, nothing built: what every process pays
     started = time.perf_counter()
 
     class ManyWeights(keras.layers.Layer):
@@ -80,16 +89,19 @@ def child(n: int, instrumented: bool) -> dict[str, Any]:
         "second_step_ms": (second - first) * 1e3,
         "rss_start_mib": rss_start / MIB,
         "rss_built_mib": rss_built / MIB,
+        "rss_end_mib": timing.rss_bytes() / MIB,  # after the second step: what stays once the trace is done
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-def _spawn(n: int, instrumented: bool) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.startup", "--child", str(n)] + (["--instrumented"] if instrumented else [])
+def _spawn(n: int, variant: str, timeout_s: float) -> dict[str, Any]:
+    """One child's measurement, or ``{"error": ...}`` when it failed or ran past ``timeout_s`` (it is killed)."""
+    cmd = [sys.executable, "-m", "benchmarks.startup", "--child", str(n)]
+    cmd += ["--instrumented"] if variant == "gradtel" else []
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, cwd=REPO)
     except subprocess.TimeoutExpired:
-        return {"error": f"did not finish in {CHILD_TIMEOUT_S} s"}
+        return {"error": f"did not finish in {timeout_s:.0f} s", "timed_out": True}
     if done.returncode != 0:
         return {"error": done.stderr[-1500:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,62 +109,115 @@ def _spawn(n: int, instrumented: bool) -> dict[str, Any]:
 
 def _stats(values: list[float]) -> dict[str, float]:
     q1, median, q3 = timing.quantiles(values)
-    return {"median": median, "q1": q1, "q3": q3, "minimum": min(values), "maximum": max(values),
-            "rounds": len(values)}
+    return {"median": median, "q1": q1, "q3": q3, "minimum": min(values), "maximum": max(values), "rounds": len(values)}
 
 
-def measure(n: int, rounds: int) -> dict[str, Any]:
-    """``rounds`` pairs of children, plain first in even rounds and instrumented first in odd ones."""
-    plain, inst = [], []
-    for r in range(rounds):
-        order = (False, True) if r % 2 == 0 else (True, False)
-        for instrumented in order:
-            result = _spawn(n, instrumented)
-            if "error" in result:
-                return {"error": result["error"], "instrumented": instrumented, "completed_rounds": r}
-            (inst if instrumented else plain).append(result)
-        print(f"[startup] {n} variables, round {r + 1}/{rounds}: plain {plain[-1]['first_step_s']:.1f} s, "
-              f"gradtel {inst[-1]['first_step_s']:.1f} s", file=sys.stderr, flush=True)
-    ratio = [i["first_step_s"] / p["first_step_s"] for p, i in zip(plain, inst, strict=True)]
-    extra = [i["peak_rss_mib"] - p["peak_rss_mib"] for p, i in zip(plain, inst, strict=True)]
-    share = [e / p["peak_rss_mib"] for e, p in zip(extra, plain, strict=True)]
+def _variant_stats(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and spread of one variant's first step, build and memory (own = peak above the imports)."""
     return {
-        "variables": n,
-        "plain_first_step_s": _stats([p["first_step_s"] for p in plain]),
-        "gradtel_first_step_s": _stats([i["first_step_s"] for i in inst]),
-        "first_step_ratio": _stats(ratio),
-        "plain_peak_rss_mib": _stats([p["peak_rss_mib"] for p in plain]),
-        "extra_peak_rss_mib": _stats(extra),
-        "extra_peak_rss_share": _stats(share),
-        "extra_kib_per_variable": _stats([e * 1024 / n for e in extra]),
-        "plain_build_s": _stats([p["build_s"] for p in plain]),
-        "gradtel_build_s": _stats([i["build_s"] for i in inst]),
-        "rounds": {"plain": plain, "gradtel": inst},
+        f"{variant}_first_step_s": _stats([r["first_step_s"] for r in runs]),
+        f"{variant}_build_s": _stats([r["build_s"] for r in runs]),
+        f"{variant}_second_step_ms": _stats([r["second_step_ms"] for r in runs]),
+        f"{variant}_peak_rss_mib": _stats([r["peak_rss_mib"] for r in runs]),
+        f"{variant}_own_peak_mib": _stats([r["peak_rss_mib"] - r["rss_start_mib"] for r in runs]),
     }
 
 
-def run(quick: bool, sizes: dict[int, int] | None = None) -> dict[str, Any]:
-    chosen = sizes or (QUICK_SIZES if quick else SIZES)
-    return {str(n): measure(n, rounds) for n, rounds in chosen.items()}
+def _paired_stats(n: int, plain: list[dict[str, Any]], inst: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-round comparisons: each round's instrumented child against the plain child it alternated with."""
+    pairs = list(zip(plain, inst, strict=False))
+    extra = [i["peak_rss_mib"] - p["peak_rss_mib"] for p, i in pairs]
+    return {
+        "first_step_ratio": _stats([i["first_step_s"] / p["first_step_s"] for p, i in pairs]),
+        "extra_peak_rss_mib": _stats(extra),
+        "extra_peak_rss_share": _stats([e / p["peak_rss_mib"] for e, (p, _) in zip(extra, pairs, strict=True)]),
+        "extra_kib_per_variable": _stats([e * 1024 / n for e in extra]),
+        # what is still held after the second step (the transient part of the peak is the trace's own work)
+        "extra_end_rss_mib": _stats([i["rss_end_mib"] - p["rss_end_mib"] for p, i in pairs]),
+    }
+
+
+def measure(n: int, rounds: int, timeout_s: float, skip: dict[str, str]) -> dict[str, Any]:
+    """``rounds`` rounds of one child per variant, plain first in even rounds and instrumented first in odd ones.
+
+    A variant in ``skip`` (variant -> why) is not run. A variant whose child fails or times out is not run again
+    at this size: its error (with the rounds it had finished) replaces its statistics; once the plain child has
+    failed, the instrumented one is not run either (there is nothing to compare it with).
+    """
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    errors = dict(skip)
+    for r in range(rounds):
+        for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            if "plain" in errors:  # no ratio is possible at this size: do not spend the gradtel child's time
+                errors.setdefault("gradtel", "not run: no plain child finished at this size")
+            if variant in errors:
+                continue
+            result = _spawn(n, variant, timeout_s)
+            if "error" in result:
+                errors[variant] = f"{result['error']} (round {r + 1} of {rounds})"
+            else:
+                runs[variant].append(result)
+        done = ", ".join(
+            f"{v} {runs[v][-1]['first_step_s']:.1f} s" if v not in errors else f"{v} {errors[v][:60]}" for v in VARIANTS
+        )
+        print(f"[startup] {n} variables, round {r + 1}/{rounds}: {done}", file=sys.stderr, flush=True)
+        if all(v in errors for v in VARIANTS):
+            break
+    out: dict[str, Any] = {"variables": n, "errors": errors, "rounds": runs}
+    for variant in VARIANTS:
+        if variant not in errors:
+            out.update(_variant_stats(variant, runs[variant]))
+    if not errors:
+        out.update(_paired_stats(n, runs["plain"], runs["gradtel"]))
+    return out
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured and gradtel's files changed since it (a result must say which code it timed)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "gradtel_changed": git("status", "--porcelain", "--", "gradtel").splitlines(),
+    }
+
+
+def run(sizes: dict[int, int], timeout_s: float) -> dict[str, Any]:
+    """Every size in increasing order; a variant that timed out is skipped at the larger sizes."""
+    results: dict[str, Any] = {"code": code_version(), "timeout_s": timeout_s}
+    skip: dict[str, str] = {}
+    for n in sorted(sizes):
+        results[str(n)] = measure(n, sizes[n], timeout_s, skip)
+        for variant, error in results[str(n)]["errors"].items():
+            if variant not in skip and "did not finish" in error:
+                skip[variant] = f"not run: did not finish at {n:,} variables in {timeout_s:.0f} s"
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--instrumented", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=int, nargs="+", help="variable counts (3 rounds each), instead of the default")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out")
-    args = parser.parse_args()
+    parser.add_argument("--sizes", type=int, nargs="+", help="variable counts, instead of the default")
+    parser.add_argument(
+        "--rounds", type=int, help="rounds at every size (default: 5 up to 1,000, 3 at 10,000, 1 above; --quick: 2)"
+    )
+    parser.add_argument("--timeout", type=float, default=CHILD_TIMEOUT_S, help="seconds one child may run")
+    args, rest = parser.parse_known_args()  # --quick and --out are the shared section options
     if args.child:
         print(json.dumps(child(args.child, args.instrumented)))
         return
-    if args.sizes:
-        sizes = {n: 3 for n in args.sizes}
-        sys.argv = [sys.argv[0], "--out", args.out or "/dev/stdout"] + (["--quick"] if args.quick else [])
-        section.main(lambda quick: run(quick, sizes))
-        return
-    section.main(run)
+    sys.argv = [sys.argv[0], *rest]
+
+    def chosen(quick: bool) -> dict[int, int]:
+        table = QUICK_SIZES if quick else SIZES
+        default = 2 if quick else 3
+        return {n: args.rounds or table.get(n, default if n <= 10_000 else 1) for n in args.sizes or table}
+
+    section.main(lambda quick: run(chosen(quick), args.timeout))
 
 
 if __name__ == "__main__":
