@@ -69,7 +69,8 @@ class _Table:
     layers: list[str]
     expected: list[bool]
     causes: dict[int, Any] = field(default_factory=dict)  # index -> Cause of a None gradient
-    zero_hints: dict[int, Any] = field(default_factory=dict)  # index -> likely Cause if it turns out all-zero
+    #: the diagnoses of this variable list (newest last, a few): their zero hints are read only for zero gradients
+    diagnoses: dict[int, Any] = field(default_factory=dict)
     compiled: Any = None  # tf.function of stats.update, for eager steps
     lock: threading.Lock = field(default_factory=threading.Lock)  # serialises eager updates
     warned: tuple[int, ...] = ()  # the missing set last warned about
@@ -180,7 +181,10 @@ class Handle:
         try:
             diagnosis = self._diagnoser.diagnose(list(grads), list(variables))
             table.causes.update(diagnosis.causes)
-            table.zero_hints.update(diagnosis.zero_hints)
+            table.diagnoses.pop(id(diagnosis), None)
+            table.diagnoses[id(diagnosis)] = diagnosis
+            while len(table.diagnoses) > _DIAGNOSES_KEPT:
+                del table.diagnoses[next(iter(table.diagnoses))]
             self._warn_partial(table, [i for i, g in enumerate(grads) if g is None], len(grads))
         except Exception:
             self._log_failure_once("diagnosing missing gradients")
@@ -336,7 +340,7 @@ class Handle:
                     state = "expected_missing"
                 missing_cause = table.causes.get(i) if missing[i] or not seen[i] else None
                 cause = (missing_cause if state in ("missing", "expected_missing")
-                         else table.zero_hints.get(i) if state == "zero" else None)
+                         else _zero_hint(table, i) if state == "zero" else None)
                 record = VariableRecord(
                     self.name, name, table.layers[i], table.expected[i], cause, missing_cause, int(seen[i]),
                     int(missing[i]), int(zero[i]), int(nonfinite[i]), norm[i], max_abs[i], int(touched[i]), state,
@@ -360,6 +364,19 @@ def _merge(older: VariableRecord, newer: VariableRecord) -> VariableRecord:
         nonfinite_steps=older.nonfinite_steps + newer.nonfinite_steps,
         missing_cause=newer.missing_cause or older.missing_cause,
     )
+
+
+#: Diagnoses kept per table for their zero hints (one per trace, or per eager missing set).
+_DIAGNOSES_KEPT = 8
+
+
+def _zero_hint(table: _Table, index: int) -> Any:
+    """The newest diagnosis's hint for a variable whose gradient turned out all-zero, or None."""
+    for diagnosis in reversed(list(table.diagnoses.values())):
+        hint = diagnosis.zero_hints.get(index)
+        if hint is not None:
+            return hint
+    return None
 
 
 def _replica() -> int | None:

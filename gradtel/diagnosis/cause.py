@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from gradtel.causes import fix_for
@@ -24,15 +26,34 @@ class Cause:
         return asdict(self)
 
 
+_RESOLVING = threading.Lock()
+
+
 @dataclass
 class Diagnosis:
     """Causes for the None gradients of one optimizer step, and hints for gradients that may be zero.
 
-    Both dicts are keyed by the index of the variable in the list given to the optimizer.
+    Both are keyed by the index of the variable in the list given to the optimizer. The hints of a traced step with
+    no missing gradient are worked out when first asked for (``resolve``: a zero gradient showed up, from the
+    exporter's or the report's thread), not while the step is traced: most steps never need them.
     """
 
     causes: dict[int, Cause] = field(default_factory=dict)
-    zero_hints: dict[int, Cause] = field(default_factory=dict)
+    hints: dict[int, Cause] = field(default_factory=dict)
+    resolve: Callable[[], dict[int, Cause]] | None = None
+
+    @property
+    def zero_hints(self) -> dict[int, Cause]:
+        """The hints, worked out now if they were deferred (never raises: a failure leaves none)."""
+        if self.resolve is not None:
+            with _RESOLVING:
+                if self.resolve is not None:
+                    try:
+                        self.hints = self.resolve()
+                    except Exception:
+                        self.hints = {}
+                    self.resolve = None
+        return self.hints
 
 
 def make_cause(category: str, detail: str, op: str | None = None, location: str | None = None) -> Cause:

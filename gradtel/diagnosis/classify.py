@@ -33,7 +33,7 @@ from gradtel.diagnosis.op_rules import (
     describe_op,
 )
 from gradtel.diagnosis.tape_hook import GradientCall
-from gradtel.diagnosis.variables import display_name, handle
+from gradtel.diagnosis.variables import handle
 
 #: A zero-gradient rule: its category, the tensors a gradient reaches while avoiding the rule's nodes, and per
 #: tensor the newest rule node on a gradient path from it (the culprit a hint names).
@@ -379,25 +379,24 @@ _ZERO_RULES: tuple[tuple[str, Callable[[Node], bool], Callable[[Node], bool]], .
 )
 
 
-def zero_hint(analysis: Analysis, keys: set[int], variable: Any, float16: bool) -> Cause | None:
+def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> Cause | None:
     """The likely cause if this variable's (present) gradient turns out all-zero, or None.
 
     O(len(keys)): every table it reads is computed once per analysis.
     """
     if float16:
-        return make_cause("underflow", f"`{display_name(variable)}` has a float16 gradient")
+        return make_cause("underflow", f"`{name}` has a float16 gradient")
     if not keys & analysis.zero_reach:
         return None
     half = _newest(analysis.half_on_path, keys)
     if half is not None:
         return make_cause(
             "underflow",
-            f"The gradient of `{display_name(variable)}` flows back through float16 ops ({half.op_type})",
+            f"The gradient of `{name}` flows back through float16 ops ({half.op_type})",
             op=half.op_type, location=half.location())
     for category, avoiding, culprits in analysis.zero_rules:
         if keys & avoiding:
             continue
-        name = display_name(variable)
         culprit = _newest(culprits, keys)
         if culprit is None and category == "zero_gradient_op":
             continue  # the second rule holds only with a zero op to blame

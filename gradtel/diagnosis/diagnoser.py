@@ -14,9 +14,10 @@ optimizer that never steps (model.compile()'s default in a custom train_step) ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import tensorflow as tf
@@ -63,6 +64,8 @@ class Diagnoser:
         self._pending: set[_Key] = set()
         self._budget = 0
         self._lists: set[int] = set()  # hashes of the variable lists seen (an optimizer's first step)
+        #: healthy traces whose loss-influencing variables are worked out when the report asks (the newest kept)
+        self._pending_influencers: deque[Callable[[], None]] = deque(maxlen=_CACHE_SIZE)
         self._influencers: dict[int, tuple[weakref.ref, str]] = {}
         # Every variable ever handed to an instrumented optimizer, alive: an optimizer long gone (its handle
         # retired and dropped) still trained its variables, which are then not "not optimized".
@@ -194,6 +197,8 @@ class Diagnoser:
             call_graph = call.graph() if call.graph is not None else None
             if call_graph is not None:
                 keys_of = graph_source.VariableKeys(call_graph)
+                if all(g is not None for g in grads):
+                    return self._deferred(grads, variables, call, call_graph, keys_of)
             if call.graph is None:
                 flow = self._recorder.graph
             elif call_graph is not None:
@@ -218,7 +223,8 @@ class Diagnoser:
                     cause = _cheap(variable, name) or _walked(analysis, variable, name, keys_of)
                     result.causes[index] = cause
                 elif analysis is not None:
-                    hint = zero_hint(analysis, _keys(variable, keys_of), variable, _is_float16(grad, variable))
+                    hint = zero_hint(analysis, _keys(variable, keys_of), display_name(variable),
+                                     _is_float16(grad, variable))
                     if hint is not None:
                         result.zero_hints[index] = hint
             except Exception as error:
@@ -238,6 +244,38 @@ class Diagnoser:
                     inner = underlying(variable)
                     self._influencers[id(inner)] = (weakref.ref(inner), display_name(variable))
 
+    def _deferred(self, grads: list, variables: list, call: GradientCall, call_graph: Any, keys_of: Any) -> Diagnosis:
+        """A traced step with every gradient present needs no walk now: its zero hints are worked out if a gradient
+        turns out zero, and which watched variables fed its loss when the report asks (``not_optimized``). Only
+        what those need is kept: the graph weakly, each variable's tensor ids, name and dtype flag, the watched
+        variables weakly. Start-up then pays nothing per variable for the diagnosis of a healthy model."""
+        graph_ref = weakref.ref(call_graph)
+        light = dataclasses.replace(call, watched=())
+        hinted = [(i, _keys(v, keys_of), display_name(v), _is_float16(g, v))
+                  for i, (g, v) in enumerate(zip(grads, variables, strict=False))]
+        watched = [(weakref.ref(underlying(v)), display_name(v), _keys(v, keys_of)) for v in call.watched
+                   if is_trainable(v) and is_differentiable_dtype(dtype_of(v))]
+
+        def analysis() -> Analysis | None:
+            graph = graph_ref()
+            return None if graph is None else Analysis(graph_source.build(graph), light)
+
+        def hints() -> dict[int, Cause]:
+            found = analysis()
+            if found is None:
+                return {}
+            return {i: h for i, keys, name, half in hinted if (h := zero_hint(found, keys, name, half)) is not None}
+
+        def influencers() -> None:
+            found = analysis()
+            for ref, name, keys in watched if found is not None else ():
+                inner = ref()
+                if inner is not None and influences_loss(found, keys):
+                    self._influencers[id(inner)] = (ref, name)
+
+        self._pending_influencers.append(influencers)
+        return Diagnosis(resolve=hints)
+
     def _note_optimized(self, variables: list) -> None:
         # Once per new (trace, variable list), like the walk that follows: dropping the dead entries here keeps
         # the table bounded by the live variables.
@@ -255,6 +293,9 @@ class Diagnoser:
         target network updated by assign, a variable of a tf_keras layer or a tf.Module, one the script holds
         itself) was left out by the program's choice."""
         try:
+            while self._pending_influencers:
+                with contextlib.suppress(Exception):
+                    self._pending_influencers.popleft()()
             given = {identity(v) for v in optimized}
             given.update(k for k, ref in list(self._optimized.items()) if ref() is not None)
             found = [(ref(), name) for key, (ref, name) in list(self._influencers.items()) if key not in given]

@@ -142,7 +142,7 @@ def test_keras3_gan_both_train_step_optimizers_are_measured_and_the_compile_defa
     assert not gradtel.is_instrumented(model.optimizer)
     dropped = [r.getMessage() for r in caplog.records if "took no step during fit" in r.getMessage()]
     assert dropped == [
-        "gradtel: model.optimizer ('gan/optimizer', made by compile()) took no step during fit; "
+        "gradtel: model.optimizer ('gan/optimizer', made by model.compile()) took no step during fit; "
         "train_step stepped gan/d_optimizer, gan/g_optimizer. gradtel stops watching model.optimizer."
     ]
     compiled = [h for h in gradtel.instrumenting.handles() if h.name == "gan/optimizer"]
