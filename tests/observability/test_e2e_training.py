@@ -54,7 +54,7 @@ def _notified(webhook: WebhookReceiver) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def fired(demo_stack: StackConfig, webhook: WebhookReceiver) -> list[dict[str, Any]]:
     """The firing alerts at the webhook once all expected ones arrived (the other tests assert on that state)."""
-    wait_for(lambda: {_identity(alert) for alert in _notified(webhook)} >= EXPECTED_ALERTS, 150,
+    wait_for(lambda: {_identity(alert) for alert in _notified(webhook)} >= EXPECTED_ALERTS, 240,
              f"{sorted(EXPECTED_ALERTS)} at the webhook receiver")
     return _notified(webhook)
 
