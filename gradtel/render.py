@@ -28,6 +28,11 @@ def _optimizers_line(report: dict[str, Any]) -> str:
     return "optimizers: " + (", ".join(parts) if parts else "none instrumented")
 
 
+def _listed(names: Sequence[str], shown: int) -> str:
+    """The first ``shown`` names, then how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def run_summary(report: dict[str, Any], shown: int = 4) -> str:
     """``gradtel run``'s lines at exit: one when all is healthy; else the optimizers, then each finding with its
     variables and first location. Notes (intended, never faults) follow in either case."""
@@ -40,12 +45,9 @@ def run_summary(report: dict[str, Any], shown: int = 4) -> str:
     for finding in findings:
         names = finding["variables"]
         where = next((c["location"] for n in names if (c := causes.get(n)) and c.get("location")), None)
-        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-        lines.append(f"gradtel: {finding['category']}: {listed}" + (f" (at {where})" if where else ""))
+        lines.append(f"gradtel: {finding['category']}: {_listed(names, shown)}" + (f" (at {where})" if where else ""))
     for note in report.get("notes", ()):
-        names = note["variables"]
-        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-        lines.append(f"gradtel: note, {note['category']} (no fault if intended): {listed}")
+        lines.append(f"gradtel: note, {note['category']} (no fault if intended): {_listed(note['variables'], shown)}")
     if findings:
         lines.append("gradtel: the fixes are in the report (gradtel run --report FILE) and docs/runbooks.md")
     return "\n".join(lines)

@@ -124,14 +124,14 @@ def _judge_at_exit(report: dict[str, Any] | None) -> None:
     gradient None) is a verdict in itself, however few steps ran."""
     if report is None:
         return
-    enough = sum(o["steps"] for o in report["optimizers"]) >= _options.check_steps
-    enough = enough or verdict(report) == EXIT_UNHEALTHY
+    judged = verdict(report)
+    enough = sum(o["steps"] for o in report["optimizers"]) >= _options.check_steps or judged == EXIT_UNHEALTHY
     if not enough:
         print(f"gradtel check: the script ended before {_options.check_steps} optimizer step(s) were "
               "measured", file=sys.stderr)
     _print(report)
     sys.stdout.flush()
-    os._exit(verdict(report) if enough else EXIT_TOO_FEW_STEPS)
+    os._exit(judged if enough else EXIT_TOO_FEW_STEPS)
 
 
 def _summarize(report: dict[str, Any]) -> None:
