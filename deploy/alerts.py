@@ -23,10 +23,15 @@ from gradtel import metrics
 RUNBOOK_BASE_URL = "https://github.com/gradtel/gradtel/blob/main/docs/runbooks.md"
 #: Labels Prometheus adds to every scraped series: they identify the training process.
 TARGET_LABELS: tuple[str, ...] = ("job", "instance")
-#: The join key between a per-variable series and its run's step counter.
+#: The join key between a per-variable series and its process's step counter.
 RUN_KEY: tuple[str, ...] = (*TARGET_LABELS, *metrics.COMMON_LABELS)
-#: The global norm without NaN/Inf samples (those have their own alert and would poison the medians).
+#: The join key between a process-level series (start time, phase) and the others.
+PROCESS_KEY: tuple[str, ...] = (*TARGET_LABELS, *metrics.PROCESS_LABELS)
+#: The global norm without NaN/Inf samples (those have their own alert and would poison the medians), one series
+#: per process: the ``process_start`` label keeps a restarted process's baseline apart from the one before.
 FINITE_GLOBAL_NORM = "run:gradtel_gradient_global_norm:finite"
+#: The label :data:`FINITE_GLOBAL_NORM` carries the process start time in.
+PROCESS_START_LABEL = "process_start"
 #: Variables declared intentionally disconnected (expect_missing) never alert.
 _UNEXPECTED = 'expected!="true"'
 
@@ -37,19 +42,29 @@ class Config:
 
     #: ``up`` series of gradtel targets; the shipped scrape configs all name their job ``...gradtel...``.
     target_selector: str = 'job=~".*gradtel.*"'
+    #: Labels that change when a process restarts (the scrape address, the Kubernetes pod). Alerts aggregate them
+    #: away, with ``worker`` (the same gradients on every worker), so that an alert follows the job: one
+    #: identity across restarts and workers.
+    process_labels: tuple[str, ...] = ("instance", "pod")
     #: A share of steps at or above this counts as "every step" (the margin absorbs scrape skew).
     every_step: float = 0.99
-    missing_window: str = "5m"
-    missing_for: str = "5m"
+    #: Missing is certain from the first traced step: a short window (4 scrapes at 15 s) and ``for`` make the
+    #: alert fire within 2 minutes; ``missing_min_steps`` keeps a few missing steps of a slow run quiet.
+    missing_window: str = "1m"
+    missing_for: str = "1m"
+    missing_min_steps: int = 10
     zero_window: str = "10m"
     zero_for: str = "10m"
     nonfinite_window: str = "5m"
     nonfinite_for: str = "1m"
+    #: Sporadic NaN steps keep one alert firing instead of firing and resolving again and again.
+    nonfinite_keep_firing: str = "30m"
     #: The recent global norm is the median over this window...
     norm_recent: str = "5m"
     #: ...compared with the median over this window, which ends where the recent one starts.
     norm_baseline: str = "1h"
-    #: A run needs this much history before its baseline is trusted (early training moves a lot).
+    #: A process needs this much history before its baseline is trusted (early training moves a lot, and so does
+    #: a restart: its optimizer state, warm-up and data order start again).
     norm_min_history: str = "15m"
     exploding_factor: float = 10.0
     exploding_for: str = "2m"
@@ -57,8 +72,14 @@ class Config:
     vanishing_for: str = "15m"
     #: Norm alerts stay firing this long after recovering, so a noisy norm does not flap them.
     norm_keep_firing: str = "10m"
+    #: No step for this long while training (and a process at least this old: start-up is not a stall)...
     stalled_window: str = "10m"
+    #: ...or for this long during a pause the process declared (evaluation, epoch end, checkpoint, idle).
+    paused_stalled_window: str = "1h"
     stalled_for: str = "5m"
+    #: This many restarts of one worker of a run within the window is a crash loop.
+    crashloop_restarts: int = 3
+    crashloop_window: str = "30m"
     #: How far back a target must have exported gradtel metrics to count as a gradtel target when it is down.
     target_memory: str = "1h"
     target_down_for: str = "5m"
@@ -71,7 +92,7 @@ class Alert:
 
     name: str
     expr: str
-    duration: str
+    duration: str | None
     severity: str
     summary: str
     description: str
@@ -79,7 +100,9 @@ class Alert:
 
     def rule(self) -> dict[str, Any]:
         """The rule as it appears in a Prometheus rule file."""
-        rule: dict[str, Any] = {"alert": self.name, "expr": self.expr, "for": self.duration}
+        rule: dict[str, Any] = {"alert": self.name, "expr": self.expr}
+        if self.duration:
+            rule["for"] = self.duration
         if self.keep_firing_for:
             rule["keep_firing_for"] = self.keep_firing_for
         rule["labels"] = {"severity": self.severity}
@@ -95,10 +118,28 @@ def _on(labels: tuple[str, ...]) -> str:
     return f"on ({', '.join(labels)})"
 
 
-def _share_of_steps(metric: metrics.Metric, window: str, matchers: str = "") -> str:
-    """Per series of ``metric``: the fraction of the run's steps over ``window`` that ``metric`` counted.
+def _seconds(duration: str) -> int:
+    """A Prometheus duration of one unit (``10m``, ``1h``) in seconds, for comparisons with ``time()``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return int(duration[:-1]) * units[duration[-1]]
 
-    0/0 (a run that did not step) is NaN and compares false, so a stalled run never looks disconnected.
+
+def _per_job(c: Config, expr: str, *also: str, aggregation: str = "max") -> str:
+    """``expr`` with the labels of the process (and ``also``) aggregated away: one alert per job, not process."""
+    return f"{aggregation} without ({', '.join((*c.process_labels, *also))}) (\n{expr}\n)"
+
+
+def _alive(key: tuple[str, ...] = RUN_KEY) -> str:
+    """Keeps only series of processes scraped now: a dead process's series are stale, so its alerts end (and
+    never start) although its samples stay in the range windows for a while."""
+    return f"and {_on(key)} {metrics.STEPS.name}"
+
+
+def _share_of_steps(metric: metrics.Metric, window: str, matchers: str = "") -> str:
+    """Per series of ``metric``: the fraction of the process's steps over ``window`` that ``metric`` counted.
+
+    0/0 (a process that did not step) is NaN and compares false, so a stalled run never looks disconnected.
+    Counter resets (a restart at the same address) are handled by rate().
     """
     selector = f"{metric.name}{{{matchers}}}" if matchers else metric.name
     return (
@@ -114,46 +155,86 @@ def _median(window: str, offset: str = "") -> str:
 
 
 def _against_baseline(c: Config, comparison: str, factor: float) -> str:
-    """The run's recent median norm compared with ``factor`` times its median before that."""
-    return (
+    """The process's recent median norm compared with ``factor`` times its own median before that; a process
+    younger than ``norm_min_history`` (a restart included) has no baseline yet."""
+    return _per_job(c, (
         f"{_median(c.norm_recent)}\n"
         f"  {comparison} {factor:g} * {_median(c.norm_baseline, c.norm_recent)}\n"
-        f"and {FINITE_GLOBAL_NORM} offset {c.norm_min_history}"
+        f"and {FINITE_GLOBAL_NORM} offset {c.norm_min_history}\n"
+        f"and {FINITE_GLOBAL_NORM}"
+    ), "worker", PROCESS_START_LABEL)
+
+
+def _process_age_at_least(window: str) -> str:
+    return f"and {_on(PROCESS_KEY)} (time() - {metrics.PROCESS_START.name} >= {_seconds(window)})"
+
+
+def _stalled(c: Config) -> str:
+    steps = metrics.STEPS.name
+    paused = f'{metrics.PHASE.name}{{phase!="train"}} == 1'
+    return _per_job(c, (
+        f"(\n  increase({steps}[{c.stalled_window}]) == 0\n"
+        f"  unless {_on(PROCESS_KEY)} ({paused})\n"
+        f"  {_process_age_at_least(c.stalled_window)}\n)\n"
+        f"or\n"
+        f"(\n  increase({steps}[{c.paused_stalled_window}]) == 0\n"
+        f"  {_process_age_at_least(c.paused_stalled_window)}\n)"
+    ), "worker")
+
+
+def _restarts(c: Config) -> str:
+    """Restarts of one worker of a run in the window: the distinct process start times seen (a new value at the
+    same address, or a new address), less the most processes that were up at once (concurrent processes of one
+    run and worker, if any, are not restarts)."""
+    start = metrics.PROCESS_START.name
+    labels = ", ".join(c.process_labels)
+    return (
+        f"sum without ({labels}) (changes({start}[{c.crashloop_window}]) + 1)\n"
+        f"  - max_over_time((count without ({labels}) ({start}))[{c.crashloop_window}:1m])"
     )
 
 
 def recording_rules() -> list[dict[str, Any]]:
     """Recording rules the alerts build on."""
-    return [{"record": FINITE_GLOBAL_NORM, "expr": f"{metrics.GLOBAL_NORM.name} < +Inf"}]
+    per_process = (f"count_values without () (\"{PROCESS_START_LABEL}\", {metrics.PROCESS_START.name})")
+    return [{
+        "record": FINITE_GLOBAL_NORM,
+        "expr": (f"({metrics.GLOBAL_NORM.name} < +Inf)\n"
+                 f"  * {_on(PROCESS_KEY)} group_left ({PROCESS_START_LABEL})\n{per_process}"),
+    }]
 
 
 def alerts(c: Config = Config()) -> list[Alert]:
     """gradtel's alerts, most specific first."""
-    run = ("run {{ $labels.run }} ({{ $labels.job }}/{{ $labels.instance }}, "
-           "optimizer {{ $labels.optimizer }})")
+    run = "run {{ $labels.run }} (job {{ $labels.job }}, optimizer {{ $labels.optimizer }})"
     variable = "Variable {{ $labels.variable }} (layer {{ $labels.layer }}) of " + run
     every = f">= {c.every_step:g}"
     return [
         Alert(
             "GradtelVariableDisconnected",
-            f"{_share_of_steps(metrics.MISSING, c.missing_window, _UNEXPECTED)}\n  {every}",
+            _per_job(c, (
+                f"{_share_of_steps(metrics.MISSING, c.missing_window, _UNEXPECTED)}\n  {every}\n"
+                f"and {metrics.MISSING.name}{{{_UNEXPECTED}}} >= {c.missing_min_steps}"
+            ), "worker"),
             c.missing_for, "warning",
             "A trainable variable gets no gradient: it is not training.",
-            f"{variable} had no gradient (None) at every step for {c.missing_for}; diagnosed cause: "
+            f"{variable} had no gradient (None) at every step for {c.missing_for} or more; diagnosed cause: "
             "{{ $labels.cause }}. The optimizer never updates it. Declare it with expect_missing if this is "
             "intended.",
         ),
         Alert(
             "GradtelGradientNonFinite",
-            f"increase({metrics.NONFINITE.name}[{c.nonfinite_window}]) > 0",
+            _per_job(c, f"increase({metrics.NONFINITE.name}[{c.nonfinite_window}]) > 0\n{_alive()}", "worker"),
             c.nonfinite_for, "critical",
             "Gradients hold NaN or Inf: the run is diverging.",
             f"{variable} had a NaN or Inf gradient in {{{{ $value | humanize }}}} steps over the last "
-            f"{c.nonfinite_window}. Applying it corrupts the weights.",
+            f"{c.nonfinite_window}. Applying it corrupts the weights. The alert keeps firing "
+            f"{c.nonfinite_keep_firing} after the last one, so sporadic NaN steps are one alert.",
+            keep_firing_for=c.nonfinite_keep_firing,
         ),
         Alert(
             "GradtelGradientAllZero",
-            f"{_share_of_steps(metrics.ZERO, c.zero_window)}\n  {every}",
+            _per_job(c, f"{_share_of_steps(metrics.ZERO, c.zero_window)}\n  {every}\n{_alive()}", "worker"),
             c.zero_for, "warning",
             "A variable's gradient is exactly zero at every step.",
             f"{variable} had an all-zero gradient at every step for {c.zero_window} or more: it is "
@@ -181,11 +262,22 @@ def alerts(c: Config = Config()) -> list[Alert]:
         ),
         Alert(
             "GradtelStepsStalled",
-            f"increase({metrics.STEPS.name}[{c.stalled_window}]) == 0",
+            _stalled(c),
             c.stalled_for, "warning",
             "A training run stopped taking optimizer steps.",
-            f"{run} took no optimizer step for {c.stalled_window} while its process still serves metrics: "
-            "it is hung (input pipeline, collective, deadlock) or stuck outside the training loop.",
+            f"{run} took no optimizer step for {c.stalled_window} while training, or for "
+            f"{c.paused_stalled_window} during a pause it declared (evaluation, epoch end, checkpoint, after "
+            "fit), while its process still serves metrics: it is hung (input pipeline, collective, deadlock) "
+            "or stuck outside the training loop.",
+        ),
+        Alert(
+            "GradtelCrashLooping",
+            f"{_restarts(c)}\n  >= {c.crashloop_restarts}",
+            None, "warning",
+            "A training job keeps restarting.",
+            "Worker '{{ $labels.worker }}' of run {{ $labels.run }} (job {{ $labels.job }}) restarted "
+            f"{{{{ $value }}}} times in {c.crashloop_window}: it crashes (or is killed) and starts again, so "
+            "it makes little or no progress although it is up most of the time.",
         ),
         Alert(
             "GradtelTargetDown",

@@ -2,8 +2,8 @@
 
 One entry point, so the dashboards, the Prometheus rule file and the Kubernetes manifests always come from
 the same build of the same sources (gradtel/metrics.py, dashboards/*.py, deploy/alerts.py,
-deploy/kubernetes.py). ``--check`` writes nothing and exits 1 when a committed file is stale (the test suite
-runs the same comparison).
+deploy/rule_tests.py, deploy/kubernetes.py). ``--check`` writes nothing and exits 1 when a committed file is
+stale (the test suite runs the same comparison).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy import alerts, kubernetes, yamlio
+from deploy import alerts, kubernetes, rule_tests, yamlio
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS_DIR = ROOT / "dashboards"
 RULES_FILE = ROOT / "deploy" / "prometheus" / "gradtel-rules.yml"
+#: promtool unit tests of the rules, one file per scenario (``promtool test rules deploy/prometheus/tests/*.yml``).
+RULE_TESTS_DIR = ROOT / "deploy" / "prometheus" / "tests"
 KUBERNETES_DIR = ROOT / "deploy" / "kubernetes"
 
 
@@ -47,6 +49,8 @@ def outputs() -> dict[Path, str]:
     }
     files = {DASHBOARDS_DIR / name: text for name, text in dashboards.items()}
     files[RULES_FILE] = yamlio.dump({"groups": groups})
+    files.update({RULE_TESTS_DIR / f"{name}.yml": yamlio.dump(rule_tests.promtool_tests(cases))
+                  for name, cases in rule_tests.SCENARIOS.items()})
     files.update({KUBERNETES_DIR / name: yamlio.dump(doc) for name, doc in manifests.items()})
     files[KUBERNETES_DIR / "kustomization.yaml"] = yamlio.dump(kubernetes.kustomization(list(manifests)))
     return files

@@ -8,10 +8,12 @@
 
 from gradtel.handle import Handle, VariableRecord
 from gradtel.instrumenting import instrument, is_instrumented, uninstrument
+from gradtel.phases import phase
 
 __version__ = "0.1.0"
 
-__all__ = ["Handle", "VariableRecord", "__version__", "instrument", "is_instrumented", "report", "uninstrument"]
+__all__ = ["Handle", "VariableRecord", "__version__", "instrument", "is_instrumented", "phase", "report",
+           "uninstrument"]
 
 
 def report() -> dict:

@@ -16,6 +16,11 @@ At the end of ``fit`` the callback compares each optimizer's step count with the
   so no dead series is exported and ``handles`` lists the optimizers that train;
 - any other optimizer idle while the model trained is suspicious (a ``train_step`` that forgets to step a
   sub-model, or steps an optimizer the model does not hold): an :class:`IdleOptimizerWarning` names it.
+
+The hooks also set the process's phase (:mod:`gradtel.phases`), so that a long evaluation or the epoch-end work
+of other callbacks (checkpointing) is a pause, not a stall: ``train`` from ``on_train_begin``/``on_epoch_begin``,
+``epoch_end`` from the last batch of an epoch (so the callbacks after it, in whatever order, are covered) or
+``on_epoch_end``, ``evaluate``/``predict`` between their begin and end hooks, ``idle`` once ``fit`` returned.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
+from gradtel import phases
 from gradtel.handle import Handle
 from gradtel.instrumenting import instrument, is_instrumented, uninstrument
 
@@ -72,6 +78,8 @@ class TelemetryMixin:
         self._options = {"expect_missing": expect_missing, "max_abs": max_abs, "start_exporter": start_exporter}
         self._watched: dict[str, _Watched] = {}
         self._batches = 0
+        #: The phase an evaluation or prediction interrupted (restored by its end hook).
+        self._paused_from: str | None = None
         #: ``model.optimizer`` objects found idle beside a stepping one: not instrumented again by a later fit.
         self._dropped: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -91,6 +99,7 @@ class TelemetryMixin:
         if not held:
             raise ValueError("GradientTelemetry needs a compiled model: call model.compile(optimizer=...) first")
         self._batches = 0
+        phases.set_phase("train")
         retrace = False
         for label, optimizer in held.items():
             watched = self._watched.get(label)
@@ -106,8 +115,29 @@ class TelemetryMixin:
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batches += 1
+        if batch + 1 == (getattr(self, "params", None) or {}).get("steps"):
+            phases.set_phase("epoch_end")  # validation, checkpoints and other epoch-end callbacks follow
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        phases.set_phase("train")
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        phases.set_phase("epoch_end")
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._paused_from = phases.set_phase("evaluate")
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        phases.set_phase(self._paused_from or "idle")
+
+    def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._paused_from = phases.set_phase("predict")
+
+    def on_predict_end(self, logs: dict[str, Any] | None = None) -> None:
+        phases.set_phase(self._paused_from or "idle")
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        phases.set_phase("idle")
         try:
             self._report_idle()
         except Exception:  # telemetry never fails the user's training

@@ -32,6 +32,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _run_id(text: str) -> str:
+    from gradtel.identity import check_run_id
+
+    try:
+        return check_run_id(text, "--run-id")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_RUN_ID_HELP = ("the run label, the same for every restart of this job (sets GRADTEL_RUN_ID; default: derived "
+                "from the job's own id, see the README)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradtel", description="Gradient-health telemetry for TensorFlow training.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="make the 'calibration' variable's gradient NaN from STEP on")
     demo.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                       help="keep serving the metrics this long after training ends")
+    demo.add_argument("--run-id", type=_run_id, default=None, help=_RUN_ID_HELP)
 
     run = commands.add_parser("run", help="run an unmodified training script with every optimizer instrumented",
                               usage="gradtel run [options] -- python SCRIPT.py [ARGS]")
@@ -59,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--expect-missing", action="append", default=[], metavar="PATTERN",
                          help="variable paths (glob, or re:REGEX) meant to get no gradient; repeatable")
         sub.add_argument("--port", type=_port, default=None, help="metrics port (OTEL_EXPORTER_PROMETHEUS_PORT)")
+        sub.add_argument("--run-id", type=_run_id, default=None, help=_RUN_ID_HELP)
         sub.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                          help="the command to run, e.g. -- python train.py --epochs 3")
     check.add_argument("--steps", type=_non_negative, default=1, help="optimizer steps to measure (default 1)")
@@ -103,6 +118,8 @@ def _launch(args: argparse.Namespace) -> int:
     env[runner.ENV] = options.to_env()
     if args.port is not None:
         env["OTEL_EXPORTER_PROMETHEUS_PORT"] = str(args.port)
+    if args.run_id is not None:
+        env["GRADTEL_RUN_ID"] = args.run_id
     if checking:
         env.setdefault("OTEL_METRICS_EXPORTER", "none")  # a gate needs no endpoint
     try:
@@ -117,6 +134,8 @@ def _demo(args: argparse.Namespace) -> int:
         os.environ["OTEL_EXPORTER_PROMETHEUS_PORT"] = str(args.port)
     if args.host is not None:
         os.environ["OTEL_EXPORTER_PROMETHEUS_HOST"] = args.host
+    if args.run_id is not None:
+        os.environ["GRADTEL_RUN_ID"] = args.run_id
     from gradtel import demo, export
 
     exporter = export.ensure_started()

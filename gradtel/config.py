@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from gradtel import series
+from gradtel import identity, series
 from gradtel.naming import PatternSet
 from gradtel.series import SeriesPolicy
 
@@ -160,7 +159,8 @@ class Config:
     prometheus_min_interval_s: float = DEFAULT_MIN_INTERVAL_S
     prometheus_cpu_share: float = DEFAULT_CPU_SHARE
     otlp_protocol: str = "http/protobuf"
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    #: The job's id, stable across its restarts (gradtel.identity.derive_run_id).
+    run_id: str = field(default_factory=identity.derive_run_id)
     max_series: int = DEFAULT_MAX_SERIES
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
@@ -191,7 +191,7 @@ class Config:
             prometheus_cpu_share=_number(env, "GRADTEL_PROMETHEUS_CPU_SHARE", DEFAULT_CPU_SHARE,
                                          "a fraction of one core, > 0 and <= 1", lambda v: 0 < v <= 1),
             otlp_protocol=protocol,
-            run_id=env.get("GRADTEL_RUN_ID") or uuid.uuid4().hex[:12],
+            run_id=identity.derive_run_id(env),
             max_series=_int(env, "GRADTEL_MAX_SERIES", DEFAULT_MAX_SERIES, minimum=1),
             tls_certfile=certfile or None,
             tls_keyfile=keyfile or None,
@@ -212,6 +212,8 @@ class Config:
             "host.name": socket.gethostname(),
             "process.pid": os.getpid(),
         }
+        if "service.instance.id=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+            attributes["service.instance.id"] = identity.INSTANCE_ID  # tells this process from its restarts
         if self.worker.task_type:
             attributes.update({"gradtel.task.type": self.worker.task_type,
                                "gradtel.task.index": self.worker.task_index})

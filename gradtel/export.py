@@ -22,7 +22,7 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import ExemplarReservoir
 
-from gradtel import instrumenting, metrics
+from gradtel import identity, instrumenting, metrics, phases
 from gradtel.config import Config
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
@@ -109,7 +109,11 @@ class Sources:
             metrics.GLOBAL_NORM: self._global_norm,
             metrics.VARIABLES: self._variables,
             metrics.SKIPPED: self._skipped,
+            metrics.PROCESS_START: self._process_start,
+            metrics.PHASE: self._phase,
         }
+        self._process = {"run": config.run_id, "worker": config.worker.label}
+        self._phase_attrs = {name: {**self._process, "phase": name} for name in metrics.PHASES}
 
     def of(self, metric: metrics.Metric) -> Callable[[], Iterable[Point]]:
         """The points of ``metric`` in the current snapshot. ``gradtel_steps``, read first in every collection,
@@ -136,6 +140,15 @@ class Sources:
     def _skipped(self) -> Iterable[Point]:
         for view in self.cache.views():
             yield view.summary.skipped_steps, self._attrs(view.name)
+
+    def _process_start(self) -> Iterable[Point]:
+        yield identity.START_TIME_S, self._process
+
+    def _phase(self) -> Iterable[Point]:
+        now = phases.current()
+        if now is not None:  # nothing declared a phase: no series (the rules then count the process as training)
+            for name, attrs in self._phase_attrs.items():
+                yield int(name == now), attrs
 
     def _global_norm(self) -> Iterable[Point]:
         for view in self.cache.views():

@@ -24,6 +24,8 @@ class Kind(str, Enum):
 #: Labels carried by every gradtel series. ``run`` tells restarts and concurrent runs of one job apart;
 #: ``worker`` is the TF_CONFIG task (``chief:0``, ``worker:3``; empty, so absent, outside a multi-worker job).
 COMMON_LABELS: tuple[str, ...] = ("run", "worker", "optimizer")
+#: Labels of process-level series (one per training process, whatever its optimizers).
+PROCESS_LABELS: tuple[str, ...] = ("run", "worker")
 #: Labels of per-variable series.
 VARIABLE_LABELS: tuple[str, ...] = (*COMMON_LABELS, "variable", "layer")
 
@@ -87,5 +89,20 @@ SKIPPED = Metric(
     "Steps a loss-scale optimizer skipped because a gradient overflowed (not counted as non-finite steps).",
 )
 
+#: Values of the ``phase`` label of ``gradtel_phase``: what the process does between optimizer steps, so that the
+#: stall alert tells a pause (evaluation, checkpointing, outside ``fit``) from a hang.
+PHASES: tuple[str, ...] = ("train", "evaluate", "predict", "epoch_end", "checkpoint", "idle")
+
+PROCESS_START = Metric(
+    "gradtel_process_start_time_seconds", Kind.GAUGE, PROCESS_LABELS, "",
+    "Start time of the training process (Unix seconds): a new value is a restart of the run.",
+)
+PHASE = Metric(
+    "gradtel_phase", Kind.GAUGE, (*PROCESS_LABELS, "phase"), "",
+    "1 for the phase the process is in (train, evaluate, predict, epoch_end, checkpoint, idle), 0 for the "
+    "others; exported once a Keras callback or gradtel.phase() has set one.",
+)
+
 #: Every metric gradtel exports, in documentation order.
-ALL: tuple[Metric, ...] = (STEPS, MISSING, ZERO, NONFINITE, NORM, MAX_ABS, GLOBAL_NORM, VARIABLES, SKIPPED)
+ALL: tuple[Metric, ...] = (STEPS, MISSING, ZERO, NONFINITE, NORM, MAX_ABS, GLOBAL_NORM, VARIABLES, SKIPPED,
+                           PROCESS_START, PHASE)

@@ -14,7 +14,7 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-from gradtel import causes, instrumenting
+from gradtel import causes, identity, instrumenting
 from gradtel.handle import VariableRecord
 
 SCHEMA = "gradtel.report/v1"
@@ -124,7 +124,11 @@ def build() -> dict[str, Any]:
     from gradtel import export
 
     exporter = export.current()
-    run_id = exporter.config.run_id if exporter is not None else os.environ.get("GRADTEL_RUN_ID")
+    # Without an exporter, the same derivation the exporter's Config makes: the report and the metrics agree.
+    try:
+        run_id = exporter.config.run_id if exporter is not None else identity.derive_run_id()
+    except ValueError:  # a malformed GRADTEL_RUN_ID: the export said so; the report keeps it as given
+        run_id = os.environ.get("GRADTEL_RUN_ID")
     optimizers, records = [], []
     for handle in instrumenting.handles():
         summary, handle_records = handle.read()
