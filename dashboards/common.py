@@ -28,6 +28,13 @@ DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 TARGET_LABELS: tuple[str, ...] = ("job", "instance")
 #: Labels that identify one optimizer of one run of one process (the join key between gradtel series).
 RUN_KEY: tuple[str, ...] = (*TARGET_LABELS, *metrics.COMMON_LABELS)
+#: What a job-level panel keeps: the job, the run and the optimizer (the processes of a job, its workers and
+#: restarts, are not added up).
+JOB_KEY: tuple[str, ...] = ("job", "run", "optimizer")
+#: Where each alert's runbook lives (the same page the rules' runbook_url annotations point at).
+RUNBOOK_URL = "https://github.com/gradtel/gradtel/blob/main/docs/runbooks.md"
+#: Template variables whose label may be absent (``worker`` outside a multi-worker job): their "All" matches "".
+OPTIONAL_LABELS: frozenset[str] = frozenset({"worker"})
 #: Tags shared by gradtel dashboards; the dashboard links list every dashboard with this tag.
 TAG = "gradtel"
 #: Colours of the ``state`` values of ``gradtel_variables`` (Grafana's named palette).
@@ -55,6 +62,22 @@ def selector(metric: metrics.Metric, filters: Sequence[str], *extra: str) -> str
     carried = (*TARGET_LABELS, *metric.labels)
     matchers = [f'{name}=~"${name}"' for name in filters if name in carried]
     return f"{metric.name}{{{', '.join([*matchers, *extra])}}}"
+
+
+def any_of(names: Sequence[metrics.Metric], filters: Sequence[str]) -> str:
+    """A selector of several metrics at once, filtered by the dashboard variables all of them carry (a layer whose
+    every variable is missing has no norm series, only missing counters: a list of layers must read both)."""
+    carried = set(TARGET_LABELS).union(*(set(m.labels) for m in names))
+    carried = {label for label in carried if all(label in (*TARGET_LABELS, *m.labels) for m in names)}
+    matchers = [f'__name__=~"{"|".join(m.name for m in names)}"',
+                *(f'{name}=~"${name}"' for name in filters if name in carried)]
+    return f"{{{', '.join(matchers)}}}"
+
+
+def per_job(expr: str, *keep: str) -> str:
+    """``expr`` once per job, run and optimizer (and ``keep``): the processes of a job (its workers, which all see
+    the same all-reduced gradients) are not added up."""
+    return f"max {by((*JOB_KEY, *keep))} ({expr})"
 
 
 def rate(metric: metrics.Metric, filters: Sequence[str], *extra: str) -> str:
@@ -89,18 +112,21 @@ def datasource_variable() -> dashboard.DatasourceVariable:
     return dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
 
 
-def label_variable(label: str, metric: metrics.Metric, filters: Sequence[str]) -> dashboard.QueryVariable:
-    """A multi-select variable of the values of ``label`` on ``metric``, narrowed by earlier variables."""
+def label_variable(label: str, metric: metrics.Metric | Sequence[metrics.Metric],
+                   filters: Sequence[str]) -> dashboard.QueryVariable:
+    """A multi-select variable of the values of ``label`` on ``metric`` (or on any of several metrics), narrowed
+    by earlier variables. "All" is ``.+``, or ``.*`` for a label that may be absent."""
+    source = selector(metric, filters) if isinstance(metric, metrics.Metric) else any_of(metric, filters)
     return (
         dashboard.QueryVariable(label)
         .label(label.replace("_", " ").title())
         .datasource(DATASOURCE)
-        .query(f"label_values({selector(metric, filters)}, {label})")
+        .query(f"label_values({source}, {label})")
         .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(models.VariableSort.ALPHABETICAL_ASC)
         .multi(True)
         .include_all(True)
-        .all_value(".+")
+        .all_value(".*" if label in OPTIONAL_LABELS else ".+")
     )
 
 
@@ -181,6 +207,13 @@ def stat_panel(title: str, description: str, unit: str, expr: str,
         .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
     )
     return panel.thresholds(thresholds) if thresholds else panel
+
+
+def runbook_links(panel: table.Panel) -> table.Panel:
+    """Each cell of the ``alertname`` column links to that alert's runbook section."""
+    return panel.override_by_name("alertname", [models.DynamicConfigValue(id_val="links", value=[{
+        "title": "Runbook: ${__value.raw}", "url": f"{RUNBOOK_URL}#${{__value.raw}}", "targetBlank": True,
+    }])])
 
 
 def table_panel(title: str, description: str, unit: str, expr: str, *, width: int = 24) -> table.Panel:

@@ -14,11 +14,15 @@ from gradtel import causes, metrics
 UID = "gradtel-overview"
 TITLE = "gradtel / Overview"
 #: Template variables of this dashboard, in drop-down order (each narrows the next).
-FILTERS: tuple[str, ...] = ("job", "instance")
+FILTERS: tuple[str, ...] = ("job", "run", "worker", "instance")
 _RUN = ", ".join(common.RUN_KEY)
 #: ``gradtel_variables`` series of unhealthy states (expected_missing is healthy by declaration).
 _UNHEALTHY = 'state=~"missing|zero|nonfinite"'
 _NONFINITE = 'state="nonfinite"'
+#: gradtel's firing alerts of the selected jobs and runs. Job-level alerts carry no instance (they follow the job
+#: over its restarts) and target-level ones no run: an absent label matches too.
+_FIRING = ('ALERTS{alertname=~"Gradtel.+", alertstate="firing", job=~"$job", instance=~"$instance|", '
+           'run=~"$run|"}')
 
 
 def _unhealthy_now() -> str:
@@ -46,24 +50,25 @@ def _fleet() -> list[Any]:
             "short", f"count(group by (job, instance) ({variables}))",
         ),
         common.stat_panel(
-            "Steps per second", "Optimizer steps per second, summed over every selected run and worker.",
-            "ops", f"sum({common.rate(metrics.STEPS, FILTERS)})",
+            "Steps per second", "Optimizer steps per second, summed over the selected runs (each job's workers "
+            "take the same steps: counted once).",
+            "ops", f"sum({common.per_job(common.rate(metrics.STEPS, FILTERS))})",
         ),
         common.stat_panel(
             "Unhealthy variables",
-            "Variables whose latest gradient was missing (not declared expected), all-zero or non-finite.",
-            "short", f"sum({common.selector(metrics.VARIABLES, FILTERS, _UNHEALTHY)})",
+            "Variables whose latest gradient was missing (not declared expected), all-zero or non-finite, counted "
+            "once per job (its workers see the same variables).",
+            "short", f"sum({common.per_job(common.selector(metrics.VARIABLES, FILTERS, _UNHEALTHY), 'state')})",
             common.ANY_IS_BAD,
         ),
         common.stat_panel(
-            "Non-finite variables", "Variables whose latest gradient held NaN or Inf.", "short",
-            f"sum({common.selector(metrics.VARIABLES, FILTERS, _NONFINITE)})", common.ANY_IS_BAD,
+            "Non-finite variables", "Variables whose latest gradient held NaN or Inf, counted once per job.",
+            "short", f"sum({common.per_job(common.selector(metrics.VARIABLES, FILTERS, _NONFINITE), 'state')})",
+            common.ANY_IS_BAD,
         ),
         common.stat_panel(
             "Firing gradtel alerts", "gradtel alerts firing now for the selected jobs (see the table below).",
-            "short",
-            'count(ALERTS{alertname=~"Gradtel.+", alertstate="firing", job=~"$job", instance=~"$instance"})',
-            common.ANY_IS_BAD,
+            "short", f"count({_FIRING})", common.ANY_IS_BAD,
         ),
     ]
 
@@ -87,6 +92,24 @@ def _training() -> list[Any]:
                           legend="{{run}} {{optimizer}} {{instance}}")],
             log_scale=True,
         ),
+        common.timeseries_panel(
+            "Skipped loss-scale steps",
+            "Steps per second a LossScaleOptimizer skipped because a gradient overflowed (mixed precision), per "
+            "run. A few are routine while the loss scale settles; a steady rate means the scale keeps "
+            "collapsing and the model is barely updated.",
+            "ops",
+            [common.query(common.per_job(common.rate(metrics.SKIPPED, FILTERS)),
+                          legend="{{run}} {{optimizer}}")],
+        ),
+        common.timeseries_panel(
+            "Phase",
+            "What each process declared it is doing (train, evaluate, predict, epoch_end, checkpoint, idle), set "
+            "by the Keras callback or gradtel.phase(). A run that takes no step outside train is paused, not "
+            "stalled.",
+            "short",
+            [common.query(f"{common.selector(metrics.PHASE, FILTERS)} == 1",
+                          legend="{{phase}} {{run}} {{worker}} {{instance}}")],
+        ),
     ]
 
 
@@ -96,7 +119,8 @@ def _variables() -> list[Any]:
         "Trainable variables by the state of their latest gradient: ok, missing, zero (all-zero), nonfinite "
         "(NaN/Inf), expected_missing (declared with expect_missing).",
         "short",
-        [common.query(f"sum by (state) ({common.selector(metrics.VARIABLES, FILTERS)})", legend="{{state}}")],
+        [common.query(f"sum by (state) ({common.per_job(common.selector(metrics.VARIABLES, FILTERS), 'state')})",
+                      legend="{{state}}")],
         stacked=True,
     ))
     missing = common.rate(metrics.MISSING, FILTERS, 'expected!="true"', f'cause!="{causes.NO_CAUSE}"')
@@ -108,7 +132,8 @@ def _variables() -> list[Any]:
             "docs/runbooks.md for each cause and its fix). Variables declared with expect_missing are "
             "left out.",
             "short",
-            [common.query(f"count by (cause) ({missing} > 0)", legend="{{cause}}")],
+            [common.query(f"count by (cause) ({common.per_job(f'{missing} > 0', 'variable', 'cause')})",
+                          legend="{{cause}}")],
             stacked=True,
         ),
         common.table_panel(
@@ -117,21 +142,17 @@ def _variables() -> list[Any]:
             "with the share of steps affected (100% = every step) and the diagnosed cause of missing ones.",
             "percentunit", _unhealthy_now(),
         ),
-        common.table_panel(
+        common.runbook_links(common.table_panel(
             "Firing gradtel alerts",
-            "gradtel alerts firing now; each links to its runbook in docs/runbooks.md.",
-            "none",
-            'ALERTS{alertname=~"Gradtel.+", alertstate="firing", job=~"$job", instance=~"$instance"}',
-        ),
+            "gradtel alerts firing now; click an alert's name for its runbook in docs/runbooks.md.",
+            "none", _FIRING,
+        )),
     ]
 
 
 def build() -> dict[str, Any]:
     """The dashboard's JSON model."""
-    variables = [
-        common.label_variable("job", metrics.VARIABLES, ()),
-        common.label_variable("instance", metrics.VARIABLES, ("job",)),
-    ]
+    variables = [common.label_variable(label, metrics.STEPS, FILTERS[:i]) for i, label in enumerate(FILTERS)]
     return common.build(
         UID, TITLE,
         "Health of every gradtel-instrumented training run: progress, gradient norms and unhealthy "

@@ -14,7 +14,9 @@ from gradtel import metrics
 UID = "gradtel-variables"
 TITLE = "gradtel / Variables"
 #: Template variables of this dashboard, in drop-down order (each narrows the next).
-FILTERS: tuple[str, ...] = ("job", "instance", "run", "optimizer", "layer", "variable")
+FILTERS: tuple[str, ...] = ("job", "instance", "run", "worker", "optimizer", "layer", "variable")
+#: The layer list reads every per-variable metric: a broken layer (every variable missing) has no norm series.
+_LAYER_SOURCES = (metrics.NORM, metrics.MISSING, metrics.ZERO, metrics.NONFINITE)
 _LAYER_KEY = (*common.RUN_KEY, "layer")
 _LEGEND = "{{variable}} {{run}} {{instance}}"
 
@@ -75,7 +77,8 @@ def _states() -> list[Any]:
 def build() -> dict[str, Any]:
     """The dashboard's JSON model."""
     variables = [
-        common.label_variable(label, metrics.NORM, FILTERS[:i]) for i, label in enumerate(FILTERS[:-1])
+        common.label_variable(label, _LAYER_SOURCES if label == "layer" else metrics.STEPS, FILTERS[:i])
+        for i, label in enumerate(FILTERS[:-1])
     ]
     variables.append(common.regex_variable(
         "variable", "Regular expression on the variable name, for example .*kernel or dense_1/.*",

@@ -112,9 +112,39 @@ def test_ranges_use_rate_interval(board: dict[str, Any]) -> None:
 
 
 def test_every_selector_filters_job_and_instance(board: dict[str, Any]) -> None:
+    """ALERTS may lack the instance (job-level alerts follow the job over its restarts): "$instance or none"."""
     for title, expr in _targets(board):
         for name, matchers in _SELECTOR.findall(expr):
-            assert 'job=~"$job"' in matchers and 'instance=~"$instance"' in matchers, f"{title}: {name}"
+            instance = 'instance=~"$instance|"' if name == "ALERTS" else 'instance=~"$instance"'
+            assert 'job=~"$job"' in matchers and instance in matchers, f"{title}: {name}"
+
+
+def test_every_dashboard_filters_run_and_worker(board: dict[str, Any]) -> None:
+    for name in ("run", "worker"):
+        variable = _variable(board, name)
+        assert variable["type"] == "query" and variable["multi"] is True
+    # worker is absent outside a multi-worker job: its "All" must match the empty value too.
+    assert _variable(board, "worker")["allValue"] == ".*"
+    for title, expr in _targets(board):
+        for name, matchers in _SELECTOR.findall(expr):
+            if name.startswith("gradtel_"):
+                assert 'run=~"$run"' in matchers and 'worker=~"$worker"' in matchers, f"{title}: {name}"
+
+
+def test_the_layer_list_includes_layers_whose_every_variable_is_missing() -> None:
+    board = next(_load(path) for path in DASHBOARDS if path.name == "gradtel-variables.json")
+    query = _variable(board, "layer")["query"]
+    assert "gradtel_gradient_missing_total" in query and "gradtel_gradient_norm" in query
+
+
+def test_job_level_counts_take_each_job_once_and_skipped_steps_have_a_panel() -> None:
+    board = next(_load(path) for path in DASHBOARDS if path.name == "gradtel-overview.json")
+    exprs = dict(_targets(board))
+    assert exprs["Unhealthy variables"].startswith("sum(max by (job, run, optimizer, state) (gradtel_variables")
+    assert any("gradtel_loss_scale_skipped_steps_total" in expr for expr in exprs.values())
+    table = next(p for p in _panels(board) if p["title"] == "Firing gradtel alerts" and p["type"] == "table")
+    links = [prop for o in table["fieldConfig"]["overrides"] for prop in o["properties"] if prop["id"] == "links"]
+    assert links and links[0]["value"][0]["url"].endswith("runbooks.md#${__value.raw}")
 
 
 def test_counters_are_only_read_through_rate_or_increase(board: dict[str, Any]) -> None:
@@ -140,5 +170,5 @@ def test_queries_name_only_gradtel_metrics_and_their_labels(board: dict[str, Any
 def test_variables_dashboard_filters_down_to_the_variable() -> None:
     board = next(_load(path) for path in DASHBOARDS if path.name == "gradtel-variables.json")
     names = [v["name"] for v in board["templating"]["list"]]
-    assert names == ["datasource", "job", "instance", "run", "optimizer", "layer", "variable"]
+    assert names == ["datasource", "job", "instance", "run", "worker", "optimizer", "layer", "variable"]
     assert _variable(board, "variable")["type"] == "textbox"
