@@ -48,8 +48,9 @@ class Config:
     process_labels: tuple[str, ...] = ("instance", "pod")
     #: A share of steps at or above this counts as "every step" (the margin absorbs scrape skew).
     every_step: float = 0.99
-    #: Missing is certain from the first traced step: a short window (4 scrapes at 15 s) and ``for`` make the
-    #: alert fire within 2 minutes; ``missing_min_steps`` keeps a few missing steps of a slow run quiet.
+    #: Missing is certain from the first traced step: missing at every step since the process started (true from
+    #: the first scrape) or over a short window (4 scrapes at 15 s), for a minute, makes the alert fire within 2
+    #: minutes; ``missing_min_steps`` keeps a few missing steps of a slow run quiet.
     missing_window: str = "1m"
     missing_for: str = "1m"
     missing_min_steps: int = 10
@@ -149,6 +150,14 @@ def _share_of_steps(metric: metrics.Metric, window: str, matchers: str = "") -> 
     )
 
 
+def _share_since_start(metric: metrics.Metric, matchers: str) -> str:
+    """Per series of ``metric``: the fraction of all the process's steps that ``metric`` counted. True from the
+    first scrape of a variable missing since the first step (a rate needs a second scrape first)."""
+    return (f"{metric.name}{{{matchers}}}\n"
+            f"  / {_on(RUN_KEY)} group_left ()\n"
+            f"{metrics.STEPS.name}")
+
+
 def _median(window: str, offset: str = "") -> str:
     shifted = f" offset {offset}" if offset else ""
     return f"quantile_over_time(0.5, {FINITE_GLOBAL_NORM}[{window}]{shifted})"
@@ -213,7 +222,8 @@ def alerts(c: Config = Config()) -> list[Alert]:
         Alert(
             "GradtelVariableDisconnected",
             _per_job(c, (
-                f"{_share_of_steps(metrics.MISSING, c.missing_window, _UNEXPECTED)}\n  {every}\n"
+                f"(\n{_share_of_steps(metrics.MISSING, c.missing_window, _UNEXPECTED)}\n  {every}\n"
+                f"or\n{_share_since_start(metrics.MISSING, _UNEXPECTED)}\n  {every}\n)\n"
                 f"and {metrics.MISSING.name}{{{_UNEXPECTED}}} >= {c.missing_min_steps}"
             ), "worker"),
             c.missing_for, "warning",

@@ -109,7 +109,7 @@ BASICS: list[Case] = [
           series(metrics.MISSING.name, _HEAD, "10+10x120"),
           series(metrics.MISSING.name, _AUX, "10+10x120"),
           series(metrics.MISSING.name, _GATE, "5+5x120")],
-         [Check(DISCONNECTED, "2m", [alert_labels(_HEAD)]), Check(DISCONNECTED, "1m")]),
+         [Check(DISCONNECTED, "2m", [alert_labels(_HEAD)]), Check(DISCONNECTED, "45s")]),
     Case("a stalled run's missing variables are not reported as disconnected",
          [series(metrics.STEPS.name, RUN, "100x120"), series(metrics.MISSING.name, _HEAD, "50x120")],
          [Check(DISCONNECTED, "12m")]),

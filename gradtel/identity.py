@@ -9,8 +9,8 @@ the platform gives one, in this order (the first that applies wins):
    it from the Job's name through the downward API);
 2. a Kubeflow TFJob's name, read from the ``TF_CONFIG`` cluster addresses (``<job>-<replica>-<index>...``);
 3. any other ``TF_CONFIG`` cluster: ``tf-`` and a hash of the cluster spec (the same on every worker);
-4. a Kubernetes Job's pod (``KUBERNETES_SERVICE_HOST`` set and the hostname ``<job>-<5 chars>`` or
-   ``<job>-<index>-<5 chars>``): the Job's name;
+4. a Kubernetes Job's pod (``KUBERNETES_SERVICE_HOST`` set and the hostname ``<job>-<5 chars>``, or
+   ``<job>-<index>-<5 chars>`` with ``JOB_COMPLETION_INDEX`` set in an Indexed Job): the Job's name;
 5. ``SLURM_JOB_ID``: ``slurm-<id>``;
 6. otherwise ``<hostname>-`` and a hash of the working directory and the command line: the same command
    restarted on the same host is the same run.
@@ -38,8 +38,8 @@ MAX_RUN_ID_LENGTH = 128
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
 #: Kubeflow training-operator service names: ``<job>-<replica type>-<index>``.
 _KUBEFLOW_HOST = re.compile(r"^(?P<job>[a-z0-9]([-a-z0-9]*[a-z0-9])?)-(?:chief|master|worker|ps|evaluator)-\d+$")
-#: A Job's pod name: the Job name, the completion index for an Indexed Job, and 5 random characters.
-_JOB_POD = re.compile(r"^(?P<job>[a-z0-9]([-a-z0-9]*[a-z0-9])??)(?:-\d+)?-[bcdfghjklmnpqrstvwxz2456789]{5}$")
+#: A Job's pod name: the Job name (and, for an Indexed Job, ``-<completion index>``) and 5 random characters.
+_JOB_POD = re.compile(r"^(?P<job>[a-z0-9][-a-z0-9]*)-[bcdfghjklmnpqrstvwxz2456789]{5}$")
 
 
 def check_run_id(value: str, source: str = "GRADTEL_RUN_ID") -> str:
@@ -78,7 +78,10 @@ def _from_kubernetes(env: Mapping[str, str], hostname: str) -> str | None:
     if not env.get("KUBERNETES_SERVICE_HOST"):
         return None
     found = _JOB_POD.match(hostname)
-    return found.group("job") if found else None
+    if not found:
+        return None
+    job, index = found.group("job"), env.get("JOB_COMPLETION_INDEX", "").strip()
+    return job.removesuffix(f"-{index}") if index else job
 
 
 def derive_run_id(env: Mapping[str, str] | None = None, hostname: str | None = None,
