@@ -165,14 +165,29 @@ def _shorten_alertmanager(path: Path) -> None:
     path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
-def fast_deploy_dir(destination: Path) -> Path:
-    """A copy of the shipped prometheus/ and alertmanager/ configs with every interval shortened."""
+def fast_deploy_dir(destination: Path, production_timing: bool = False) -> Path:
+    """A copy of the shipped prometheus/ and alertmanager/ configs with every interval shortened; with
+    ``production_timing`` Prometheus keeps the shipped scrape and evaluation intervals and rules (``for:``
+    included), so alerts fire when they would in production, and only Alertmanager's grouping waits are cut."""
     for name in ("prometheus", "alertmanager"):
         shutil.copytree(DEPLOY_DIR / name, destination / name)
-    _shorten_prometheus(destination / "prometheus" / "prometheus.yml")
-    _shorten_rules(destination / "prometheus" / "gradtel-rules.yml")
+    if not production_timing:
+        _shorten_prometheus(destination / "prometheus" / "prometheus.yml")
+        _shorten_rules(destination / "prometheus" / "gradtel-rules.yml")
     _shorten_alertmanager(destination / "alertmanager" / "alertmanager.yml")
     return destination
+
+
+def add_scrape_job(deploy_dir: Path, job: str, target: str) -> None:
+    """A second training target in the copied prometheus.yml. ``gradtel stack`` maps only the shipped compose
+    address to loopback, so the job names that address and relabels it to ``target``."""
+    path = deploy_dir / "prometheus" / "prometheus.yml"
+    document = yaml.safe_load(path.read_text())
+    document["scrape_configs"].append({
+        "job_name": job, "static_configs": [{"targets": ["trainer:9464"]}],
+        "relabel_configs": [{"target_label": "__address__", "replacement": target}],
+    })
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
 def api_get(base_url: str, path: str, params: Mapping[str, str | float] | None = None) -> Any:
@@ -205,9 +220,12 @@ class DemoProcess:
     healthy. It trains until :meth:`close`.
     """
 
-    def __init__(self, log: Path, run_id: str, nan_at: int) -> None:
+    def __init__(self, log: Path, run_id: str, nan_at: int | None = None, expect_missing: tuple[str, ...] = (),
+                 target: str | None = None) -> None:
+        """``expect_missing``: run the demo under ``gradtel run --expect-missing ... --run-id`` (declared
+        variables, the run id passed on the command line); ``target``: serve on this address (a restart)."""
         self.run_id = run_id
-        self.target = f"127.0.0.1:{free_port()}"
+        self.target = target or f"127.0.0.1:{free_port()}"
         self.log = log
         # tests/conftest.py sets OTEL_METRICS_EXPORTER=none for in-process tests; this job must serve /metrics.
         env = {name: value for name, value in os.environ.items() if name != "OTEL_METRICS_EXPORTER"}
@@ -215,9 +233,14 @@ class DemoProcess:
         # collections, or two scrapes serving one collection would read as a 1 s stall.
         env.update(GRADTEL_RUN_ID=run_id, TF_CPP_MIN_LOG_LEVEL="2", GRADTEL_PROMETHEUS_MIN_INTERVAL="0",
                    GRADTEL_PROMETHEUS_CPU_SHARE="1")
-        command = [sys.executable, "-m", "gradtel.cli", "demo", "--steps", "0",
-                   "--port", self.target.rsplit(":", 1)[1], "--nan-at", str(nan_at)]
-        with log.open("wb") as out:
+        command = [sys.executable, "-m", "gradtel.cli", "demo", "--steps", "0", "--port", self.target.rsplit(":", 1)[1]]
+        if nan_at is not None:
+            command += ["--nan-at", str(nan_at)]
+        if expect_missing:
+            declared = [arg for pattern in expect_missing for arg in ("--expect-missing", pattern)]
+            command = [sys.executable, "-m", "gradtel.cli", "run", "--run-id", run_id, *declared, "--", *command]
+            del env["GRADTEL_RUN_ID"]
+        with log.open("ab") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
 
@@ -233,6 +256,11 @@ class DemoProcess:
             return 0.0
         found = re.search(rf"^{metrics.STEPS.name}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
         return float(found.group(1)) if found else 0.0
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill ends a training process."""
+        self.process.kill()
+        self.process.wait()
 
     def close(self) -> None:
         """Ctrl-C (the demo prints its table and shuts its exporter down), then SIGKILL after 10 s."""
