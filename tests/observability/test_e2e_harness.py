@@ -14,7 +14,7 @@ from tests.observability.harness import FakeGradtel, WebhookReceiver, dashboard_
 pytestmark = pytest.mark.slow
 #: Grafana's values of the template variables: "All" (.+) for every filter.
 _TEMPLATE_VALUES = {"__rate_interval": "1m", "datasource": "prometheus", "job": ".+", "instance": ".+",
-                    "run": ".+", "optimizer": ".+", "layer": ".+", "variable": ".+"}
+                    "run": ".+", "worker": ".*", "optimizer": ".+", "layer": ".+", "variable": ".+"}
 
 
 def test_harness_disconnected_and_nonfinite_alerts_reach_the_receiver(
