@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,7 +127,7 @@ def test_the_restarted_healthy_job_raises_no_alert(life: tuple[StackConfig, Time
     history = query(config.prometheus_url, f'count_over_time(ALERTS{{run="{HEALTHY_RUN}"}}[15m])')
     assert history["status"] == "success" and history["data"]["result"] == [], history
     never_firing = query(config.prometheus_url,
-                         'count_over_time(ALERTS{alertstate="firing", alertname!="%s"}[15m])' % DISCONNECTED)
+                         f'count_over_time(ALERTS{{alertstate="firing", alertname!="{DISCONNECTED}"}}[15m])')
     assert never_firing["data"]["result"] == [], never_firing
     notified: list[dict[str, Any]] = [alert for note in webhook.notifications for alert in note["alerts"]]
     assert notified and all(alert["labels"].get("run") == BROKEN_RUN for alert in notified)
