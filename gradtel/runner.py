@@ -39,6 +39,7 @@ class RunOptions:
     check_steps: int | None = None  # set by ``gradtel check``: stop after this many steps
     json_output: bool = False
     check_timeout: float = 30.0  # ``gradtel check``: how long to wait for the other optimizers once one is done
+    launcher_version: str = ""  # the launching gradtel's: the bootstrap refuses a Python that imports another one
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
