@@ -20,6 +20,16 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{config.PORT_EXPECTED} was expected, got {text!r}") from None
 
 
+def _pattern(text: str) -> str:
+    from gradtel.naming import PatternSet  # the check instrument() makes, before the script starts
+
+    try:
+        PatternSet([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -58,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                                 usage="gradtel check [options] -- python SCRIPT.py [ARGS]")
     for sub in (run, check):
         sub.add_argument("--report", metavar="FILE", help="write the JSON report (gradtel.report/v1) at the end")
-        sub.add_argument("--expect-missing", action="append", default=[], metavar="PATTERN",
+        sub.add_argument("--expect-missing", action="append", default=[], metavar="PATTERN", type=_pattern,
                          help="variable paths (glob, or re:REGEX) meant to get no gradient; repeatable")
         sub.add_argument("--port", type=_port, default=None, help="metrics port (OTEL_EXPORTER_PROMETHEUS_PORT)")
         sub.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",

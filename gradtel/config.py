@@ -187,8 +187,8 @@ def _patterns(text: str) -> PatternSet:
     patterns = [p for p in text.split(",") if p.strip()]
     try:
         return PatternSet(patterns)
-    except re.error as error:
-        raise Invalid(f"a regular expression does not compile: {error}") from None
+    except ValueError as error:
+        raise Invalid(str(error)) from None
 
 
 class _Reader:

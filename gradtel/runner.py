@@ -100,6 +100,9 @@ def _finish() -> dict[str, Any] | None:
             report = reporting.build()
             if _options.report:
                 reporting.write(_options.report, report)
+        except OSError as error:  # a --report path that cannot be written: a mistake to name, not a traceback
+            log.warning("gradtel: cannot write the report to %r (--report): %s", _options.report,
+                        error.strerror or error)
         except Exception:
             log.warning("gradtel: writing the report failed", exc_info=True)
         try:

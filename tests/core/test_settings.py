@@ -49,8 +49,8 @@ CASES = [
      {}, ("prometheus",)),
     ("GRADTEL_VARIABLE_SERIES_WORKERS", "some", "expected chief or all; using the default, chief", {},
      ("prometheus",)),
-    ("GRADTEL_INCLUDE", "re:(", "a regular expression does not compile", {}, ("prometheus",)),
-    ("GRADTEL_EXCLUDE", "re:[", "a regular expression does not compile", {}, ("prometheus",)),
+    ("GRADTEL_INCLUDE", "re:(", "is not a valid regular expression", {}, ("prometheus",)),
+    ("GRADTEL_EXCLUDE", "re:[", "is not a valid regular expression", {}, ("prometheus",)),
     ("GRADTEL_PROMETHEUS_CPU_SHARE", "2", "expected a fraction of one core, > 0 and <= 1; using the default, 0.01",
      {}, ("prometheus",)),
     ("GRADTEL_PROMETHEUS_MIN_INTERVAL", "soon", "expected a number of seconds >= 0; using the default, 1.0", {},
@@ -330,3 +330,28 @@ def test_import_gradtel_does_not_import_tensorflow_and_reaches_the_callbacks():
     """)
     proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_a_bad_expect_missing_pattern_is_named_before_anything_changes(capsys):
+    from gradtel import cli
+
+    opt = keras.optimizers.SGD()
+    with pytest.raises(ValueError, match=r"'re:\(' is not a valid regular expression"):
+        gradtel.instrument(opt, expect_missing=["dense/*", "re:("], start_exporter=False)
+    assert not gradtel.is_instrumented(opt)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--expect-missing", "re:(", "--", sys.executable, "-c", "pass"])
+    assert info.value.code == 2
+    assert "argument --expect-missing: 're:(' is not a valid regular expression" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_report_path_that_cannot_be_written_is_one_line_and_the_exit_status_stays_the_scripts(tmp_path):
+    report = tmp_path / "no-such-dir" / "report.json"
+    proc = subprocess.run([str(BIN / "gradtel"), "run", "--report", str(report), "--", sys.executable,
+                           str(_script(tmp_path))], env=_env(OTEL_METRICS_EXPORTER="none"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "TRAINED" in proc.stdout, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "report" in line]
+    assert lines == [f"gradtel: cannot write the report to {str(report)!r} (--report): No such file or directory"]
