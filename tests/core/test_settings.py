@@ -339,6 +339,8 @@ def test_a_bad_expect_missing_pattern_is_named_before_anything_changes(capsys):
     with pytest.raises(ValueError, match=r"'re:\(' is not a valid regular expression"):
         gradtel.instrument(opt, expect_missing=["dense/*", "re:("], start_exporter=False)
     assert not gradtel.is_instrumented(opt)
+    with pytest.raises(ValueError, match=r"'re:\[' is not a valid regular expression"):
+        gradtel.keras.GradientTelemetry(expect_missing="re:[")
     with pytest.raises(SystemExit) as info:
         cli.main(["run", "--expect-missing", "re:(", "--", sys.executable, "-c", "pass"])
     assert info.value.code == 2
