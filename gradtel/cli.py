@@ -12,10 +12,22 @@ from collections.abc import Sequence
 
 
 def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a TCP port 0-65535 was expected, got {value}")
-    return value
+    from gradtel import config  # the same check as OTEL_EXPORTER_PROMETHEUS_PORT's
+
+    try:
+        return config.parse_port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{config.PORT_EXPECTED} was expected, got {text!r}") from None
+
+
+def _pattern(text: str) -> str:
+    from gradtel.naming import PatternSet  # the check instrument() makes, before the script starts
+
+    try:
+        PatternSet([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _non_negative(text: str) -> int:
@@ -40,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_non_negative, default=10000,
                       help="optimizer steps (default 10000, about 30 s on 2 CPU cores); 0 runs until Ctrl-C")
     demo.add_argument("--port", type=_port, default=None,
-                      help="metrics port (default: $OTEL_EXPORTER_PROMETHEUS_PORT or 9464)")
+                      help="metrics port (default: $OTEL_EXPORTER_PROMETHEUS_PORT or 9464; 0: any free port)")
     demo.add_argument("--host", default=None,
                       help="metrics bind address (default: $OTEL_EXPORTER_PROMETHEUS_HOST or 127.0.0.1)")
     demo.add_argument("--batch-size", type=_non_negative, default=32)
@@ -56,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                                 usage="gradtel check [options] -- python SCRIPT.py [ARGS]")
     for sub in (run, check):
         sub.add_argument("--report", metavar="FILE", help="write the JSON report (gradtel.report/v1) at the end")
-        sub.add_argument("--expect-missing", action="append", default=[], metavar="PATTERN",
+        sub.add_argument("--expect-missing", action="append", default=[], metavar="PATTERN", type=_pattern,
                          help="variable paths (glob, or re:REGEX) meant to get no gradient; repeatable")
         sub.add_argument("--port", type=_port, default=None, help="metrics port (OTEL_EXPORTER_PROMETHEUS_PORT)")
         sub.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -96,7 +108,8 @@ def _launch(args: argparse.Namespace) -> int:
     options = runner.RunOptions(report=args.report, expect_missing=args.expect_missing,
                                 check_steps=max(1, args.steps) if checking else None,
                                 json_output=checking and args.json,
-                                check_timeout=args.timeout if checking else 0.0)
+                                check_timeout=args.timeout if checking else 0.0,
+                                launcher_version=_version())
     env = dict(os.environ)
     bootstrap = str(pathlib.Path(__file__).resolve().parent / "_bootstrap")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap, env.get("PYTHONPATH")) if p)
@@ -110,6 +123,12 @@ def _launch(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"gradtel {args.command}: cannot run {command[0]!r}: {error}", file=sys.stderr)
         return 127
+
+
+def _version() -> str:
+    from gradtel import __version__
+
+    return __version__
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import ExemplarReservoir
 
+from gradtel import config as settings
 from gradtel import instrumenting, metrics
 from gradtel.config import Config
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord
@@ -243,30 +244,38 @@ class Exporter:
                              exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
 
     def _reader(self, kind: str) -> Any:
-        if kind == "prometheus":
-            return self._prometheus_reader()
-        if kind == "otlp":
-            return ProducingPeriodicReader(_otlp_exporter(self.config.otlp_protocol), self.producer)
-        if kind == "console":
-            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+        """The reader of one exporter, or None (and one warning line) when it cannot be made: the others run."""
+        try:
+            if kind == "prometheus":
+                return self._prometheus_reader()
+            if kind == "otlp":
+                return self._periodic_reader(_otlp_exporter(self.config.otlp_protocol))
+            if kind == "console":
+                from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
-            return ProducingPeriodicReader(ConsoleMetricExporter(), self.producer)
+                return self._periodic_reader(ConsoleMetricExporter())
+        except _Unavailable as error:
+            log.warning("gradtel: %s", error)
         return None
 
+    def _periodic_reader(self, exporter: Any) -> Any:
+        return ProducingPeriodicReader(exporter, self.producer, self.config.export_interval_ms,
+                                       self.config.export_timeout_ms)
+
     def _prometheus_reader(self) -> Any:
-        from gradtel.endpoint import Endpoint
+        from gradtel.endpoint import Endpoint, EndpointError
         from gradtel.exposition import PrometheusReader
 
-        reader = self.prometheus_reader = PrometheusReader(self.config.prometheus_min_interval_s,
-                                                           self.config.prometheus_cpu_share, self.producer)
         host, port = self.config.prometheus_host, self.config.prometheus_port
+        reader = PrometheusReader(self.config.prometheus_min_interval_s, self.config.prometheus_cpu_share,
+                                  self.producer)
         try:
             self._server = Endpoint(reader.exposition, host, port, self.config.security())
-            self.endpoint = (host, self._server.port)
-            log.info("gradtel: serving metrics on %s://%s:%d/metrics", self._server.scheme, host, self._server.port)
-        except OSError as error:
-            log.warning("gradtel: cannot serve metrics on %s:%d (%s); training goes on without this "
-                        "endpoint. Set OTEL_EXPORTER_PROMETHEUS_PORT to a free port.", host, port, error)
+        except EndpointError as error:
+            raise _Unavailable(f"{error}; training goes on without this endpoint.") from None
+        self.prometheus_reader = reader
+        self.endpoint = (host, self._server.port)
+        log.info("gradtel: serving metrics on %s://%s:%d/metrics", self._server.scheme, host, self._server.port)
         return reader
 
     def force_flush(self, timeout_s: float = 5.0) -> None:
@@ -293,6 +302,11 @@ class _NoExemplars(ExemplarReservoir):
         return []
 
 
+class _Unavailable(Exception):
+    """An exporter that cannot run here (its package is missing, its port cannot be bound): one line, and the
+    other exporters go on."""
+
+
 def _otlp_exporter(protocol: str) -> Any:
     try:
         if protocol == "grpc":
@@ -300,8 +314,8 @@ def _otlp_exporter(protocol: str) -> Any:
         else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     except ImportError as error:
-        raise RuntimeError("OTEL_METRICS_EXPORTER=otlp needs the OTLP exporter: pip install 'gradtel[otlp]'") \
-            from error
+        raise _Unavailable(f"OTEL_METRICS_EXPORTER=otlp ({protocol}) needs the OTLP exporter, which cannot be "
+                           f"imported ({error}): pip install 'gradtel[otlp]'; the OTLP push is off.") from None
     return OTLPMetricExporter()
 
 
@@ -330,7 +344,7 @@ def ensure_started(config: Config | None = None) -> Exporter | None:
         if _exporter is not None or _failed:
             return _exporter
         try:
-            config = config or Config.from_env()
+            config = config or settings.load()
             if not config.exporters:
                 return None
             _exporter = Exporter(config)
