@@ -1,4 +1,4 @@
-"""The ``gradtel`` command line: ``demo``, ``run``, ``check`` and ``stack``."""
+"""The ``gradtel`` command line: ``demo``, ``run``, ``check``, ``stack`` and ``assets``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,10 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from gradtel import __version__, assets
+
     parser = argparse.ArgumentParser(prog="gradtel", description="Gradient-health telemetry for TensorFlow training.")
+    parser.add_argument("--version", action="version", version=f"gradtel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a small model with a disconnected head and serve its metrics")
@@ -71,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                                 help="run Prometheus and Alertmanager on loopback with the shipped configs "
                                      "(gradtel stack --help)")
     stack.add_argument("args", nargs=argparse.REMAINDER)  # handed to gradtel.localstack as they are
+    assets.add_parser(commands)
     return parser
 
 
@@ -144,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _launch(args)
     if args.command == "stack":
         return _stack(args)
+    if args.command == "assets":
+        from gradtel import assets
+
+        return assets.main(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
