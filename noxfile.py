@@ -63,8 +63,20 @@ def minimum_pins() -> list[str]:
 def _pytest(session: nox.Session, deselected: tuple[str, ...] = ()) -> None:
     deselect = [f"--deselect={node}" for node in deselected]
     env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-                "--ignore=tests/packaging", *deselect, *session.posargs, env=env)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not slow",
+        "--ignore=tests/packaging",
+        *deselect,
+        *session.posargs,
+        env=env,
+    )
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", DEMO_TEST, env=env)
 
 

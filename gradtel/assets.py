@@ -58,8 +58,13 @@ def files(base: Path | None = None) -> dict[str, Path]:
         if path.is_file():
             found[shipped] = path
         elif path.is_dir():
-            found.update({p.relative_to(base).as_posix(): p for p in path.rglob("*")
-                          if p.is_file() and "__pycache__" not in p.parts})
+            found.update(
+                {
+                    p.relative_to(base).as_posix(): p
+                    for p in path.rglob("*")
+                    if p.is_file() and "__pycache__" not in p.parts
+                }
+            )
         else:
             raise AssetsError(f"gradtel's shipped file {shipped} is missing from {base} (a broken installation)")
     return dict(sorted(found.items()))
@@ -72,8 +77,10 @@ def with_runbook_url(text: str, runbook_url: str) -> str:
 
 def _checked_url(url: str) -> str:
     if not url.startswith(("http://", "https://")) or "#" in url or any(ch.isspace() for ch in url):
-        raise AssetsError(f"--runbook-url: expected an http(s) URL of the page holding the runbooks, without "
-                          f"'#' or spaces (each alert links to URL#<alert name in lower case>), got {url!r}")
+        raise AssetsError(
+            f"--runbook-url: expected an http(s) URL of the page holding the runbooks, without "
+            f"'#' or spaces (each alert links to URL#<alert name in lower case>), got {url!r}"
+        )
     return url
 
 
@@ -92,8 +99,10 @@ def write(destination: Path, *, runbook_url: str | None = None, force: bool = Fa
         planned[destination / relative] = data
     conflicts = [p for p, data in planned.items() if p.exists() and (not p.is_file() or p.read_bytes() != data)]
     if conflicts and not force:
-        raise AssetsError(f"{len(conflicts)} file(s) under {destination} differ from gradtel's (first: "
-                          f"{conflicts[0]}); pass --force to overwrite them")
+        raise AssetsError(
+            f"{len(conflicts)} file(s) under {destination} differ from gradtel's (first: "
+            f"{conflicts[0]}); pass --force to overwrite them"
+        )
     for path, data in planned.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -103,14 +112,20 @@ def write(destination: Path, *, runbook_url: str | None = None, force: bool = Fa
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """The ``assets`` subcommand of ``gradtel``."""
     parser = commands.add_parser(
-        "assets", help="write the dashboards, alert rules, Alertmanager, Kubernetes, Collector, compose and "
+        "assets",
+        help="write the dashboards, alert rules, Alertmanager, Kubernetes, Collector, compose and "
         "Grafana provisioning files (and the runbooks) into DIR",
         description="Write gradtel's deployment files into DIR with the repository's layout (dashboards/, "
-        "deploy/..., docs/runbooks.md), so that the commands in docs/deploy.md work from DIR.")
+        "deploy/..., docs/runbooks.md), so that the commands in docs/deploy.md work from DIR.",
+    )
     parser.add_argument("directory", type=Path, metavar="DIR")
-    parser.add_argument("--runbook-url", metavar="URL", default=None,
-                        help=f"the page holding the runbooks (your copy of docs/runbooks.md); each alert's "
-                        f"runbook_url becomes URL#<alert name in lower case> (default {RUNBOOK_BASE_URL})")
+    parser.add_argument(
+        "--runbook-url",
+        metavar="URL",
+        default=None,
+        help=f"the page holding the runbooks (your copy of docs/runbooks.md); each alert's "
+        f"runbook_url becomes URL#<alert name in lower case> (default {RUNBOOK_BASE_URL})",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite files that differ from gradtel's")
 
 
@@ -123,4 +138,3 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(f"gradtel assets: wrote {len(written)} files under {args.directory}")
     return 0
-

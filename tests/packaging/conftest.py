@@ -15,9 +15,24 @@ ROOT = Path(__file__).resolve().parents[2]
 def build_wheel(source: Path, out: Path) -> Path:
     """The wheel pip builds from ``source`` into ``out`` (no build isolation: hatchling, a dev dependency, must be
     importable, so the build needs no network)."""
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "--disable-pip-version-check", "-q", "-w", str(out), str(source)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(out),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"the wheel did not build from {source}:\n{done.stdout}\n{done.stderr}"
     wheels = list(out.glob("gradtel-*.whl"))
     assert len(wheels) == 1, wheels

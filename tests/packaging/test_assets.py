@@ -26,14 +26,23 @@ def test_the_written_files_equal_the_repositorys(tmp_path: Path, capsys: pytest.
     assert cli.main(["assets", str(tmp_path)]) == 0
     written = _tree(tmp_path)
     assert written == {relative: _repository(relative) for relative in written}
-    expected = {"dashboards/gradtel-overview.json", "dashboards/gradtel-variables.json",
-                "deploy/prometheus/gradtel-rules.yml", "deploy/prometheus/prometheus.yml",
-                "deploy/alertmanager/alertmanager.yml", "deploy/kubernetes/kustomization.yaml",
-                "deploy/kubernetes/training-job.yaml", "deploy/kubernetes/prometheusrule.yaml",
-                "deploy/kubernetes/podmonitor.yaml", "deploy/kubernetes/dashboards-configmap.yaml",
-                "deploy/otel-collector/config.yaml", "deploy/docker-compose.yml",
-                "deploy/grafana/provisioning/dashboards/gradtel.yml",
-                "deploy/grafana/provisioning/datasources/prometheus.yml", "docs/runbooks.md"}
+    expected = {
+        "dashboards/gradtel-overview.json",
+        "dashboards/gradtel-variables.json",
+        "deploy/prometheus/gradtel-rules.yml",
+        "deploy/prometheus/prometheus.yml",
+        "deploy/alertmanager/alertmanager.yml",
+        "deploy/kubernetes/kustomization.yaml",
+        "deploy/kubernetes/training-job.yaml",
+        "deploy/kubernetes/prometheusrule.yaml",
+        "deploy/kubernetes/podmonitor.yaml",
+        "deploy/kubernetes/dashboards-configmap.yaml",
+        "deploy/otel-collector/config.yaml",
+        "deploy/docker-compose.yml",
+        "deploy/grafana/provisioning/dashboards/gradtel.yml",
+        "deploy/grafana/provisioning/datasources/prometheus.yml",
+        "docs/runbooks.md",
+    }
     assert set(written) == expected
     assert capsys.readouterr().out.strip() == f"gradtel assets: wrote {len(expected)} files under {tmp_path}"
 
@@ -61,8 +70,13 @@ def test_runbook_url_moves_every_alerts_link_and_nothing_else(tmp_path: Path) ->
         assert len(urls) == len(original) >= 8
         assert urls == [u.replace(assets.RUNBOOK_BASE_URL, base) for u in original]
         assert all(u.startswith(base + "#gradtel") for u in urls)
-        changed = [(a, b) for a, b in zip((ROOT / rules).read_text().splitlines(),
-                                          (tmp_path / rules).read_text().splitlines(), strict=True) if a != b]
+        changed = [
+            (a, b)
+            for a, b in zip(
+                (ROOT / rules).read_text().splitlines(), (tmp_path / rules).read_text().splitlines(), strict=True
+            )
+            if a != b
+        ]
         assert len(changed) == len(urls) and all("runbook_url:" in b for _, b in changed)
     untouched = set(_tree(tmp_path)) - set(assets.RULE_FILES)
     assert all((tmp_path / r).read_bytes() == _repository(r) for r in untouched)
@@ -73,8 +87,12 @@ def test_the_rewritten_rules_pass_promtool(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool not found (scripts/test.sh installs the Debian prometheus package)"
     assets.write(tmp_path, runbook_url="https://runbooks.example.org/gradtel")
-    done = subprocess.run([promtool, "check", "rules", str(tmp_path / "deploy/prometheus/gradtel-rules.yml")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [promtool, "check", "rules", str(tmp_path / "deploy/prometheus/gradtel-rules.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -15,12 +15,28 @@ ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "deploy" / "kubernetes" / "training-job.yaml"
 
 #: Volume types "restricted" allows.
-ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
-                   "secret"}
-SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-                "net.ipv4.tcp_keepalive_probes"}
+ALLOWED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
 
 
 def restricted_violations(pod: dict[str, Any]) -> list[str]:
@@ -91,13 +107,15 @@ def test_the_check_finds_what_the_issue_found() -> None:
         container["securityContext"].pop(key)
     container["securityContext"]["allowPrivilegeEscalation"] = True
     pod["volumes"] = [{"name": "host", "hostPath": {"path": "/"}}]
-    assert sorted(restricted_violations(pod)) == sorted([
-        "trainer: allowPrivilegeEscalation is not false",
-        "trainer: runAsNonRoot is not true (on the container or the pod)",
-        "trainer: seccompProfile is None, not RuntimeDefault or Localhost",
-        "trainer: capabilities do not drop ALL",
-        "volume host has type ['hostPath']",
-    ])
+    assert sorted(restricted_violations(pod)) == sorted(
+        [
+            "trainer: allowPrivilegeEscalation is not false",
+            "trainer: runAsNonRoot is not true (on the container or the pod)",
+            "trainer: seccompProfile is None, not RuntimeDefault or Localhost",
+            "trainer: capabilities do not drop ALL",
+            "volume host has type ['hostPath']",
+        ]
+    )
 
 
 def test_the_run_id_is_the_jobs_name() -> None:

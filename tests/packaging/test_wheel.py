@@ -63,20 +63,34 @@ def _doc_paths() -> set[str]:
 def test_every_file_the_docs_send_users_to_is_in_the_wheel(repo_wheel: Path) -> None:
     files = {n.removeprefix("gradtel/_assets/") for n in wheel_files(repo_wheel) if n.startswith("gradtel/_assets/")}
     mentioned = _doc_paths()
-    assert {"deploy/kubernetes", "deploy/docker-compose.yml", "dashboards/gradtel-overview.json",
-            "deploy/prometheus/gradtel-rules.yml"} <= {m.rstrip("/") for m in mentioned}, mentioned
+    assert {
+        "deploy/kubernetes",
+        "deploy/docker-compose.yml",
+        "dashboards/gradtel-overview.json",
+        "deploy/prometheus/gradtel-rules.yml",
+    } <= {m.rstrip("/") for m in mentioned}, mentioned
     missing = []
     for mention in sorted(mentioned):
         targets = sorted(ROOT.glob(mention.rstrip("/"))) or [ROOT / mention.rstrip("/")]
         for target in targets:
             relative = target.relative_to(ROOT).as_posix()
-            if NOT_SHIPPED.search(relative) or relative in {"docs/benchmarks.md", "docs/report.md",
-                                                            "docs/deploy.md", "docs/compatibility.md"}:
+            if NOT_SHIPPED.search(relative) or relative in {
+                "docs/benchmarks.md",
+                "docs/report.md",
+                "docs/deploy.md",
+                "docs/compatibility.md",
+            }:
                 continue  # read on the project's site; not a file a deployment uses
             assert target.exists(), f"the docs name {mention}, which does not exist"
-            wanted = [relative] if target.is_file() else [p.relative_to(ROOT).as_posix() for p in target.rglob("*")
-                                                          if p.is_file() and not NOT_SHIPPED.search(
-                                                              p.relative_to(ROOT).as_posix())]
+            wanted = (
+                [relative]
+                if target.is_file()
+                else [
+                    p.relative_to(ROOT).as_posix()
+                    for p in target.rglob("*")
+                    if p.is_file() and not NOT_SHIPPED.search(p.relative_to(ROOT).as_posix())
+                ]
+            )
             missing += [w for w in wanted if w not in files]
     assert not missing, f"the docs send users to files the wheel lacks: {missing}"
 
@@ -107,24 +121,43 @@ def test_the_wheel_installs_bare_and_runs(repo_wheel: Path, tmp_path: Path) -> N
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    install = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", repo_wheel],
-                             capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", repo_wheel],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr
     gradtel_bin = env_dir / "bin" / "gradtel"
     outside = {"PATH": f"{env_dir / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}  # no PYTHONPATH: the wheel only
-    help_ = subprocess.run([gradtel_bin, "--help"], capture_output=True, text=True, timeout=120, env=outside,
-                           cwd=tmp_path)
+    help_ = subprocess.run(
+        [gradtel_bin, "--help"], capture_output=True, text=True, timeout=120, env=outside, cwd=tmp_path
+    )
     assert help_.returncode == 0, help_.stderr
     assert "assets" in help_.stdout and "demo" in help_.stdout
-    version = subprocess.run([gradtel_bin, "--version"], capture_output=True, text=True, timeout=120, env=outside,
-                             cwd=tmp_path)
+    version = subprocess.run(
+        [gradtel_bin, "--version"], capture_output=True, text=True, timeout=120, env=outside, cwd=tmp_path
+    )
     assert (version.returncode, version.stdout.strip()) == (0, f"gradtel {gradtel.__version__}")
-    no_tf = subprocess.run([python, "-c", "import gradtel, sys; print('tensorflow' in sys.modules)"],
-                           capture_output=True, text=True, timeout=120, env=outside, cwd=tmp_path)
+    no_tf = subprocess.run(
+        [python, "-c", "import gradtel, sys; print('tensorflow' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=outside,
+        cwd=tmp_path,
+    )
     assert no_tf.stdout.strip() == "False", no_tf.stderr
-    written = subprocess.run([gradtel_bin, "assets", tmp_path / "out"], capture_output=True, text=True, timeout=120,
-                             env=outside, cwd=tmp_path)
+    written = subprocess.run(
+        [gradtel_bin, "assets", tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=outside,
+        cwd=tmp_path,
+    )
     assert written.returncode == 0, written.stderr
-    out = {p.relative_to(tmp_path / "out").as_posix(): p.read_bytes() for p in (tmp_path / "out").rglob("*")
-           if p.is_file()}
+    out = {
+        p.relative_to(tmp_path / "out").as_posix(): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()
+    }
     assert out == _shipped_files()
