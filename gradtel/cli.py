@@ -117,6 +117,12 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [name for name in ("tensorflow", "keras") if importlib.util.find_spec(name) is None]
+    if missing:  # a bare `pip install gradtel` has neither: say so before serving an endpoint that stays empty
+        print(f"gradtel demo needs {' and '.join(missing)}: pip install 'gradtel[tensorflow]'", file=sys.stderr)
+        return 2
     if args.port is not None:
         os.environ["OTEL_EXPORTER_PROMETHEUS_PORT"] = str(args.port)
     if args.host is not None:

@@ -148,6 +148,13 @@ def test_the_wheel_installs_bare_and_runs(repo_wheel: Path, tmp_path: Path) -> N
         cwd=tmp_path,
     )
     assert no_tf.stdout.strip() == "False", no_tf.stderr
+    demo = subprocess.run(
+        [gradtel_bin, "demo", "--steps", "1"], capture_output=True, text=True, timeout=120, env=outside, cwd=tmp_path
+    )
+    assert (demo.returncode, demo.stderr) == (
+        2,
+        "gradtel demo needs tensorflow and keras: pip install 'gradtel[tensorflow]'\n",
+    )
     written = subprocess.run(
         [gradtel_bin, "assets", tmp_path / "out"],
         capture_output=True,
