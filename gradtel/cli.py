@@ -1,4 +1,4 @@
-"""The ``gradtel`` command line: ``demo``, ``run``, ``check`` and ``stack``."""
+"""The ``gradtel`` command line: ``demo``, ``run``, ``check``, ``stack`` and ``assets``."""
 
 from __future__ import annotations
 
@@ -45,7 +45,10 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from gradtel import __version__, assets
+
     parser = argparse.ArgumentParser(prog="gradtel", description="Gradient-health telemetry for TensorFlow training.")
+    parser.add_argument("--version", action="version", version=f"gradtel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a small model with a disconnected head and serve its metrics")
@@ -83,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                                 help="run Prometheus and Alertmanager on loopback with the shipped configs "
                                      "(gradtel stack --help)")
     stack.add_argument("args", nargs=argparse.REMAINDER)  # handed to gradtel.localstack as they are
+    assets.add_parser(commands)
     return parser
 
 
@@ -132,6 +136,12 @@ def _version() -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [name for name in ("tensorflow", "keras") if importlib.util.find_spec(name) is None]
+    if missing:  # a bare `pip install gradtel` has neither: say so before serving an endpoint that stays empty
+        print(f"gradtel demo needs {' and '.join(missing)}: pip install 'gradtel[tensorflow]'", file=sys.stderr)
+        return 2
     if args.port is not None:
         os.environ["OTEL_EXPORTER_PROMETHEUS_PORT"] = str(args.port)
     if args.host is not None:
@@ -163,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _launch(args)
     if args.command == "stack":
         return _stack(args)
+    if args.command == "assets":
+        from gradtel import assets
+
+        return assets.main(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

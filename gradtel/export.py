@@ -11,6 +11,7 @@ failure is logged once and leaves training alone.
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import math
 import threading
@@ -237,8 +238,8 @@ class Exporter:
         readers = [r for r in (self._reader(kind) for kind in self.config.exporters) if r is not None]
         # No exemplars: observable callbacks run at collection time, outside any span, so there is never one to
         # keep, yet the SDK's default reservoir locks, sorts and lists per series per collection (~15% of it).
-        view = View(instrument_name="gradtel*", aggregation_cardinality_limit=self.config.max_series,
-                    exemplar_reservoir_factory=lambda aggregation: _NoExemplars)
+        limit = {"aggregation_cardinality_limit": self.config.max_series} if _view_takes_limit(View) else {}
+        view = View(instrument_name="gradtel*", exemplar_reservoir_factory=lambda aggregation: _NoExemplars, **limit)
         # shutdown_on_exit=False: gradtel shuts it down itself (runner, export.shutdown), once.
         return MeterProvider(metric_readers=readers, resource=self.config.resource(), views=[view],
                              exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
@@ -300,6 +301,16 @@ class _NoExemplars(ExemplarReservoir):
 
     def collect(self, point_attributes: Any) -> list[Any]:
         return []
+
+
+def _view_takes_limit(view: type) -> bool:
+    """Whether the SDK's ``View`` takes ``aggregation_cardinality_limit`` (opentelemetry-sdk 1.45 and later).
+
+    Older SDKs fold no series at all, so leaving the keyword out keeps every series there; gradtel's own
+    per-variable series are limited by the producer either way. Passing it blindly would be a ``TypeError``
+    that disables the whole export.
+    """
+    return "aggregation_cardinality_limit" in inspect.signature(view.__init__).parameters
 
 
 class _Unavailable(Exception):
