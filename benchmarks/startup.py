@@ -16,7 +16,8 @@ A child that runs past ``--timeout`` is killed and its cell reads "did not finis
 that variant (it would not finish either). An instrumented child that did not finish leaves the plain ones measured;
 a plain one that did not finish leaves nothing to compare with, so the size's instrumented children are not run.
 
-    .venv/bin/python -m benchmarks.startup --out FILE [--quick] [--sizes 100 1000] [--rounds R] [--timeout S]
+    .venv/bin/python -m benchmarks.startup --out FILE [--quick] [--sizes 100 1000] [--trace-sizes 50000]
+        [--rounds R] [--timeout S]
 """
 
 from __future__ import annotations
@@ -35,16 +36,25 @@ from benchmarks import section, timing
 
 MIB = 2**20
 #: variables -> rounds (each round one plain and one instrumented child, in alternating order).
-SIZES = {100: 5, 1_000: 5, 10_000: 3, 50_000: 1}
+SIZES = {100: 5, 1_000: 5, 10_000: 3}
 QUICK_SIZES = {100: 2, 1_000: 2}
+#: variables -> rounds of the trace-only measurement (see ``child``): it reaches 50,000 variables.
+TRACE_SIZES = {1_000: 3, 10_000: 3, 50_000: 1}
+QUICK_TRACE_SIZES = {1_000: 2}
 #: Seconds a child may run before its cell is reported as not finished (a quadratic start-up must not hang the run).
 CHILD_TIMEOUT_S = 1_200
 VARIANTS = ("plain", "gradtel")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def child(n: int, instrumented: bool) -> dict[str, Any]:
-    """Build N weights, trace and run one SGD step; time it and read this process's peak RSS."""
+def child(n: int, instrumented: bool, trace_only: bool = False) -> dict[str, Any]:
+    """Build N weights, trace and run one SGD step; time it and read this process's peak RSS.
+
+    ``trace_only``: trace the step (``get_concrete_function``) without running it. TensorFlow's first call (graph
+    optimisation and executor set-up, in C++) grows faster than linearly with this model and makes the first step
+    unmeasurable at 50,000 variables here; the trace alone is the Python work where gradtel's own per-variable cost
+    (its ops, its diagnosis) is paid, so it shows gradtel's growth at sizes the first step cannot reach.
+    """
     os.environ.setdefault("OTEL_METRICS_EXPORTER", "none")
     import keras
     import tensorflow as tf
@@ -78,6 +88,16 @@ def child(n: int, instrumented: bool) -> dict[str, Any]:
         optimizer.apply(tape.gradient(loss, layer.trainable_variables), layer.trainable_variables)
         return loss
 
+    if trace_only:
+        step.get_concrete_function()
+        traced = time.perf_counter()
+        return {
+            "variables": len(layer.trainable_variables),
+            "build_s": built - started,
+            "trace_s": traced - built,
+            "rss_start_mib": rss_start / MIB,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
     timing.sync(step())
     first = time.perf_counter()
     timing.sync(step())
@@ -94,10 +114,11 @@ def child(n: int, instrumented: bool) -> dict[str, Any]:
     }
 
 
-def _spawn(n: int, variant: str, timeout_s: float) -> dict[str, Any]:
+def _spawn(n: int, variant: str, timeout_s: float, trace_only: bool) -> dict[str, Any]:
     """One child's measurement, or ``{"error": ...}`` when it failed or ran past ``timeout_s`` (it is killed)."""
     cmd = [sys.executable, "-m", "benchmarks.startup", "--child", str(n)]
     cmd += ["--instrumented"] if variant == "gradtel" else []
+    cmd += ["--trace-only"] if trace_only else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -112,38 +133,43 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": median, "q1": q1, "q3": q3, "minimum": min(values), "maximum": max(values), "rounds": len(values)}
 
 
-def _variant_stats(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median and spread of one variant's first step, build and memory (own = peak above the imports)."""
-    return {
-        f"{variant}_first_step_s": _stats([r["first_step_s"] for r in runs]),
+def _variant_stats(variant: str, runs: list[dict[str, Any]], timed: str) -> dict[str, Any]:
+    """Median and spread of one variant's timed phase (``timed``: first_step_s or trace_s), build and memory (own =
+    peak above the imports)."""
+    out = {
+        f"{variant}_{timed}": _stats([r[timed] for r in runs]),
         f"{variant}_build_s": _stats([r["build_s"] for r in runs]),
-        f"{variant}_second_step_ms": _stats([r["second_step_ms"] for r in runs]),
         f"{variant}_peak_rss_mib": _stats([r["peak_rss_mib"] for r in runs]),
         f"{variant}_own_peak_mib": _stats([r["peak_rss_mib"] - r["rss_start_mib"] for r in runs]),
     }
+    if timed == "first_step_s":
+        out[f"{variant}_second_step_ms"] = _stats([r["second_step_ms"] for r in runs])
+    return out
 
 
-def _paired_stats(n: int, plain: list[dict[str, Any]], inst: list[dict[str, Any]]) -> dict[str, Any]:
+def _paired_stats(n: int, plain: list[dict[str, Any]], inst: list[dict[str, Any]], timed: str) -> dict[str, Any]:
     """Per-round comparisons: each round's instrumented child against the plain child it alternated with."""
     pairs = list(zip(plain, inst, strict=False))
     extra = [i["peak_rss_mib"] - p["peak_rss_mib"] for p, i in pairs]
-    return {
-        "first_step_ratio": _stats([i["first_step_s"] / p["first_step_s"] for p, i in pairs]),
+    out = {
+        f"{timed.removesuffix('_s')}_ratio": _stats([i[timed] / p[timed] for p, i in pairs]),
         "extra_peak_rss_mib": _stats(extra),
         "extra_peak_rss_share": _stats([e / p["peak_rss_mib"] for e, (p, _) in zip(extra, pairs, strict=True)]),
         "extra_kib_per_variable": _stats([e * 1024 / n for e in extra]),
-        # what is still held after the second step (the transient part of the peak is the trace's own work)
-        "extra_end_rss_mib": _stats([i["rss_end_mib"] - p["rss_end_mib"] for p, i in pairs]),
     }
+    if timed == "first_step_s":  # what is still held after the second step (the transient part is the trace's)
+        out["extra_end_rss_mib"] = _stats([i["rss_end_mib"] - p["rss_end_mib"] for p, i in pairs])
+    return out
 
 
-def measure(n: int, rounds: int, timeout_s: float, skip: dict[str, str]) -> dict[str, Any]:
+def measure(n: int, rounds: int, timeout_s: float, skip: dict[str, str], trace_only: bool = False) -> dict[str, Any]:
     """``rounds`` rounds of one child per variant, plain first in even rounds and instrumented first in odd ones.
 
     A variant in ``skip`` (variant -> why) is not run. A variant whose child fails or times out is not run again
     at this size: its error (with the rounds it had finished) replaces its statistics; once the plain child has
     failed, the instrumented one is not run either (there is nothing to compare it with).
     """
+    timed = "trace_s" if trace_only else "first_step_s"
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     errors = dict(skip)
     for r in range(rounds):
@@ -152,23 +178,23 @@ def measure(n: int, rounds: int, timeout_s: float, skip: dict[str, str]) -> dict
                 errors.setdefault("gradtel", "not run: no plain child finished at this size")
             if variant in errors:
                 continue
-            result = _spawn(n, variant, timeout_s)
+            result = _spawn(n, variant, timeout_s, trace_only)
             if "error" in result:
                 errors[variant] = f"{result['error']} (round {r + 1} of {rounds})"
             else:
                 runs[variant].append(result)
         done = ", ".join(
-            f"{v} {runs[v][-1]['first_step_s']:.1f} s" if v not in errors else f"{v} {errors[v][:60]}" for v in VARIANTS
+            f"{v} {runs[v][-1][timed]:.1f} s" if v not in errors else f"{v} {errors[v][:60]}" for v in VARIANTS
         )
-        print(f"[startup] {n} variables, round {r + 1}/{rounds}: {done}", file=sys.stderr, flush=True)
+        print(f"[startup] {n} variables, {timed}, round {r + 1}/{rounds}: {done}", file=sys.stderr, flush=True)
         if all(v in errors for v in VARIANTS):
             break
     out: dict[str, Any] = {"variables": n, "errors": errors, "rounds": runs}
     for variant in VARIANTS:
         if variant not in errors:
-            out.update(_variant_stats(variant, runs[variant]))
+            out.update(_variant_stats(variant, runs[variant], timed))
     if not errors:
-        out.update(_paired_stats(n, runs["plain"], runs["gradtel"]))
+        out.update(_paired_stats(n, runs["plain"], runs["gradtel"], timed))
     return out
 
 
@@ -185,15 +211,17 @@ def code_version() -> dict[str, Any]:
     }
 
 
-def run(sizes: dict[int, int], timeout_s: float) -> dict[str, Any]:
-    """Every size in increasing order; a variant that timed out is skipped at the larger sizes."""
-    results: dict[str, Any] = {"code": code_version(), "timeout_s": timeout_s}
-    skip: dict[str, str] = {}
-    for n in sorted(sizes):
-        results[str(n)] = measure(n, sizes[n], timeout_s, skip)
-        for variant, error in results[str(n)]["errors"].items():
-            if variant not in skip and "did not finish" in error:
-                skip[variant] = f"not run: did not finish at {n:,} variables in {timeout_s:.0f} s"
+def run(sizes: dict[int, int], trace_sizes: dict[int, int], timeout_s: float) -> dict[str, Any]:
+    """Every size in increasing order, first steps then traces; a variant that timed out is skipped at the larger
+    sizes of the same measurement."""
+    results: dict[str, Any] = {"code": code_version(), "timeout_s": timeout_s, "trace": {}}
+    for trace_only, table, into in ((False, sizes, results), (True, trace_sizes, results["trace"])):
+        skip: dict[str, str] = {}
+        for n in sorted(table):
+            into[str(n)] = measure(n, table[n], timeout_s, skip, trace_only)
+            for variant, error in into[str(n)]["errors"].items():
+                if variant not in skip and "did not finish" in error:
+                    skip[variant] = f"not run: did not finish at {n:,} variables in {timeout_s:.0f} s"
     return results
 
 
@@ -201,23 +229,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--instrumented", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=int, nargs="+", help="variable counts, instead of the default")
-    parser.add_argument(
-        "--rounds", type=int, help="rounds at every size (default: 5 up to 1,000, 3 at 10,000, 1 above; --quick: 2)"
-    )
+    parser.add_argument("--trace-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=int, nargs="*", help="first-step variable counts, instead of the default")
+    parser.add_argument("--trace-sizes", type=int, nargs="*", help="trace-only variable counts, instead of the default")
+    parser.add_argument("--rounds", type=int, help="rounds at every size (default: see SIZES, TRACE_SIZES; --quick: 2)")
     parser.add_argument("--timeout", type=float, default=CHILD_TIMEOUT_S, help="seconds one child may run")
     args, rest = parser.parse_known_args()  # --quick and --out are the shared section options
     if args.child:
-        print(json.dumps(child(args.child, args.instrumented)))
+        print(json.dumps(child(args.child, args.instrumented, args.trace_only)))
         return
     sys.argv = [sys.argv[0], *rest]
 
-    def chosen(quick: bool) -> dict[int, int]:
-        table = QUICK_SIZES if quick else SIZES
-        default = 2 if quick else 3
-        return {n: args.rounds or table.get(n, default if n <= 10_000 else 1) for n in args.sizes or table}
+    def chosen(given: list[int] | None, table: dict[int, int]) -> dict[int, int]:
+        sizes = table if given is None else given  # an empty list measures nothing
+        return {n: args.rounds or table.get(n, 3 if n <= 10_000 else 1) for n in sizes}
 
-    section.main(lambda quick: run(chosen(quick), args.timeout))
+    section.main(
+        lambda quick: run(
+            chosen(args.sizes, QUICK_SIZES if quick else SIZES),
+            chosen(args.trace_sizes, QUICK_TRACE_SIZES if quick else TRACE_SIZES),
+            args.timeout,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as models
 from grafana_foundation_sdk.models import prometheus as prometheus_models
 
-from gradtel import metrics
+from gradtel import assets, metrics
 
 #: Every panel and query variable reads the Prometheus data source chosen in the ``datasource`` variable.
 DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -32,7 +32,7 @@ RUN_KEY: tuple[str, ...] = (*TARGET_LABELS, *metrics.COMMON_LABELS)
 #: restarts, are not added up).
 JOB_KEY: tuple[str, ...] = ("job", "run", "optimizer")
 #: Where each alert's runbook lives (the same page the rules' runbook_url annotations point at).
-RUNBOOK_URL = "https://github.com/gradtel/gradtel/blob/main/docs/runbooks.md"
+RUNBOOK_URL = assets.RUNBOOK_BASE_URL
 #: Template variables whose label may be absent (``worker`` outside a multi-worker job): their "All" matches "".
 OPTIONAL_LABELS: frozenset[str] = frozenset({"worker"})
 #: Tags shared by gradtel dashboards; the dashboard links list every dashboard with this tag.

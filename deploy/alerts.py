@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gradtel import metrics
+from gradtel import assets, metrics
 
 #: Where the runbooks live; each alert links to its heading (GitHub anchors are the lower-cased name).
-RUNBOOK_BASE_URL = "https://github.com/gradtel/gradtel/blob/main/docs/runbooks.md"
+#: `gradtel assets --runbook-url` moves the links of the shipped rule files to another page.
+RUNBOOK_BASE_URL = assets.RUNBOOK_BASE_URL
 #: Labels Prometheus adds to every scraped series: they identify the training process.
 TARGET_LABELS: tuple[str, ...] = ("job", "instance")
 #: The join key between a per-variable series and its process's step counter.

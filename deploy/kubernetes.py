@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import gradtel
+
 #: kube-prometheus-stack only picks up monitors and rules carrying its Helm release label.
 RELEASE_LABELS: dict[str, str] = {"release": "kube-prometheus-stack"}
 #: Pods carrying this label are scraped by the PodMonitor; add it to your training pods.
@@ -21,8 +23,14 @@ METRICS_PORT_NAME = "gradtel-metrics"
 METRICS_PORT = 9464
 METRICS_PATH = "/metrics"
 SCRAPE_INTERVAL = "15s"
-#: Image built from deploy/trainer/Dockerfile; push it to a registry your cluster pulls from.
-DEMO_IMAGE = "gradtel-demo:0.1.0"
+#: Image built from deploy/trainer/Dockerfile (tagged with gradtel's version); push it to a registry your
+#: cluster pulls from.
+DEMO_IMAGE = f"gradtel-demo:{gradtel.__version__}"
+#: The label the Job controller puts on its pods (every Kubernetes version; 1.27+ also sets
+#: batch.kubernetes.io/job-name): the run id of the example Job comes from it through the downward API.
+JOB_NAME_LABEL = "job-name"
+#: The numeric non-root user of deploy/trainer/Dockerfile (nobody).
+RUN_AS_USER = 65534
 #: Kubeflow training-operator pod labels copied onto the series, so alerts name the TFJob and replica.
 KUBEFLOW_LABELS: dict[str, str] = {
     "training.kubeflow.org/job-name": "training_job",
@@ -105,6 +113,8 @@ def training_job() -> dict[str, Any]:
             {"name": "OTEL_EXPORTER_PROMETHEUS_HOST", "value": "0.0.0.0"},
             {"name": "OTEL_EXPORTER_PROMETHEUS_PORT", "value": str(METRICS_PORT)},
             {"name": "OTEL_SERVICE_NAME", "value": "gradtel-demo"},
+            # The run id is the Job's name, so every series and the report name the run that made them.
+            _field_env("GRADTEL_RUN_ID", f"metadata.labels['{JOB_NAME_LABEL}']"),
             _field_env("POD_NAME", "metadata.name"),
             _field_env("POD_NAMESPACE", "metadata.namespace"),
             {"name": "OTEL_RESOURCE_ATTRIBUTES",
@@ -115,8 +125,17 @@ def training_job() -> dict[str, Any]:
             "requests": {"cpu": "1", "memory": "2Gi"},
             "limits": {"memory": "4Gi"},
         },
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 65534, "allowPrivilegeEscalation": False},
+        # Pod Security "restricted" (tests/packaging/test_pod_security.py checks the profile's rules).
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     }
+    pod_security = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -126,7 +145,7 @@ def training_job() -> dict[str, Any]:
             "ttlSecondsAfterFinished": 3600,
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {"restartPolicy": "Never", "containers": [container]},
+                "spec": {"restartPolicy": "Never", "securityContext": pod_security, "containers": [container]},
             },
         },
     }

@@ -6,11 +6,19 @@
     gradtel.uninstrument(optimizer)          # restores the optimizer exactly
 """
 
+import importlib
+from typing import Any
+
 from gradtel.handle import Handle, VariableRecord
 from gradtel.instrumenting import instrument, is_instrumented, uninstrument
 from gradtel.phases import phase
 
 __version__ = "0.1.0"
+
+#: Submodules reachable as attributes after ``import gradtel``, imported on first use: ``gradtel.keras`` imports
+#: Keras (and TensorFlow), which ``import gradtel`` must not do (a script sets KERAS_BACKEND or
+#: TF_USE_LEGACY_KERAS first, and the CLI starts fast).
+_LAZY = ("keras", "tf_keras")
 
 __all__ = ["Handle", "VariableRecord", "__version__", "instrument", "is_instrumented", "phase", "report",
            "uninstrument"]
@@ -21,3 +29,14 @@ def report() -> dict:
     from gradtel import reporting
 
     return reporting.build()
+
+
+def __getattr__(name: str) -> Any:
+    """``gradtel.keras`` and ``gradtel.tf_keras`` without importing them first."""
+    if name in _LAZY:
+        return importlib.import_module(f"gradtel.{name}")
+    raise AttributeError(f"module 'gradtel' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

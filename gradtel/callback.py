@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 from gradtel import phases
 from gradtel.handle import Handle
 from gradtel.instrumenting import instrument, is_instrumented, uninstrument
+from gradtel.naming import PatternSet
 
 log = logging.getLogger("gradtel")
 
@@ -74,6 +75,7 @@ class TelemetryMixin:
         """The arguments are those of :func:`gradtel.instrument`. With several optimizers, ``name`` prefixes
         each one's label (``"gan/d_optimizer"``); without it the attribute name is the label."""
         super().__init__()
+        PatternSet(expect_missing)  # a bad pattern is a ValueError here, not when fit has started
         self._name = name
         self._options = {"expect_missing": expect_missing, "max_abs": max_abs, "start_exporter": start_exporter}
         self._watched: dict[str, _Watched] = {}

@@ -1,4 +1,4 @@
-"""The ``gradtel`` command line: ``demo``, ``run``, ``check`` and ``stack``."""
+"""The ``gradtel`` command line: ``demo``, ``run``, ``check``, ``stack`` and ``assets``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,22 @@ from collections.abc import Sequence
 
 
 def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a TCP port 0-65535 was expected, got {value}")
-    return value
+    from gradtel import config  # the same check as OTEL_EXPORTER_PROMETHEUS_PORT's
+
+    try:
+        return config.parse_port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{config.PORT_EXPECTED} was expected, got {text!r}") from None
+
+
+def _pattern(text: str) -> str:
+    from gradtel.naming import PatternSet  # the check instrument() makes, before the script starts
+
+    try:
+        PatternSet([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _non_negative(text: str) -> int:
@@ -46,14 +58,17 @@ _RUN_ID_HELP = ("the run label, the same for every restart of this job (sets GRA
 
 
 def _parser() -> argparse.ArgumentParser:
+    from gradtel import __version__, assets
+
     parser = argparse.ArgumentParser(prog="gradtel", description="Gradient-health telemetry for TensorFlow training.")
+    parser.add_argument("--version", action="version", version=f"gradtel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a small model with a disconnected head and serve its metrics")
     demo.add_argument("--steps", type=_non_negative, default=10000,
                       help="optimizer steps (default 10000, about 30 s on 2 CPU cores); 0 runs until Ctrl-C")
     demo.add_argument("--port", type=_port, default=None,
-                      help="metrics port (default: $OTEL_EXPORTER_PROMETHEUS_PORT or 9464)")
+                      help="metrics port (default: $OTEL_EXPORTER_PROMETHEUS_PORT or 9464; 0: any free port)")
     demo.add_argument("--host", default=None,
                       help="metrics bind address (default: $OTEL_EXPORTER_PROMETHEUS_HOST or 127.0.0.1)")
     demo.add_argument("--batch-size", type=_non_negative, default=32)
@@ -70,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                                 usage="gradtel check [options] -- python SCRIPT.py [ARGS]")
     for sub in (run, check):
         sub.add_argument("--report", metavar="FILE", help="write the JSON report (gradtel.report/v1) at the end")
-        sub.add_argument("--expect-missing", action="append", default=[], metavar="PATTERN",
+        sub.add_argument("--expect-missing", action="append", default=[], metavar="PATTERN", type=_pattern,
                          help="variable paths (glob, or re:REGEX) meant to get no gradient; repeatable")
         sub.add_argument("--port", type=_port, default=None, help="metrics port (OTEL_EXPORTER_PROMETHEUS_PORT)")
         sub.add_argument("--run-id", type=_run_id, default=None, help=_RUN_ID_HELP)
@@ -86,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
                                 help="run Prometheus and Alertmanager on loopback with the shipped configs "
                                      "(gradtel stack --help)")
     stack.add_argument("args", nargs=argparse.REMAINDER)  # handed to gradtel.localstack as they are
+    assets.add_parser(commands)
     return parser
 
 
@@ -111,7 +127,8 @@ def _launch(args: argparse.Namespace) -> int:
     options = runner.RunOptions(report=args.report, expect_missing=args.expect_missing,
                                 check_steps=max(1, args.steps) if checking else None,
                                 json_output=checking and args.json,
-                                check_timeout=args.timeout if checking else 0.0)
+                                check_timeout=args.timeout if checking else 0.0,
+                                launcher_version=_version())
     env = dict(os.environ)
     bootstrap = str(pathlib.Path(__file__).resolve().parent / "_bootstrap")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap, env.get("PYTHONPATH")) if p)
@@ -129,7 +146,19 @@ def _launch(args: argparse.Namespace) -> int:
         return 127
 
 
+def _version() -> str:
+    from gradtel import __version__
+
+    return __version__
+
+
 def _demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [name for name in ("tensorflow", "keras") if importlib.util.find_spec(name) is None]
+    if missing:  # a bare `pip install gradtel` has neither: say so before serving an endpoint that stays empty
+        print(f"gradtel demo needs {' and '.join(missing)}: pip install 'gradtel[tensorflow]'", file=sys.stderr)
+        return 2
     if args.port is not None:
         os.environ["OTEL_EXPORTER_PROMETHEUS_PORT"] = str(args.port)
     if args.host is not None:
@@ -163,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _launch(args)
     if args.command == "stack":
         return _stack(args)
+    if args.command == "assets":
+        from gradtel import assets
+
+        return assets.main(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

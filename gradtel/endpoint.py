@@ -120,26 +120,90 @@ def _basic_auth(app: Callable[..., Any], username: str, password: str) -> Callab
     return guarded
 
 
+class EndpointError(Exception):
+    """The endpoint cannot start; the message names the real cause (a file, the address, the port)."""
+
+
+def _readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise EndpointError(f"cannot serve metrics: the {what} {path!r} cannot be read "
+                            f"({error.strerror or error})") from None
+
+
 def _tls_context(security: Security) -> ssl.SSLContext:
+    """The server's TLS context; a file that cannot be read or does not hold what it should is named."""
+    certfile, keyfile = security.certfile or "", security.keyfile
+    _readable(certfile, "TLS certificate (GRADTEL_TLS_CERT_FILE)")
+    if keyfile:
+        _readable(keyfile, "TLS key (GRADTEL_TLS_KEY_FILE)")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(security.certfile or "", security.keyfile)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as error:
+        raise EndpointError(f"cannot serve metrics: the TLS certificate {certfile!r} and key {keyfile!r} "
+                            f"(GRADTEL_TLS_CERT_FILE, GRADTEL_TLS_KEY_FILE) are not a matching PEM certificate "
+                            f"and private key ({error})") from None
     if security.client_cafile:
+        _readable(security.client_cafile, "client CA file (GRADTEL_TLS_CLIENT_CA_FILE)")
         context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cafile=security.client_cafile)
+        try:
+            context.load_verify_locations(cafile=security.client_cafile)
+        except (ssl.SSLError, OSError) as error:
+            raise EndpointError(f"cannot serve metrics: the client CA file {security.client_cafile!r} "
+                                f"(GRADTEL_TLS_CLIENT_CA_FILE) holds no usable PEM certificate ({error})") from None
     return context
 
 
+def _address_family(host: str, port: int) -> socket.AddressFamily:
+    """IPv4 or IPv6, as ``host`` resolves (a name is resolved here, so that one that does not is named as such)."""
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise EndpointError(f"cannot serve metrics: the bind address {host!r} (OTEL_EXPORTER_PROMETHEUS_HOST) "
+                            f"does not resolve ({error.strerror or error})") from None
+    except OverflowError:
+        raise EndpointError(f"cannot serve metrics on {host}:{port}: the port must be 0-65535 "
+                            "(OTEL_EXPORTER_PROMETHEUS_PORT)") from None
+    families = [info[0] for info in infos]
+    return socket.AF_INET if socket.AF_INET in families else families[0]
+
+
+def _bind_error(host: str, port: int, error: OSError) -> EndpointError:
+    """What a failed bind means, in the words of the setting to change."""
+    where = f"cannot serve metrics on {host}:{port}"
+    if error.errno == errno.EADDRINUSE:
+        return EndpointError(f"{where}: the port is in use (set OTEL_EXPORTER_PROMETHEUS_PORT to a free port, "
+                             "or 0 for any free one)")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return EndpointError(f"{where}: {host!r} is not an address of this machine (OTEL_EXPORTER_PROMETHEUS_HOST)")
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return EndpointError(f"{where}: permission denied (ports below 1024 need privileges; "
+                             "OTEL_EXPORTER_PROMETHEUS_PORT)")
+    return EndpointError(f"{where}: {error.strerror or error}")
+
+
 class Endpoint:
-    """A running /metrics server; ``port`` is the bound port (useful when 0 asked for a free one)."""
+    """A running /metrics server; ``port`` is the bound port (useful when 0 asked for a free one).
+
+    Raises :class:`EndpointError`, naming the cause, when it cannot start."""
 
     def __init__(self, source: Callable[[], Exposition], host: str, port: int, security: Security) -> None:
         app = _metrics_app(source)
         if security.username is not None:
             app = _basic_auth(app, security.username, security.password or "")
-        server_class = _Server6 if ":" in host else _Server
-        self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
-        if security.certfile:
-            self._server.tls = _tls_context(security)
+        tls = _tls_context(security) if security.certfile else None  # before binding: nothing to undo
+        server_class = _Server6 if _address_family(host, port) == socket.AF_INET6 else _Server
+        try:
+            self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        except OSError as error:
+            raise _bind_error(host, port, error) from None
+        except OverflowError:
+            raise EndpointError(f"cannot serve metrics on {host}:{port}: the port must be 0-65535 "
+                                "(OTEL_EXPORTER_PROMETHEUS_PORT)") from None
+        self._server.tls = tls
         self.host = host
         self.port = self._server.server_address[1]
         self._pid = os.getpid()

@@ -11,6 +11,7 @@ failure is logged once and leaves training alone.
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import math
 import threading
@@ -22,6 +23,7 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import ExemplarReservoir
 
+from gradtel import config as settings
 from gradtel import identity, instrumenting, metrics, phases
 from gradtel.config import Config
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord
@@ -249,37 +251,45 @@ class Exporter:
         readers = [r for r in (self._reader(kind) for kind in self.config.exporters) if r is not None]
         # No exemplars: observable callbacks run at collection time, outside any span, so there is never one to
         # keep, yet the SDK's default reservoir locks, sorts and lists per series per collection (~15% of it).
-        view = View(instrument_name="gradtel*", aggregation_cardinality_limit=self.config.max_series,
-                    exemplar_reservoir_factory=lambda aggregation: _NoExemplars)
+        limit = {"aggregation_cardinality_limit": self.config.max_series} if _view_takes_limit(View) else {}
+        view = View(instrument_name="gradtel*", exemplar_reservoir_factory=lambda aggregation: _NoExemplars, **limit)
         # shutdown_on_exit=False: gradtel shuts it down itself (runner, export.shutdown), once.
         return MeterProvider(metric_readers=readers, resource=self.config.resource(), views=[view],
                              exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
 
     def _reader(self, kind: str) -> Any:
-        if kind == "prometheus":
-            return self._prometheus_reader()
-        if kind == "otlp":
-            return ProducingPeriodicReader(_otlp_exporter(self.config.otlp_protocol), self.producer)
-        if kind == "console":
-            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+        """The reader of one exporter, or None (and one warning line) when it cannot be made: the others run."""
+        try:
+            if kind == "prometheus":
+                return self._prometheus_reader()
+            if kind == "otlp":
+                return self._periodic_reader(_otlp_exporter(self.config.otlp_protocol))
+            if kind == "console":
+                from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
-            return ProducingPeriodicReader(ConsoleMetricExporter(), self.producer)
+                return self._periodic_reader(ConsoleMetricExporter())
+        except _Unavailable as error:
+            log.warning("gradtel: %s", error)
         return None
 
+    def _periodic_reader(self, exporter: Any) -> Any:
+        return ProducingPeriodicReader(exporter, self.producer, self.config.export_interval_ms,
+                                       self.config.export_timeout_ms)
+
     def _prometheus_reader(self) -> Any:
-        from gradtel.endpoint import Endpoint
+        from gradtel.endpoint import Endpoint, EndpointError
         from gradtel.exposition import PrometheusReader
 
-        reader = self.prometheus_reader = PrometheusReader(self.config.prometheus_min_interval_s,
-                                                           self.config.prometheus_cpu_share, self.producer)
         host, port = self.config.prometheus_host, self.config.prometheus_port
+        reader = PrometheusReader(self.config.prometheus_min_interval_s, self.config.prometheus_cpu_share,
+                                  self.producer)
         try:
             self._server = Endpoint(reader.exposition, host, port, self.config.security())
-            self.endpoint = (host, self._server.port)
-            log.info("gradtel: serving metrics on %s://%s:%d/metrics", self._server.scheme, host, self._server.port)
-        except OSError as error:
-            log.warning("gradtel: cannot serve metrics on %s:%d (%s); training goes on without this "
-                        "endpoint. Set OTEL_EXPORTER_PROMETHEUS_PORT to a free port.", host, port, error)
+        except EndpointError as error:
+            raise _Unavailable(f"{error}; training goes on without this endpoint.") from None
+        self.prometheus_reader = reader
+        self.endpoint = (host, self._server.port)
+        log.info("gradtel: serving metrics on %s://%s:%d/metrics", self._server.scheme, host, self._server.port)
         return reader
 
     def force_flush(self, timeout_s: float = 5.0) -> None:
@@ -306,6 +316,21 @@ class _NoExemplars(ExemplarReservoir):
         return []
 
 
+def _view_takes_limit(view: type) -> bool:
+    """Whether the SDK's ``View`` takes ``aggregation_cardinality_limit`` (opentelemetry-sdk 1.45 and later).
+
+    Older SDKs fold no series at all, so leaving the keyword out keeps every series there; gradtel's own
+    per-variable series are limited by the producer either way. Passing it blindly would be a ``TypeError``
+    that disables the whole export.
+    """
+    return "aggregation_cardinality_limit" in inspect.signature(view.__init__).parameters
+
+
+class _Unavailable(Exception):
+    """An exporter that cannot run here (its package is missing, its port cannot be bound): one line, and the
+    other exporters go on."""
+
+
 def _otlp_exporter(protocol: str) -> Any:
     try:
         if protocol == "grpc":
@@ -313,8 +338,8 @@ def _otlp_exporter(protocol: str) -> Any:
         else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     except ImportError as error:
-        raise RuntimeError("OTEL_METRICS_EXPORTER=otlp needs the OTLP exporter: pip install 'gradtel[otlp]'") \
-            from error
+        raise _Unavailable(f"OTEL_METRICS_EXPORTER=otlp ({protocol}) needs the OTLP exporter, which cannot be "
+                           f"imported ({error}): pip install 'gradtel[otlp]'; the OTLP push is off.") from None
     return OTLPMetricExporter()
 
 
@@ -343,7 +368,7 @@ def ensure_started(config: Config | None = None) -> Exporter | None:
         if _exporter is not None or _failed:
             return _exporter
         try:
-            config = config or Config.from_env()
+            config = config or settings.load()
             if not config.exporters:
                 return None
             _exporter = Exporter(config)

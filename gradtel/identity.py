@@ -36,6 +36,9 @@ from collections.abc import Mapping, Sequence
 #: Longest accepted run id (it becomes a label value on every series).
 MAX_RUN_ID_LENGTH = 128
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
+#: What a run id must look like, as the error and the configuration warning say it.
+RUN_ID_EXPECTED = (f"1-{MAX_RUN_ID_LENGTH} characters: letters, digits and ._:/@+=- (starting with a letter or "
+                   "digit)")
 #: Kubeflow training-operator service names: ``<job>-<replica type>-<index>``.
 _KUBEFLOW_HOST = re.compile(r"^(?P<job>[a-z0-9]([-a-z0-9]*[a-z0-9])?)-(?:chief|master|worker|ps|evaluator)-\d+$")
 #: A Job's pod name: the Job name (and, for an Indexed Job, ``-<completion index>``) and 5 random characters.
@@ -45,8 +48,7 @@ _JOB_POD = re.compile(r"^(?P<job>[a-z0-9][-a-z0-9]*)-[bcdfghjklmnpqrstvwxz245678
 def check_run_id(value: str, source: str = "GRADTEL_RUN_ID") -> str:
     """``value`` if it is a usable run id, else a one-line ``ValueError`` saying what was expected."""
     if len(value) > MAX_RUN_ID_LENGTH or not _RUN_ID.fullmatch(value):
-        raise ValueError(f"{source} must be 1-{MAX_RUN_ID_LENGTH} characters: letters, digits and ._:/@+=- "
-                         f"(starting with a letter or digit), got {value[:200]!r}")
+        raise ValueError(f"{source} must be {RUN_ID_EXPECTED}, got {value[:200]!r}")
     return value
 
 
@@ -85,11 +87,12 @@ def _from_kubernetes(env: Mapping[str, str], hostname: str) -> str | None:
 
 
 def derive_run_id(env: Mapping[str, str] | None = None, hostname: str | None = None,
-                  argv: Sequence[str] | None = None, cwd: str | None = None) -> str:
-    """The run id of this process (see the module docstring for the order of the sources)."""
+                  argv: Sequence[str] | None = None, cwd: str | None = None, *, strict: bool = True) -> str:
+    """The run id of this process (see the module docstring for the order of the sources). A malformed
+    ``GRADTEL_RUN_ID`` is a ``ValueError``, or with ``strict=False`` ignored (the configuration warns of it)."""
     env = os.environ if env is None else env
     explicit = (env.get("GRADTEL_RUN_ID") or "").strip()
-    if explicit:
+    if explicit and (strict or (_RUN_ID.fullmatch(explicit) and len(explicit) <= MAX_RUN_ID_LENGTH)):
         return check_run_id(explicit)
     hostname = socket.gethostname() if hostname is None else hostname
     derived = (_from_tf_config(env.get("TF_CONFIG")) or _from_kubernetes(env, hostname)

@@ -188,6 +188,7 @@ def instrument(
         The :class:`~gradtel.handle.Handle`: ``handle.records()`` reads the latest statistics.
     """
     flavour = _flavour(optimizer)
+    patterns = PatternSet(expect_missing)  # a bad pattern is a ValueError naming it, before anything is changed
     with _lock:
         existing = _live.get(optimizer)
         if existing is not None:
@@ -204,7 +205,7 @@ def instrument(
         handle = Handle(
             name=_unique_optimizer_name(name, optimizer),
             flavour=flavour,
-            expect_missing=PatternSet(expect_missing),
+            expect_missing=patterns,
             loss_scale=_loss_scale_of(optimizer) if flavour == "keras3" else None,
             diagnoser=process_diagnoser,
             max_abs=config.max_abs_default() if max_abs is None else bool(max_abs),

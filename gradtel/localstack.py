@@ -27,11 +27,12 @@ from typing import Any
 
 import yaml
 
+from gradtel import assets
+
 LOOPBACK = "127.0.0.1"
 DEFAULT_TARGET = f"{LOOPBACK}:9464"
-#: The shipped configs: packaged with the wheel as gradtel/_deploy, or the checkout's deploy/ (editable install).
-_PACKAGED = Path(__file__).resolve().parent / "_deploy"
-DEFAULT_DEPLOY_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "deploy"
+#: The shipped configs: the wheel's gradtel/_assets/deploy, or the checkout's deploy/ (editable install).
+DEFAULT_DEPLOY_DIR = assets.root() / "deploy"
 #: The compose addresses in deploy/prometheus/prometheus.yml, by the role each one plays.
 COMPOSE_TARGETS: dict[str, str] = {
     "trainer:9464": "target",

@@ -57,7 +57,10 @@ class PatternSet:
             if not isinstance(pattern, str):
                 raise TypeError(f"expected a glob or 're:' pattern string, got {type(pattern).__name__}")
             regex = pattern[3:] if pattern.startswith("re:") else r"\A" + fnmatch.translate(pattern)
-            self._regexes.append(re.compile(regex))
+            try:
+                self._regexes.append(re.compile(regex))
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
 
     def __bool__(self) -> bool:
         return bool(self._regexes)

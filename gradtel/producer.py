@@ -133,9 +133,12 @@ class VariableProducer:
 class ProducingPeriodicReader(PeriodicExportingMetricReader):
     """The SDK's periodic reader (OTLP, console) with the producer's metrics in every export."""
 
-    def __init__(self, exporter: MetricExporter, producer: VariableProducer) -> None:
+    def __init__(self, exporter: MetricExporter, producer: VariableProducer, interval_ms: float | None = None,
+                 timeout_ms: float | None = None) -> None:
+        """``interval_ms``/``timeout_ms``: None reads OTEL_METRIC_EXPORT_INTERVAL/_TIMEOUT as the SDK does;
+        gradtel passes the values its configuration checked."""
         self._producer = producer  # set first: the reader's thread may collect before __init__ returns
-        super().__init__(exporter)
+        super().__init__(exporter, export_interval_millis=interval_ms, export_timeout_millis=timeout_ms)
 
     def collect(self, timeout_millis: float = 10_000) -> None:
         with cyclic_gc_paused():  # see there: a collection's garbage must not set off full collections

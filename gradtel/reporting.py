@@ -14,7 +14,8 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-from gradtel import causes, identity, instrumenting
+from gradtel import causes, instrumenting
+from gradtel.config import Config
 from gradtel.handle import VariableRecord
 
 SCHEMA = "gradtel.report/v1"
@@ -125,10 +126,7 @@ def build() -> dict[str, Any]:
 
     exporter = export.current()
     # Without an exporter, the same derivation the exporter's Config makes: the report and the metrics agree.
-    try:
-        run_id = exporter.config.run_id if exporter is not None else identity.derive_run_id()
-    except ValueError:  # a malformed GRADTEL_RUN_ID: the export said so; the report keeps it as given
-        run_id = os.environ.get("GRADTEL_RUN_ID")
+    run_id = exporter.config.run_id if exporter is not None else Config.from_env().run_id
     optimizers, records = [], []
     for handle in instrumenting.handles():
         summary, handle_records = handle.read()

@@ -39,6 +39,7 @@ class RunOptions:
     check_steps: int | None = None  # set by ``gradtel check``: stop after this many steps
     json_output: bool = False
     check_timeout: float = 30.0  # ``gradtel check``: how long to wait for the other optimizers once one is done
+    launcher_version: str = ""  # the launching gradtel's: the bootstrap refuses a Python that imports another one
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
@@ -99,6 +100,9 @@ def _finish() -> dict[str, Any] | None:
             report = reporting.build()
             if _options.report:
                 reporting.write(_options.report, report)
+        except OSError as error:  # a --report path that cannot be written: a mistake to name, not a traceback
+            log.warning("gradtel: cannot write the report to %r (--report): %s", _options.report,
+                        error.strerror or error)
         except Exception:
             log.warning("gradtel: writing the report failed", exc_info=True)
         try:

@@ -5,18 +5,18 @@ known at trace time), zero, non-finite and the L2 norm, plus the global norm; ma
 TensorFlow ops are used (XLA-safe, no host round trip). The results are folded into ONE gradtel-owned float64
 variable, so a single read from the exporter's thread is a consistent snapshot of a whole step.
 
-Cost: on a CPU a step of small tensors pays per op, not per byte. By default each gradient gets one ``L2Loss``
-(TensorFlow's cheapest whole-tensor reduction: under a microsecond for a 32x32 gradient, where a generic
-``Sum``/``Max`` costs two or three) and everything after that works on one vector of all the variables: a fixed
-~25 ops however many variables there are. Zero and non-finite are then read off the float32 sum of squares:
-"zero" is a gradient whose every element squares to 0 in float32 (|g| below ~1e-19, too small for any optimizer
-to move the variable), "non-finite" one holding NaN/Inf or whose sum of squares overflows float32 (a norm above
-~1.8e19: an exploding gradient, on which Adam's own float32 squares overflow too). Float64 gradients are measured
-in float64.
+Cost: on a CPU a step of small tensors pays per op, not per byte, and a first step (trace + Grappler) pays per op
+too. By default small shape-alike gradients (up to 4,096 elements) are stacked and reduced together (three ops per
+distinct shape), every other gradient gets one ``L2Loss`` (TensorFlow's cheapest whole-tensor reduction), and
+everything after that works on one vector of all the variables: a fixed ~25 ops however many variables there are.
+Zero and non-finite are then read off the float32 sum of squares: "zero" is a gradient whose every element squares
+to 0 in float32 (|g| below ~1e-19, too small for any optimizer to move the variable), "non-finite" one holding
+NaN/Inf or whose sum of squares overflows float32 (a norm above ~1.8e19: an exploding gradient, on which Adam's own
+float32 squares overflow too). Float64 gradients are measured in float64.
 
 ``max_abs`` (``instrument(max_abs=True)`` or ``GRADTEL_MAX_ABS=true``) adds max |g| per variable and makes those
 edges exact (a finite gradient whose float32 squares over- or underflowed is recomputed in float64), at about
-twice the cost on a model of many small layers: shape-alike gradients are stacked for a second reduction.
+twice the cost on a model of many small layers; it stacks shape-alike gradients up to 65,536 elements.
 """
 
 from __future__ import annotations
@@ -51,8 +51,11 @@ from gradtel.layout import (
     Snapshot,
 )
 
-#: Gradients with at most this many elements (and a static shape) are stacked with their shape-alikes (max_abs).
-SMALL_GRADIENT_ELEMENTS = 1 << 16
+#: Gradients with at most this many elements (and a static shape) are stacked with their shape-alikes and reduced
+#: together: on the default path the stack is a transient copy, so only small gradients (16 KiB of float32) join one.
+STACK_ELEMENTS = 1 << 12
+#: The max_abs path stacks larger ones too (its reductions are two per stack instead of two per gradient).
+STACK_ELEMENTS_MAX_ABS = 1 << 16
 
 
 def _as_measurable(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor | None]:
@@ -74,71 +77,103 @@ def _as_float(t: tf.Tensor) -> tf.Tensor:
     return t if t.dtype in (tf.float32, tf.float64) else tf.cast(t, tf.float32)
 
 
+class _Groups:
+    """The present gradients split into stacks of shape-alike small ones and the rest, reduced one by one.
+
+    Why: on a model of many small variables a step pays per op, at trace time (each op is built in Python and
+    optimised by Grappler) and at run time. One stack of N shape-alike gradients is three ops (Pack, Square, Sum)
+    instead of N reductions, so the ops gradtel adds grow with the number of distinct shapes, not of variables.
+    Every reduction's result lands in ``order``; :meth:`in_table_order` puts a vector back in table order.
+    """
+
+    def __init__(self, measured: Sequence[tf.Tensor | None], max_elements: int) -> None:
+        self.n = len(measured)
+        by_shape: dict[tuple[tuple[int, ...], tf.DType], list[int]] = {}
+        for i, t in enumerate(measured):
+            size = None if t is None else t.shape.num_elements()
+            if t is not None and size is not None and 0 < size <= max_elements and t.dtype != tf.float64:
+                by_shape.setdefault((tuple(t.shape.as_list()), t.dtype), []).append(i)
+        self.stacks: list[tuple[list[int], tf.Tensor]] = []  # members, their gradients stacked (measured as float)
+        stacked: set[int] = set()
+        for (shape, _), members in by_shape.items():
+            if len(members) < 2:
+                continue
+            size = max(1, int(np.prod(shape)))
+            per_stack = max(2, max_elements * 64 // size)  # a transient copy of at most 64 x max_elements elements
+            for first in range(0, len(members), per_stack):
+                chunk = members[first : first + per_stack]
+                self.stacks.append((chunk, _as_float(tf.stack([measured[i] for i in chunk]))))
+                stacked.update(chunk)
+        self.single = [i for i, t in enumerate(measured) if t is not None and i not in stacked]
+        self.order = [i for chunk, _ in self.stacks for i in chunk] + self.single
+
+    @staticmethod
+    def axes(stack: tf.Tensor) -> list[int]:
+        """The trailing axes of a stack: reducing over them leaves one value per member."""
+        return list(range(1, stack.shape.rank))
+
+    def in_table_order(self, values: tf.Tensor, filler: float) -> tf.Tensor:
+        """``values`` (one per gradient in ``order``) as a float64 vector in table order, ``filler`` where missing."""
+        index = np.full(self.n, len(self.order), np.int32)  # missing ones point at the trailing filler
+        index[self.order] = np.arange(len(self.order), dtype=np.int32)
+        values = tf.concat([tf.cast(values, tf.float64), tf.constant([filler], tf.float64)], 0)
+        return tf.gather(values, index)
+
+
+def _assemble(parts: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Vectors of possibly different float dtypes as one vector (one cast after the concat when they agree)."""
+    if len({p.dtype for p in parts}) == 1:
+        return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+    return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
+
+
 def _sums_of_squares(measured: Sequence[tf.Tensor | None]) -> tf.Tensor:
-    """Sum of squares of each gradient as one float64 vector in table order (0 where the gradient is missing)."""
-    halves = [None if t is None else tf.nn.l2_loss(_as_float(t)) for t in measured]  # L2Loss = sum(t**2) / 2
-    dtypes = {h.dtype for h in halves if h is not None}
-    dtype = dtypes.pop() if len(dtypes) == 1 else tf.float64  # one cast after the stack when they all agree
-    parts = [tf.zeros([], dtype) if h is None else h if h.dtype == dtype else tf.cast(h, dtype) for h in halves]
-    return 2.0 * tf.cast(tf.stack(parts), tf.float64)
+    """Sum of squares of each gradient as one float64 vector in table order (0 where the gradient is missing).
 
-
-def _is_small(t: tf.Tensor) -> bool:
-    size = t.shape.num_elements()
-    return size is not None and 0 < size <= SMALL_GRADIENT_ELEMENTS and t.dtype != tf.float64
+    Stacks are squared and summed in their own (float32) precision, so "zero" and "non-finite" mean the same as
+    for the gradients reduced one by one with ``L2Loss`` (sum(t**2) / 2, TensorFlow's cheapest whole-tensor
+    reduction).
+    """
+    groups = _Groups(measured, STACK_ELEMENTS)
+    parts = [tf.reduce_sum(tf.square(stack), axis=groups.axes(stack)) for _, stack in groups.stacks]
+    if groups.single:
+        halves = [tf.nn.l2_loss(_as_float(measured[i])) for i in groups.single]
+        dtypes = {h.dtype for h in halves}
+        dtype = dtypes.pop() if len(dtypes) == 1 else tf.float64  # one cast after the stack when they all agree
+        parts.append(2.0 * tf.stack([h if h.dtype == dtype else tf.cast(h, dtype) for h in halves]))
+    return groups.in_table_order(_assemble(parts), 0.0)
 
 
 def _exact_reduce(measured: Sequence[tf.Tensor | None]) -> tuple[tf.Tensor, tf.Tensor]:
     """Sum of squares and max |g| of each gradient, as two float64 vectors in table order (0 and NaN where
     missing), exact at float32's edges: the ``max_abs`` path.
 
-    Small gradients of one (shape, dtype) are stacked and reduced over their trailing axes together, so the graph
-    grows with the number of distinct shapes, not of variables; large ones are reduced one by one; one gather per
-    vector puts them in table order. float32 squares overflow above ~1.8e19 and underflow below ~1e-19: a step
-    where a finite, non-zero gradient got an inf or 0 sum is recomputed in float64 (a cond that almost never
-    takes its expensive branch, and captures one stacked tensor per shape, not every gradient).
+    float32 squares overflow above ~1.8e19 and underflow below ~1e-19: a step where a finite, non-zero gradient got
+    an inf or 0 sum is recomputed in float64 (a cond that almost never takes its expensive branch, and captures one
+    stacked tensor per shape, not every gradient).
     """
-    groups: dict[tuple[tuple[int, ...], tf.DType], list[int]] = {}
-    large: list[int] = []
-    for i, t in enumerate(measured):
-        if t is not None and _is_small(t):
-            groups.setdefault((tuple(t.shape.as_list()), t.dtype), []).append(i)
-        elif t is not None:
-            large.append(i)
+    groups = _Groups(measured, STACK_ELEMENTS_MAX_ABS)
     sumsq_parts: list[tf.Tensor] = []
     maxabs_parts: list[tf.Tensor] = []
     exact_parts: list[Callable[[], tf.Tensor]] = []
-    order: list[int] = []
-    for (shape, _), members in groups.items():
-        parts = [_as_float(measured[i]) for i in members]
-        stacked = tf.stack(parts) if len(parts) > 1 else tf.expand_dims(parts[0], 0)
-        axes = list(range(1, 1 + len(shape)))
-        sumsq_parts.append(tf.reduce_sum(tf.square(stacked), axis=axes))
-        maxabs_parts.append(tf.reduce_max(tf.abs(stacked), axis=axes))
-        exact_parts.append(lambda s=stacked, a=axes: tf.reduce_sum(tf.square(tf.cast(s, tf.float64)), axis=a))
-        order += members
-    for i in large:
+    for _, stack in groups.stacks:
+        axes = groups.axes(stack)
+        sumsq_parts.append(tf.reduce_sum(tf.square(stack), axis=axes))
+        maxabs_parts.append(tf.reduce_max(tf.abs(stack), axis=axes))
+        exact_parts.append(lambda s=stack, a=axes: tf.reduce_sum(tf.square(tf.cast(s, tf.float64)), axis=a))
+    for i in groups.single:
         t = _as_float(measured[i])
         sumsq_parts.append(tf.reshape(2.0 * tf.nn.l2_loss(t), [1]))
         maxabs_parts.append(tf.reshape(tf.reduce_max(tf.abs(t)), [1]))
         exact_parts.append(lambda t=t: tf.reshape(tf.reduce_sum(tf.square(tf.cast(t, tf.float64))), [1]))
-        order.append(i)
 
-    def assemble(parts: Sequence[tf.Tensor]) -> tf.Tensor:
-        if len({p.dtype for p in parts}) == 1:  # one cast after the concat instead of one per part
-            return tf.cast(tf.concat(parts, axis=0) if len(parts) > 1 else parts[0], tf.float64)
-        return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
-
-    sumsq, maxabs = assemble(sumsq_parts), assemble(maxabs_parts)
-    maxabs = tf.maximum(maxabs, 0.0)  # an empty gradient's max is -inf: measure it as 0
+    sumsq = tf.cast(_assemble(sumsq_parts), tf.float64)
+    maxabs = tf.maximum(tf.cast(_assemble(maxabs_parts), tf.float64), 0.0)  # an empty gradient's max is -inf: 0
     overflow = tf.logical_and(tf.math.is_inf(sumsq), tf.math.is_finite(maxabs))
     underflow = tf.logical_and(tf.equal(sumsq, 0.0), maxabs > 0.0)
     inexact = tf.reduce_any(tf.logical_or(overflow, underflow))
-    sumsq = tf.cond(inexact, lambda: assemble([f() for f in exact_parts]), lambda: sumsq)
-    index = np.full(len(measured), len(order), np.int32)  # missing ones point at the trailing filler
-    index[order] = np.arange(len(order), dtype=np.int32)
-    return (tf.gather(tf.concat([sumsq, tf.zeros([1], tf.float64)], 0), index),
-            tf.gather(tf.concat([maxabs, tf.constant([np.nan], tf.float64)], 0), index))
+    sumsq = tf.cond(inexact, lambda: tf.cast(_assemble([f() for f in exact_parts]), tf.float64), lambda: sumsq)
+    return groups.in_table_order(sumsq, 0.0), groups.in_table_order(maxabs, np.nan)
 
 
 def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None] | None]) -> tf.Tensor:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian 12 / Python 3.11 machine: installs what the tests need (the Debian
-# prometheus and prometheus-alertmanager packages, a virtualenv with gradtel[tensorflow,dev]), runs ruff and
-# pytest. Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow" for the quick part).
+# prometheus and prometheus-alertmanager packages, a virtualenv with gradtel[tensorflow,dev]), runs ruff, pytest
+# on the latest versions, then the suite's fast part on the declared minimum versions (`nox -s minimum`, on the
+# oldest Python here). Extra arguments go to pytest and skip the minimum-versions run (e.g. scripts/test.sh -m
+# "not slow" for the quick loop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +19,10 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[tensorflow,dev]'
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+fi
+.venv/bin/python -m pytest -q -p no:cacheprovider
+# Python 3.10 is the declared floor; Debian 12 has only 3.11, which then runs the minimum versions instead.
+minimum_python="$(command -v python3.10 || command -v python3)"
+exec .venv/bin/nox -s minimum --force-python "$minimum_python"

@@ -322,7 +322,9 @@ def _untracked_by_keras3(variables: list) -> set[int]:
     tracking = sys.modules.get("keras.src.utils.tracking")
     if not variables or tracking is None:
         return set()
-    containers = (tracking.TrackedList, tracking.TrackedDict, tracking.TrackedOrderedDict, tracking.TrackedSet)
+    # TrackedOrderedDict is Keras 3.14's; older Keras 3 releases have the others only.
+    containers = tuple(getattr(tracking, name) for name in ("TrackedList", "TrackedDict", "TrackedOrderedDict",
+                                                            "TrackedSet") if hasattr(tracking, name))
     wrapped: set[int] = set()
     held: set[int] = set()
     for holder in gc.get_referrers(*variables):

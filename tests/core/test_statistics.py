@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import keras
@@ -158,22 +159,50 @@ def test_step_graph_holds_only_numeric_ops():
     gradtel.uninstrument(opt)
 
 
-def test_graph_grows_by_one_op_per_variable_and_with_max_abs_by_distinct_shapes():
-    """The cost model in gradtel.stats: one L2Loss per gradient plus a fixed tail; the max_abs path stacks
-    shape-alike gradients, so its graph grows with distinct shapes, not variables."""
-    def ops(n: int, max_abs: bool) -> int:
-        table = stats.StatsTable(n, f"count{n}{max_abs}", max_abs=max_abs)
-        fn = tf.function(lambda: table.update([tf.ones((4, 4)) * i for i in range(n)]), autograph=False)
-        return len(fn.get_concrete_function().graph.get_operations()) - 3 * n  # minus the inputs: const, const, mul
+def test_graph_grows_with_distinct_shapes_not_with_variables():
+    """The cost model in gradtel.stats: shape-alike small gradients are stacked and reduced together, so the graph
+    grows by a fixed number of ops per distinct shape; a gradient of a shape of its own costs one L2Loss."""
+    def ops(shapes: list[tuple[int, ...]], max_abs: bool) -> int:
+        table = stats.StatsTable(len(shapes), f"count{len(shapes)}{max_abs}{len(set(shapes))}", max_abs=max_abs)
+        fn = tf.function(lambda: table.update([tf.ones(s) * i for i, s in enumerate(shapes)]), autograph=False)
+        return len(fn.get_concrete_function().graph.get_operations()) - 3 * len(shapes)  # minus const, const, mul
 
-    assert ops(40, False) - ops(20, False) == 20  # one L2Loss per gradient, the rest on vectors
-    assert ops(40, True) == ops(20, True)  # max_abs: shape-alike gradients stacked, ops per distinct shape
+    for max_abs in (False, True):
+        assert ops([(4, 4)] * 40, max_abs) == ops([(4, 4)] * 20, max_abs)  # one stack either way
+    assert ops([(i + 1,) for i in range(40)], False) - ops([(i + 1,) for i in range(20)], False) == 20
 
 
-def test_max_abs_setting_is_validated(monkeypatch):
+def test_stacked_norms_equal_numpy_across_chunks_dtypes_and_missing():
+    """Many shape-alike gradients are reduced in several stacks (a stack's transient copy is bounded); the norms,
+    zero and missing rows land on the right variables whatever the grouping."""
+    rng = np.random.default_rng(7)
+    shape = (64, 64)  # at the stacking limit: 64 per stack, so 150 of them make three stacks
+    values = [rng.normal(size=shape).astype(np.float32) * (i % 5) for i in range(150)]
+    grads: list = [tf.constant(v) for v in values]
+    grads[3] = None
+    grads[77] = None
+    grads += [tf.constant(rng.normal(size=(3,)), tf.float16), tf.constant(rng.normal(size=(3,)), tf.float16),
+              tf.constant(rng.normal(size=(5, 5)), tf.float64), tf.constant(rng.normal(size=(300, 300)), tf.float32)]
+    table = stats.StatsTable(len(grads), "chunked")
+    tf.function(lambda: table.update(grads), autograph=False)()
+    snap = table.snapshot()
+    for i, g in enumerate(grads):
+        if g is None:
+            assert snap.rows[layout.MISSING][i] == 1 and np.isnan(snap.rows[layout.NORM][i])
+            continue
+        expected = np.linalg.norm(g.numpy().astype(np.float64))
+        np.testing.assert_allclose(snap.rows[layout.NORM][i], expected, rtol=1e-3 if g.dtype == tf.float16 else 1e-6)
+        assert snap.rows[layout.ZERO][i] == (expected == 0)
+
+
+def test_max_abs_setting_is_validated(monkeypatch, caplog):
     monkeypatch.setenv("GRADTEL_MAX_ABS", "maybe")
-    with pytest.raises(ValueError, match="GRADTEL_MAX_ABS must be true or false, got 'maybe'"):
-        gradtel.instrument(keras.optimizers.SGD(), name="bad-max-abs", start_exporter=False)
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        opt = keras.optimizers.SGD()
+        assert not gradtel.instrument(opt, name="bad-max-abs", start_exporter=False).max_abs  # the default
+        gradtel.uninstrument(opt)
+    assert any("GRADTEL_MAX_ABS='maybe': expected true or false; using the default, false." in r.message
+               for r in caplog.records)
     monkeypatch.setenv("GRADTEL_MAX_ABS", "on")
     opt = keras.optimizers.SGD()
     assert gradtel.instrument(opt, name="max-abs-on", start_exporter=False).max_abs
