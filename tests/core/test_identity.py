@@ -22,8 +22,12 @@ def test_an_explicit_run_id_wins_and_a_malformed_one_is_a_clear_error() -> None:
     assert identity.derive_run_id(env, hostname="h") == "job-42"
     with pytest.raises(ValueError, match=r"^GRADTEL_RUN_ID must be 1-128 characters.*got 'bad id'$"):
         identity.derive_run_id({"GRADTEL_RUN_ID": "bad id"})
-    with pytest.raises(ValueError, match="GRADTEL_RUN_ID must be"):
-        Config.from_env({"GRADTEL_RUN_ID": "x" * 129})
+    # In the configuration a bad value never raises: one warning line, and the id derived from the job instead.
+    config = Config.from_env({"GRADTEL_RUN_ID": "x" * 129, "SLURM_JOB_ID": "77"})
+    assert config.run_id == "slurm-77"
+    (problem,) = [p for p in config.problems if p.setting == "GRADTEL_RUN_ID"]
+    assert str(problem) == (f"gradtel: GRADTEL_RUN_ID={'x' * 129!r}: expected {identity.RUN_ID_EXPECTED}; the run "
+                            "id is derived from the job's own id instead.")
 
 
 def test_every_worker_of_a_tfjob_gets_the_tfjob_name() -> None:

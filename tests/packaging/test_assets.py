@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploy import rule_tests
 from gradtel import assets, cli
 from tests.packaging.conftest import ROOT
 
@@ -42,6 +43,7 @@ def test_the_written_files_equal_the_repositorys(tmp_path: Path, capsys: pytest.
         "deploy/grafana/provisioning/dashboards/gradtel.yml",
         "deploy/grafana/provisioning/datasources/prometheus.yml",
         "docs/runbooks.md",
+        *(f"deploy/prometheus/tests/{name}.yml" for name in rule_tests.SCENARIOS),
     }
     assert set(written) == expected
     assert capsys.readouterr().out.strip() == f"gradtel assets: wrote {len(expected)} files under {tmp_path}"
