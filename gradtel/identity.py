@@ -37,8 +37,7 @@ from collections.abc import Mapping, Sequence
 MAX_RUN_ID_LENGTH = 128
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
 #: What a run id must look like, as the error and the configuration warning say it.
-RUN_ID_EXPECTED = (f"1-{MAX_RUN_ID_LENGTH} characters: letters, digits and ._:/@+=- (starting with a letter or "
-                   "digit)")
+RUN_ID_EXPECTED = f"1-{MAX_RUN_ID_LENGTH} characters: letters, digits and ._:/@+=- (starting with a letter or digit)"
 #: Kubeflow training-operator service names: ``<job>-<replica type>-<index>``.
 _KUBEFLOW_HOST = re.compile(r"^(?P<job>[a-z0-9]([-a-z0-9]*[a-z0-9])?)-(?:chief|master|worker|ps|evaluator)-\d+$")
 #: A Job's pod name: the Job name (and, for an Indexed Job, ``-<completion index>``) and 5 random characters.
@@ -86,8 +85,14 @@ def _from_kubernetes(env: Mapping[str, str], hostname: str) -> str | None:
     return job.removesuffix(f"-{index}") if index else job
 
 
-def derive_run_id(env: Mapping[str, str] | None = None, hostname: str | None = None,
-                  argv: Sequence[str] | None = None, cwd: str | None = None, *, strict: bool = True) -> str:
+def derive_run_id(
+    env: Mapping[str, str] | None = None,
+    hostname: str | None = None,
+    argv: Sequence[str] | None = None,
+    cwd: str | None = None,
+    *,
+    strict: bool = True,
+) -> str:
     """The run id of this process (see the module docstring for the order of the sources). A malformed
     ``GRADTEL_RUN_ID`` is a ``ValueError``, or with ``strict=False`` ignored (the configuration warns of it)."""
     env = os.environ if env is None else env
@@ -95,8 +100,11 @@ def derive_run_id(env: Mapping[str, str] | None = None, hostname: str | None = N
     if explicit and (strict or (_RUN_ID.fullmatch(explicit) and len(explicit) <= MAX_RUN_ID_LENGTH)):
         return check_run_id(explicit)
     hostname = socket.gethostname() if hostname is None else hostname
-    derived = (_from_tf_config(env.get("TF_CONFIG")) or _from_kubernetes(env, hostname)
-               or (f"slurm-{env['SLURM_JOB_ID']}" if env.get("SLURM_JOB_ID", "").strip() else None))
+    derived = (
+        _from_tf_config(env.get("TF_CONFIG"))
+        or _from_kubernetes(env, hostname)
+        or (f"slurm-{env['SLURM_JOB_ID']}" if env.get("SLURM_JOB_ID", "").strip() else None)
+    )
     if derived:
         return derived[:MAX_RUN_ID_LENGTH]
     argv = sys.argv if argv is None else argv

@@ -26,15 +26,21 @@ def test_an_explicit_run_id_wins_and_a_malformed_one_is_a_clear_error() -> None:
     config = Config.from_env({"GRADTEL_RUN_ID": "x" * 129, "SLURM_JOB_ID": "77"})
     assert config.run_id == "slurm-77"
     (problem,) = [p for p in config.problems if p.setting == "GRADTEL_RUN_ID"]
-    assert str(problem) == (f"gradtel: GRADTEL_RUN_ID={'x' * 129!r}: expected {identity.RUN_ID_EXPECTED}; the run "
-                            "id is derived from the job's own id instead.")
+    assert str(problem) == (
+        f"gradtel: GRADTEL_RUN_ID={'x' * 129!r}: expected {identity.RUN_ID_EXPECTED}; the run "
+        "id is derived from the job's own id instead."
+    )
 
 
 def test_every_worker_of_a_tfjob_gets_the_tfjob_name() -> None:
-    cluster = {"chief": ["mnist-chief-0.ns.svc:2222"],
-               "worker": ["mnist-worker-0.ns.svc:2222", "mnist-worker-1.ns.svc:2222"]}
-    ids = {identity.derive_run_id({"TF_CONFIG": _tf_config(cluster, t, i)}, hostname=f"mnist-{t}-{i}")
-           for t, i in (("chief", 0), ("worker", 0), ("worker", 1))}
+    cluster = {
+        "chief": ["mnist-chief-0.ns.svc:2222"],
+        "worker": ["mnist-worker-0.ns.svc:2222", "mnist-worker-1.ns.svc:2222"],
+    }
+    ids = {
+        identity.derive_run_id({"TF_CONFIG": _tf_config(cluster, t, i)}, hostname=f"mnist-{t}-{i}")
+        for t, i in (("chief", 0), ("worker", 0), ("worker", 1))
+    }
     assert ids == {"mnist"}
 
 
@@ -42,16 +48,18 @@ def test_any_other_cluster_gets_one_id_per_cluster_the_same_on_every_worker() ->
     cluster = {"worker": ["10.0.0.1:2222", "10.0.0.2:2222"]}
     first = identity.derive_run_id({"TF_CONFIG": _tf_config(cluster, "worker", 0)}, hostname="a")
     second = identity.derive_run_id({"TF_CONFIG": _tf_config(cluster, "worker", 1)}, hostname="b")
-    other = identity.derive_run_id({"TF_CONFIG": _tf_config({"worker": ["10.0.0.3:2222"]}, "worker", 0)},
-                                   hostname="a")
+    other = identity.derive_run_id({"TF_CONFIG": _tf_config({"worker": ["10.0.0.3:2222"]}, "worker", 0)}, hostname="a")
     assert first == second and first.startswith("tf-") and other != first
 
 
-@pytest.mark.parametrize(("hostname", "index", "expected"), [
-    ("train-resnet-x7k2p", None, "train-resnet"),     # a Job's pod: <job>-<5 random characters>
-    ("train-resnet-3-x7k2p", "3", "train-resnet"),    # an Indexed Job's pod: <job>-<index>-<5 characters>
-    ("train-3-x7k2p", None, "train-3"),               # a Job whose name ends in a number
-])
+@pytest.mark.parametrize(
+    ("hostname", "index", "expected"),
+    [
+        ("train-resnet-x7k2p", None, "train-resnet"),  # a Job's pod: <job>-<5 random characters>
+        ("train-resnet-3-x7k2p", "3", "train-resnet"),  # an Indexed Job's pod: <job>-<index>-<5 characters>
+        ("train-3-x7k2p", None, "train-3"),  # a Job whose name ends in a number
+    ],
+)
 def test_a_kubernetes_job_pod_gets_the_job_name(hostname: str, index: str | None, expected: str) -> None:
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", **({"JOB_COMPLETION_INDEX": index} if index else {})}
     assert identity.derive_run_id(env, hostname=hostname) == expected
@@ -84,12 +92,34 @@ def test_gradtel_run_with_run_id_labels_the_process_and_its_report(tmp_path) -> 
     report = tmp_path / "report.json"
     script = "import os; print(os.environ['GRADTEL_RUN_ID'])"
     env = {**ENV, "OTEL_METRICS_EXPORTER": "none"}
-    result = subprocess.run([sys.executable, "-m", "gradtel.cli", "run", "--run-id", "resnet-7", "--report",
-                             str(report), "--", sys.executable, "-c", script],
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradtel.cli",
+            "run",
+            "--run-id",
+            "resnet-7",
+            "--report",
+            str(report),
+            "--",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "resnet-7"
     assert json.loads(report.read_text())["run_id"] == "resnet-7"
-    bad = subprocess.run([sys.executable, "-m", "gradtel.cli", "run", "--run-id", "two words", "--", "true"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gradtel.cli", "run", "--run-id", "two words", "--", "true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "--run-id must be 1-128 characters" in bad.stderr

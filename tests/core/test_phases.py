@@ -27,8 +27,9 @@ def no_phase():
 def test_start_time_is_served_and_the_phase_only_once_declared():
     export.shutdown()
     # Collections at every scrape (not spaced by CPU cost), so each scrape shows the phase of now.
-    started = export.ensure_started(Config(prometheus_port=free_port(), run_id="phases", prometheus_min_interval_s=0,
-                                           prometheus_cpu_share=1))
+    started = export.ensure_started(
+        Config(prometheus_port=free_port(), run_id="phases", prometheus_min_interval_s=0, prometheus_cpu_share=1)
+    )
     try:
         port = started.endpoint[1]
         before = scrape(port)
@@ -49,8 +50,9 @@ def test_an_unknown_phase_is_a_clear_error():
     assert phases.current() is None
 
 
-@pytest.mark.parametrize("lib, telemetry", [(keras, GradientTelemetry), (tf_keras, LegacyTelemetry)],
-                         ids=["keras", "tf_keras"])
+@pytest.mark.parametrize(
+    "lib, telemetry", [(keras, GradientTelemetry), (tf_keras, LegacyTelemetry)], ids=["keras", "tf_keras"]
+)
 def test_fit_declares_evaluation_and_epoch_end_whatever_the_callback_order(lib, telemetry):
     """A probe placed before gradtel's callback sees ``epoch_end`` in its own on_epoch_end (the checkpointing slot),
     ``evaluate`` during validation, ``train`` during batches, and ``idle`` once fit returned."""

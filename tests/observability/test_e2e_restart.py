@@ -52,20 +52,28 @@ class Timeline:
 
 
 @pytest.fixture(scope="module")
-def life(stack_binaries: None, tmp_path_factory: pytest.TempPathFactory,
-         webhook: WebhookReceiver) -> Iterator[tuple[StackConfig, Timeline, list[DemoProcess]]]:
+def life(
+    stack_binaries: None, tmp_path_factory: pytest.TempPathFactory, webhook: WebhookReceiver
+) -> Iterator[tuple[StackConfig, Timeline, list[DemoProcess]]]:
     """The stack, then both jobs; the healthy one killed and restarted once the broken one has paged."""
     root = tmp_path_factory.mktemp("restart")
     healthy_target, broken_target = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     deploy = fast_deploy_dir(root / "deploy", production_timing=True)
     add_scrape_job(deploy, "gradtel-broken", broken_target)
-    config = StackConfig(data_dir=root / "data", deploy_dir=deploy, target=healthy_target,
-                         prometheus_port=free_port(), alertmanager_port=free_port(), webhook_url=webhook.url)
+    config = StackConfig(
+        data_dir=root / "data",
+        deploy_dir=deploy,
+        target=healthy_target,
+        prometheus_port=free_port(),
+        alertmanager_port=free_port(),
+        webhook_url=webhook.url,
+    )
     timeline, processes = Timeline(), []
     with Stack(config):
         try:
-            healthy = DemoProcess(root / "healthy.log", HEALTHY_RUN, expect_missing=("aux_head/*",),
-                                  target=healthy_target)
+            healthy = DemoProcess(
+                root / "healthy.log", HEALTHY_RUN, expect_missing=("aux_head/*",), target=healthy_target
+            )
             broken = DemoProcess(root / "broken.log", BROKEN_RUN, target=broken_target)
             processes += [healthy, broken]
             wait_for(lambda: broken.steps() > 0, 180, "the broken job's first step")
@@ -73,14 +81,21 @@ def life(stack_binaries: None, tmp_path_factory: pytest.TempPathFactory,
             wait_for(lambda: healthy.steps() > 0, 180, "the healthy job's first step")
             wait_for(lambda: _scraped_starts(config) >= 1, 60, "a scrape of the healthy job")
             healthy.kill()
-            restarted = DemoProcess(root / "healthy.log", HEALTHY_RUN, expect_missing=("aux_head/*",),
-                                    target=healthy_target)
+            restarted = DemoProcess(
+                root / "healthy.log", HEALTHY_RUN, expect_missing=("aux_head/*",), target=healthy_target
+            )
             processes.append(restarted)
-            wait_for(lambda: _firing(config, DISCONNECTED, BROKEN_RUN) >= BROKEN_VARIABLES, 240,
-                     f"{DISCONNECTED} firing for {sorted(BROKEN_VARIABLES)}")
+            wait_for(
+                lambda: _firing(config, DISCONNECTED, BROKEN_RUN) >= BROKEN_VARIABLES,
+                240,
+                f"{DISCONNECTED} firing for {sorted(BROKEN_VARIABLES)}",
+            )
             timeline.disconnected_firing = time.monotonic()
-            wait_for(lambda: {a["labels"]["variable"] for a in webhook.alerts(DISCONNECTED)} >= BROKEN_VARIABLES,
-                     60, f"{DISCONNECTED} at the webhook receiver")
+            wait_for(
+                lambda: {a["labels"]["variable"] for a in webhook.alerts(DISCONNECTED)} >= BROKEN_VARIABLES,
+                60,
+                f"{DISCONNECTED} at the webhook receiver",
+            )
             timeline.disconnected_notified = time.monotonic()
             wait_for(lambda: _scraped_starts(config) >= 2, 120, "a scrape of the restarted healthy job")
             time.sleep(WATCH_AFTER_RESTART_S)
@@ -92,33 +107,44 @@ def life(stack_binaries: None, tmp_path_factory: pytest.TempPathFactory,
 
 def _scraped_starts(config: StackConfig) -> int:
     """How many processes of the healthy run Prometheus has scraped (distinct start times)."""
-    answer = query(config.prometheus_url,
-                   f'changes(gradtel_process_start_time_seconds{{run="{HEALTHY_RUN}"}}[10m]) + 1')
+    answer = query(
+        config.prometheus_url, f'changes(gradtel_process_start_time_seconds{{run="{HEALTHY_RUN}"}}[10m]) + 1'
+    )
     return int(float(answer["data"]["result"][0]["value"][1])) if answer["data"]["result"] else 0
 
 
 def _firing(config: StackConfig, alertname: str, run: str) -> set[str]:
     alerts = api_get(config.prometheus_url, "/api/v1/alerts")["data"]["alerts"]
-    return {a["labels"].get("variable", "") for a in alerts
-            if a["labels"]["alertname"] == alertname and a["labels"].get("run") == run and a["state"] == "firing"}
+    return {
+        a["labels"].get("variable", "")
+        for a in alerts
+        if a["labels"]["alertname"] == alertname and a["labels"].get("run") == run and a["state"] == "firing"
+    }
 
 
 def test_the_disconnected_head_pages_within_two_minutes_of_its_first_missing_step(
-        life: tuple[StackConfig, Timeline, list[DemoProcess]]) -> None:
+    life: tuple[StackConfig, Timeline, list[DemoProcess]],
+) -> None:
     config, timeline, _ = life
     to_firing = timeline.disconnected_firing - timeline.broken_first_step
     to_webhook = timeline.disconnected_notified - timeline.broken_first_step
-    print(f"\nGradtelVariableDisconnected: firing in Prometheus {to_firing:.0f} s and at the webhook "
-          f"{to_webhook:.0f} s after the first missing step (15 s scrapes, shipped rules)")
-    firing = [a for a in api_get(config.prometheus_url, "/api/v1/alerts")["data"]["alerts"]
-              if a["labels"]["alertname"] == DISCONNECTED and a["state"] == "firing"]
+    print(
+        f"\nGradtelVariableDisconnected: firing in Prometheus {to_firing:.0f} s and at the webhook "
+        f"{to_webhook:.0f} s after the first missing step (15 s scrapes, shipped rules)"
+    )
+    firing = [
+        a
+        for a in api_get(config.prometheus_url, "/api/v1/alerts")["data"]["alerts"]
+        if a["labels"]["alertname"] == DISCONNECTED and a["state"] == "firing"
+    ]
     assert {a["labels"]["variable"] for a in firing} == BROKEN_VARIABLES
     for alert in firing:  # one alert per variable of the job: no instance, no worker
         assert alert["labels"]["run"] == BROKEN_RUN and "instance" not in alert["labels"]
 
 
-def test_the_restarted_healthy_job_raises_no_alert(life: tuple[StackConfig, Timeline, list[DemoProcess]],
-                                                    webhook: WebhookReceiver) -> None:
+def test_the_restarted_healthy_job_raises_no_alert(
+    life: tuple[StackConfig, Timeline, list[DemoProcess]], webhook: WebhookReceiver
+) -> None:
     config, _, processes = life
     assert _scraped_starts(config) == 2, "Prometheus must have seen both processes of the healthy run"
     steps = query(config.prometheus_url, f'gradtel_steps_total{{run="{HEALTHY_RUN}"}}')["data"]["result"]
@@ -126,8 +152,9 @@ def test_the_restarted_healthy_job_raises_no_alert(life: tuple[StackConfig, Time
     # No alert for the run at any time, pending included (the run-level alerts know a young process).
     history = query(config.prometheus_url, f'count_over_time(ALERTS{{run="{HEALTHY_RUN}"}}[15m])')
     assert history["status"] == "success" and history["data"]["result"] == [], history
-    never_firing = query(config.prometheus_url,
-                         f'count_over_time(ALERTS{{alertstate="firing", alertname!="{DISCONNECTED}"}}[15m])')
+    never_firing = query(
+        config.prometheus_url, f'count_over_time(ALERTS{{alertstate="firing", alertname!="{DISCONNECTED}"}}[15m])'
+    )
     assert never_firing["data"]["result"] == [], never_firing
     notified: list[dict[str, Any]] = [alert for note in webhook.notifications for alert in note["alerts"]]
     assert notified and all(alert["labels"].get("run") == BROKEN_RUN for alert in notified)
