@@ -24,7 +24,7 @@ from opentelemetry.sdk.metrics import ExemplarReservoir
 
 from gradtel import instrumenting, metrics
 from gradtel.config import Config
-from gradtel.handle import Handle, OptimizerSummary, VariableRecord
+from gradtel.handle import Handle, OptimizerSummary, VariableRecord, nonfinite_origins
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
 from gradtel.series import Selection, SeriesPolicy
 
@@ -109,6 +109,7 @@ class Sources:
             metrics.GLOBAL_NORM: self._global_norm,
             metrics.VARIABLES: self._variables,
             metrics.SKIPPED: self._skipped,
+            metrics.NONFINITE_ORIGIN: self._nonfinite_origin,
         }
 
     def of(self, metric: metrics.Metric) -> Callable[[], Iterable[Point]]:
@@ -141,6 +142,13 @@ class Sources:
         for view in self.cache.views():
             if view.summary.steps and math.isfinite(view.summary.global_norm):
                 yield view.summary.global_norm, self._attrs(view.name)
+
+    def _nonfinite_origin(self) -> Iterable[Point]:
+        # Whatever the series policy: the variables where a NaN began are few, and they are what the alert names.
+        for view in self.cache.views():
+            for step, origin in nonfinite_origins(view.records).values():
+                for record in origin:
+                    yield step, self._variable_attrs(record)
 
     def _variables(self) -> Iterable[Point]:
         for view in self.cache.views():
