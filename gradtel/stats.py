@@ -326,21 +326,23 @@ class StatsTable:
         """Fold this step into the histories (a fixed number of vector ops, whatever the number of variables);
         returns their steps per point, kept in the table's global slots."""
         step = before + 1.0
-        no_value = -np.inf
-        # Static per trace: the global norm exists when a gradient is present (it is over the finite ones, so
-        # finite then); a layer's norm when one of its gradients is present (0 if all of those are non-finite).
-        norm_max, norm_min = (global_norm, -global_norm) if present.any() else (no_value, no_value)
+        # A norm over the finite gradients is 0 when every present one is non-finite: the history says "no value"
+        # then (-inf, null in the report), not a vanishing 0; the same for a layer, and for one with no gradient.
+        none, some = np.float64(-np.inf), np.float64(0.0)
+        n_nonfinite = tf.reduce_sum(nonfinite)
+        no_global = tf.where(tf.equal(n_nonfinite, float(present.sum())), none, some)
+        global_norm = global_norm if present.any() else some  # NaN without gradients: no value either way
         global_values = tf.stack([
-            -step, step, norm_min, norm_max, tf.constant(float(np.sum(~present & ~self._expected)), tf.float64),
-            tf.reduce_sum(zero), tf.reduce_sum(nonfinite)])
+            -step, step, no_global - global_norm, global_norm + no_global,
+            tf.constant(float(np.sum(~present & ~self._expected)), tf.float64), tf.reduce_sum(zero), n_nonfinite])
         n_layers = len(self.layers)
-        known = np.zeros(n_layers, bool)
-        known[self._layer_ids[present]] = True
-        unknown = np.where(known, 0.0, -np.inf)
+        present_per_layer = np.bincount(self._layer_ids[present], minlength=n_layers).astype(np.float64)
+        layer_nonfinite = tf.math.unsorted_segment_sum(nonfinite, self._layer_ids, n_layers)
+        no_layer = tf.where(tf.equal(layer_nonfinite, present_per_layer), none, some)
         layer_norm = tf.sqrt(tf.math.unsorted_segment_sum(finite_sumsq, self._layer_ids, n_layers))
         expected_missing = ~present & self._expected
         severity = state - 0.5 * expected_missing.astype(np.float64) if expected_missing.any() else state
-        layer_values = [unknown - layer_norm, layer_norm + unknown,
+        layer_values = [no_layer - layer_norm, layer_norm + no_layer,
                         tf.math.unsorted_segment_max(severity, self._layer_ids, n_layers)]
         if self.layer_history is None:  # one buffer: the layers' columns follow the global ones, steps shared
             width = self.history.record(before, width, tf.concat([global_values, *layer_values], 0))
