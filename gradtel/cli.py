@@ -96,13 +96,14 @@ def _report(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"gradtel report: {error}", file=sys.stderr)
         return 2
-    print(render.report_summary(report))
-    if args.html:
+    if args.html:  # first: a summary piped into `head` must not cost the page
         try:
             pathlib.Path(args.html).write_text(htmlreport.page(report), encoding="utf-8")
         except OSError as error:
             print(f"gradtel report: cannot write {args.html}: {error}", file=sys.stderr)
             return 2
+    print(render.report_summary(report))
+    if args.html:
         print(f"gradtel: wrote {args.html}")
     return 0
 
