@@ -191,7 +191,9 @@ class _History:
         """
         width = tf.cond(before >= self.points * width, lambda: self._halve(width), lambda: width)
         index = tf.reshape(tf.cast(tf.math.floordiv(before, width), tf.int32), [1])
-        self.variable.scatter_max(tf.IndexedSlices(tf.expand_dims(values, 0), index))
+        # The raw op on the handle: under a strategy, the ON_READ variable has no scatter_max, but in the replica
+        # context its handle is this replica's own copy, which is what the step updates.
+        tf.raw_ops.ResourceScatterMax(resource=self.variable.handle, indices=index, updates=tf.expand_dims(values, 0))
         return width
 
     def _halve(self, width: tf.Tensor) -> tf.Tensor:

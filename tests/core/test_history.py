@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import gradtel
+import gradtel.keras
 from gradtel import history, stats
 from tests.core.helpers import by_name
 
@@ -139,3 +140,19 @@ def test_expected_missing_variables_are_not_counted_as_unhealthy_in_the_history(
     states = {s["layer"]: s["state"] for s in handle.history()["layers"]["series"]}
     assert states == {"": ["missing"] * 3}  # one top-level layer: its worst state
     gradtel.uninstrument(opt)
+
+
+def test_fit_under_xla_keeps_the_history_of_every_step():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(keras.layers.Dense(3, name="hidden")(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=True, steps_per_execution=3)
+    callback = gradtel.keras.GradientTelemetry(name="xla_history")
+    model.fit(np.ones((40, 4), "float32"), np.zeros((40, 1), "float32"), batch_size=4, epochs=2, verbose=0,
+              callbacks=[callback])
+    history_ = callback.handle.history()
+    glob = history_["global"]
+    assert glob["first_step"] == list(range(1, 21)) and glob["last_step"] == list(range(1, 21))
+    assert all(v is not None and v > 0 for v in glob["global_norm_max"])
+    assert [s["layer"] for s in history_["layers"]["series"]] == ["hidden", "out"]
+    assert {r.name: r.first_nonfinite_step for r in callback.handle.records()} == dict.fromkeys(
+        ["hidden/kernel", "hidden/bias", "out/kernel", "out/bias"], 0)

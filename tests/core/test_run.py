@@ -40,7 +40,9 @@ SCRIPT = textwrap.dedent("""
         time.sleep(120)
 """)
 VARIABLE_KEYS = {"name", "optimizer", "layer", "status", "expected", "steps", "missing_steps", "zero_steps",
-                 "nonfinite_steps", "last_norm", "last_max_abs", "rows_touched", "cause"}
+                 "nonfinite_steps", "last_norm", "last_max_abs", "rows_touched", "cause", "first_missing_step",
+                 "first_zero_step", "first_nonfinite_step", "recovered_missing_step", "recovered_zero_step",
+                 "recovered_nonfinite_step"}
 
 
 def gradtel_cli(tmp_path, *args: str, mode: str, **popen) -> subprocess.Popen:
