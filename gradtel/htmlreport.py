@@ -297,7 +297,8 @@ def page(report: dict[str, Any]) -> str:
             f'<p class="muted">generated {html.escape(str(report.get("generated_at", "-")))}, '
             f"{len(report['variables'])} variables, {len(report['optimizers'])} optimizer(s)</p>", intro,
             _findings(report),
-            *(_optimizer_section(o, origins.get(o["name"])) for o in report["optimizers"]),
+            *(f'<section data-optimizer="{html.escape(o["name"])}">{_optimizer_section(o, origins.get(o["name"]))}'
+              "</section>" for o in report["optimizers"]),
             _variables_table(report)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>gradtel report {run}</title><style>{_CSS}</style></head><body>\n"

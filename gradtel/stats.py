@@ -17,6 +17,11 @@ in float64.
 ``max_abs`` (``instrument(max_abs=True)`` or ``GRADTEL_MAX_ABS=true``) adds max |g| per variable and makes those
 edges exact (a finite gradient whose float32 squares over- or underflowed is recomputed in float64), at about
 twice the cost on a model of many small layers: shape-alike gradients are stacked for a second reduction.
+
+The same update keeps, per variable, the step at which each bad state first appeared and the latest return to
+health (vector ops on the table's own rows), and folds the step into the run's downsampled history (one scatter of
+one row into another gradtel-owned variable; gradtel/history.py says how and why): about 45 more ops per step,
+whatever the number of variables.
 """
 
 from __future__ import annotations

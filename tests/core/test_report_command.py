@@ -83,15 +83,17 @@ class _Page(html.parser.HTMLParser):
         self.charts: list[dict] = []
         self.timeline: list[dict] = []
         self.external: list[str] = []
-        self.in_svg = False
+        self.optimizer: str | None = None
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         a = dict(attrs)
         for key in ("src", "href"):
             if a.get(key):
                 self.external.append(a[key])
-        if tag == "svg":
-            self.charts.append({"svg": a, "lines": {}, "markers": []})
+        if tag == "section":
+            self.optimizer = a.get("data-optimizer")
+        elif tag == "svg":
+            self.charts.append({"svg": a, "lines": {}, "markers": [], "optimizer": self.optimizer})
         elif tag == "polyline":
             self.charts[-1]["lines"].setdefault(a["data-series"], []).append(a["points"])
         elif tag == "line" and a.get("class") == "marker":
@@ -144,6 +146,7 @@ def test_gradtel_report_prints_the_summary_and_writes_a_self_contained_page(run_
     page.feed(out.read_text())
     assert page.external == []  # nothing to fetch: opens offline
     glob = report["optimizers"][0]["history"]["global"]
+    assert {c["optimizer"] for c in page.charts} == {"adam"}
     norm_chart = next(c for c in page.charts if "global_norm_max" in c["lines"])
     assert norm_chart["markers"] == [NAN_AT]
     for series in ("global_norm_max", "global_norm_min"):
@@ -185,3 +188,29 @@ def test_the_origin_gauge_names_where_the_nan_began(exporter):  # noqa: F811
     assert sample(metrics["gradtel_nonfinite_origin_step"], variable="first", layer="", **base) == 2
     assert not [s for s in metrics["gradtel_nonfinite_origin_step"] if s.labels["variable"] == "later"]
     gradtel.uninstrument(opt)
+
+
+def test_an_optimizer_without_steps_renders_without_a_history(tmp_path):
+    from gradtel import htmlreport, render, reporting
+
+    idle, busy = keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1)
+    gradtel.instrument(idle, name="idle")
+    gradtel.instrument(busy, name="busy")
+    v = keras.Variable(np.ones(2, "float32"), name="v")
+    for _ in range(3):
+        busy.apply_gradients([(tf.constant([3.0, 4.0]), v)])
+    path = tmp_path / "r.json"
+    reporting.write(str(path), gradtel.report())
+    report = reporting.load(str(path))
+    entries = {o["name"]: o for o in report["optimizers"]}
+    assert "history" not in entries["idle"] and entries["busy"]["history"]["global"]["last_step"] == [1, 2, 3]
+    assert entries["busy"]["history"]["global"]["global_norm_max"] == [5.0, 5.0, 5.0]
+    text = render.report_summary(report)
+    assert "idle: no history (no step measured)" in text and "busy: steps 1-3, 3 points of 1 step(s)" in text
+    page = _Page()
+    page.feed(htmlreport.page(report))
+    chart = next(c for c in page.charts if "global_norm_max" in c["lines"] and c["optimizer"] == "busy")
+    _same_points(_plotted(chart, "global_norm_max"), _expected(chart, entries["busy"]["history"]["global"],
+                                                               [5.0, 5.0, 5.0]))
+    gradtel.uninstrument(idle)
+    gradtel.uninstrument(busy)
