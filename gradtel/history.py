@@ -16,10 +16,11 @@ between ``P/2`` and ``P`` points, its first and its last step, and the extremes 
 run keeps 489 points of 2,048 steps each. Each point also records its own first and last step, so a reader needs
 nothing else to place it (and a read racing a merge misplaces nothing).
 
-Two buffers per table: the optimizer-level one (global norm min/max, the counts of unexpectedly missing, all-zero
+Two histories per table: the optimizer-level one (global norm min/max, the counts of unexpectedly missing, all-zero
 and non-finite variables: at most 512 points) and the per-layer one (each layer's norm min/max over its finite
-gradients and its worst state); the latter's points are fewer for models of many layers, so that it stays under
-:data:`LAYER_VALUES` values (2 MiB) however large the model. This module is free of TensorFlow: the step's side is
+gradients and its worst state). Up to ~170 layers they share one buffer (one scatter per step); beyond, the
+per-layer one has its own with fewer points, so that it stays under :data:`LAYER_VALUES` values (2 MiB) until the
+16-point floor wins (beyond ~5,400 layers). This module is free of TensorFlow: the step's side is
 ``gradtel.stats``; here are the layout and the decoding for the report.
 """
 

@@ -26,6 +26,8 @@ VARIABLE_ROWS = 200
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 STATE_COLORS = {"ok": "#c8e6c9", "expected_missing": "#e0e0e0", "missing": "#ffb74d", "zero": "#64b5f6",
                 "nonfinite": "#e53935"}
+LEGEND_NAMES = {"global_norm_max": "largest in each point", "global_norm_min": "smallest in each point",
+                "nonfinite": "NaN/Inf", "zero": "all-zero", "missing": "missing (None)"}
 STATE_MEANING = {"ok": "a finite, non-zero gradient", "expected_missing": "no gradient, declared expected",
                  "missing": "no gradient (None)", "zero": "an all-zero gradient", "nonfinite": "NaN or Inf"}
 
@@ -151,7 +153,7 @@ def _line_chart(label: str, y_label: str, history: dict[str, Any], series: Seque
         parts += _polylines(axes, name, xs, ys, color)
     parts += [_marker(axes, step, text) for step, text in markers]
     parts.append("</svg>")
-    return "\n".join(parts) + _legend([(name, color) for name, _, color in series])
+    return "\n".join(parts) + _legend([(LEGEND_NAMES.get(name, name), color) for name, _, color in series])
 
 
 def _timeline(history: dict[str, Any], origin_layers: set[str], markers: Sequence[tuple[int, str]]) -> str:
@@ -227,8 +229,8 @@ def _optimizer_section(optimizer: dict[str, Any], origin: dict[str, Any] | None)
     markers = [(origin["step"], f"NaN/Inf begins (step {origin['step']})")] if origin else []
     origin_layers = set(origin["layers"]) if origin else set()
     per_point = glob["steps_per_point"]
-    parts = [head, f'<p class="muted">{len(glob["last_step"])} points, each covering {per_point} step(s): the '
-             "lines are the largest (solid) and smallest (dashed) value within each point's steps, so no spike "
+    parts = [head, f'<p class="muted">{len(glob["last_step"])} points, each covering {per_point} step(s): a '
+             "point keeps the largest (dark line) and the smallest (light line) value of its steps, so no spike "
              "is averaged away.</p>",
              "<h3>Global gradient norm</h3>",
              "<p>The L2 norm of all finite gradients together, per step. A climb before a NaN is an explosion; a "
