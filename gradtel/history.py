@@ -73,8 +73,10 @@ def _finite(values: np.ndarray) -> list[float | None]:
 
 
 def _steps(buffer: np.ndarray) -> dict[str, Any]:
-    return {"first_step": [int(-v) for v in buffer[:, FIRST_STEP].tolist()],
-            "last_step": [int(v) for v in buffer[:, LAST_STEP].tolist()]}
+    return {
+        "first_step": [int(-v) for v in buffer[:, FIRST_STEP].tolist()],
+        "last_step": [int(v) for v in buffer[:, LAST_STEP].tolist()],
+    }
 
 
 def decode_global(buffer: np.ndarray, width: float) -> dict[str, Any]:
@@ -95,11 +97,14 @@ def decode_layers(buffer: np.ndarray, width: float, layers: Sequence[str]) -> di
     """The per-layer history as the report writes it (docs/report.md, ``history.layers``)."""
     points = buffer[_valid(buffer)]
     n = len(layers)
-    norm_min, norm_max, worst = (points[:, 2 + k * n: 2 + (k + 1) * n] for k in range(3))
-    series = [{
-        "layer": layer,
-        "norm_min": _finite(-norm_min[:, j]),
-        "norm_max": _finite(norm_max[:, j]),
-        "state": [SEVERITY_NAMES.get(v, "ok") for v in worst[:, j].tolist()],
-    } for j, layer in enumerate(layers)]
+    norm_min, norm_max, worst = (points[:, 2 + k * n : 2 + (k + 1) * n] for k in range(3))
+    series = [
+        {
+            "layer": layer,
+            "norm_min": _finite(-norm_min[:, j]),
+            "norm_max": _finite(norm_max[:, j]),
+            "state": [SEVERITY_NAMES.get(v, "ok") for v in worst[:, j].tolist()],
+        }
+        for j, layer in enumerate(layers)
+    ]
     return {"steps_per_point": int(max(width, 1)), **_steps(points), "series": series}

@@ -54,7 +54,7 @@ def _reference(values: np.ndarray, points: int) -> tuple[int, list[tuple[int, in
         width *= 2
     out = []
     for start in range(0, steps, width):
-        chunk = values[start: start + width]
+        chunk = values[start : start + width]
         out.append((start + 1, min(start + width, steps), float(chunk.min()), float(chunk.max())))
     return width, out
 
@@ -81,7 +81,7 @@ def test_history_keeps_first_last_steps_and_extremes(monkeypatch, n_layers):
     global_buffer, layer_buffer = table.read_history()
     snap = table.snapshot()
     decoded = history.decode_global(global_buffer, snap.history_width)
-    global_norms = np.sqrt(norms ** 2 + 0.25 * (n_layers - 1))
+    global_norms = np.sqrt(norms**2 + 0.25 * (n_layers - 1))
     width, expected = _reference(global_norms, 16)
     assert decoded["steps_per_point"] == width == 16
     assert decoded["first_step"] == [e[0] for e in expected] and decoded["last_step"][-1] == steps
@@ -113,8 +113,9 @@ def test_a_million_steps_keep_under_512_points_with_the_first_last_and_extreme_s
             value = tf.where(tf.equal(step, spike), tf.constant(1e9, tf.float64), tf.math.floormod(step, 97.0))
             return step, buffer.record(before, width, tf.stack([-step, step, value]))
 
-        return tf.while_loop(lambda before, _: before < steps, body,
-                             (tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64)))[1]
+        return tf.while_loop(
+            lambda before, _: before < steps, body, (tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64))
+        )[1]
 
     width = float(run(1_000_000))
     points = buffer.read()
@@ -147,12 +148,19 @@ def test_fit_under_xla_keeps_the_history_of_every_step():
     model = keras.Model(inputs, keras.layers.Dense(1, name="out")(keras.layers.Dense(3, name="hidden")(inputs)))
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=True, steps_per_execution=3)
     callback = gradtel.keras.GradientTelemetry(name="xla_history")
-    model.fit(np.ones((40, 4), "float32"), np.zeros((40, 1), "float32"), batch_size=4, epochs=2, verbose=0,
-              callbacks=[callback])
+    model.fit(
+        np.ones((40, 4), "float32"),
+        np.zeros((40, 1), "float32"),
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        callbacks=[callback],
+    )
     history_ = callback.handle.history()
     glob = history_["global"]
     assert glob["first_step"] == list(range(1, 21)) and glob["last_step"] == list(range(1, 21))
     assert all(v is not None and v > 0 for v in glob["global_norm_max"])
     assert [s["layer"] for s in history_["layers"]["series"]] == ["hidden", "out"]
     assert {r.name: r.first_nonfinite_step for r in callback.handle.records()} == dict.fromkeys(
-        ["hidden/kernel", "hidden/bias", "out/kernel", "out/bias"], 0)
+        ["hidden/kernel", "hidden/bias", "out/kernel", "out/bias"], 0
+    )

@@ -33,7 +33,11 @@ def run_report(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     path = tmp_path_factory.mktemp("report") / "report.json"
     result = subprocess.run(
         [BIN / "gradtel", "run", "--report", str(path), "--", sys.executable, str(SCRIPT), str(NAN_AT), str(STEPS)],
-        env={**ENV, "OTEL_METRICS_EXPORTER": "none"}, capture_output=True, text=True, timeout=600)
+        env={**ENV, "OTEL_METRICS_EXPORTER": "none"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert f"gradtel: nonfinite_origin: culprit/c (at step {NAN_AT} of adam)" in result.stderr
     return path, json.loads(path.read_text())
@@ -64,8 +68,11 @@ def test_the_history_covers_the_whole_run(run_report):
     before, at, after = (NAN_AT - 1) // 4 - 1, (NAN_AT - 1) // 4, (NAN_AT - 1) // 4 + 1
     # step 1000 is the last of point 249 (steps 997-1000): one variable non-finite; from 1001 on, all five
     assert glob["last_step"][at] == NAN_AT
-    assert glob["nonfinite"][before] == 0 and glob["nonfinite"][at] == 1 and glob["nonfinite"][after:] == [5] * (
-        len(glob["nonfinite"]) - after)
+    assert (
+        glob["nonfinite"][before] == 0
+        and glob["nonfinite"][at] == 1
+        and glob["nonfinite"][after:] == [5] * (len(glob["nonfinite"]) - after)
+    )
     assert all(v is not None and v > 0 for v in glob["global_norm_max"][: at + 1])
     assert glob["global_norm_max"][after:] == [None] * (len(glob["last_step"]) - after)  # no finite gradient left
     series = {s["layer"]: s for s in layers["series"]}
@@ -109,20 +116,26 @@ def _pixels(chart: dict, step: float, value: float) -> tuple[float, float]:
     x_min, x_max = float(svg["data-x-min"]), float(svg["data-x-max"])
     scale = math.log10 if svg["data-y-scale"] == "log" else float
     y_min, y_max = scale(float(svg["data-y-min"])), scale(float(svg["data-y-max"]))
-    return (left + (step - x_min) / (x_max - x_min) * width,
-            top + height - (scale(value) - y_min) / (y_max - y_min) * height)
+    return (
+        left + (step - x_min) / (x_max - x_min) * width,
+        top + height - (scale(value) - y_min) / (y_max - y_min) * height,
+    )
 
 
 def _plotted(chart: dict, series: str) -> list[tuple[float, float]]:
-    return [tuple(float(v) for v in pair.split(",")) for points in chart["lines"].get(series, [])
-            for pair in points.split()]
+    return [
+        tuple(float(v) for v in pair.split(",")) for points in chart["lines"].get(series, []) for pair in points.split()
+    ]
 
 
 def _expected(chart: dict, history: dict, values: list) -> list[tuple[float, float]]:
     """The report's points of a series, in pixels (a point without a value, or <= 0 on a log scale, is not drawn)."""
     log = chart["svg"]["data-y-scale"] == "log"
-    return [_pixels(chart, (a + b) / 2, v) for a, b, v in zip(history["first_step"], history["last_step"], values,
-                                                               strict=True) if v is not None and (v > 0 or not log)]
+    return [
+        _pixels(chart, (a + b) / 2, v)
+        for a, b, v in zip(history["first_step"], history["last_step"], values, strict=True)
+        if v is not None and (v > 0 or not log)
+    ]
 
 
 def _same_points(plotted: list, expected: list) -> None:
@@ -134,8 +147,9 @@ def _same_points(plotted: list, expected: list) -> None:
 def test_gradtel_report_prints_the_summary_and_writes_a_self_contained_page(run_report, tmp_path):
     path, report = run_report
     out = tmp_path / "report.html"
-    result = subprocess.run([BIN / "gradtel", "report", str(path), "--html", str(out)], env=ENV, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [BIN / "gradtel", "report", str(path), "--html", str(out)], env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert f"NaN/Inf began at step {NAN_AT} of adam in culprit/c" in result.stdout
     assert "global norm " in result.stdout and any(c in result.stdout for c in "▁▂▃▄▅▆▇█")
@@ -159,7 +173,10 @@ def test_gradtel_report_prints_the_summary_and_writes_a_self_contained_page(run_
         _same_points(_plotted(layer_chart, series["layer"]), _expected(layer_chart, layers, series["norm_max"]))
     bad = [r for r in page.timeline if r["data-state"] == "nonfinite"]
     assert {r["data-layer"]: int(r["data-first-step"]) for r in bad} == {
-        "culprit": NAN_AT - 3, "encoder": NAN_AT + 1, "head": NAN_AT + 1}
+        "culprit": NAN_AT - 3,
+        "encoder": NAN_AT + 1,
+        "head": NAN_AT + 1,
+    }
     assert all(int(r["data-last-step"]) == STEPS for r in bad)
 
 
@@ -167,10 +184,14 @@ def test_gradtel_report_rejects_what_is_not_a_report(tmp_path):
     not_json, other = tmp_path / "x.json", tmp_path / "y.json"
     not_json.write_text("{oops")
     other.write_text(json.dumps({"schema": "something/v9"}))
-    for path, says in ((not_json, "is not JSON"), (other, "expected schema 'gradtel.report/v1'"),
-                       (tmp_path / "absent.json", "No such file")):
-        result = subprocess.run([BIN / "gradtel", "report", str(path)], env=ENV, capture_output=True, text=True,
-                                timeout=120)
+    for path, says in (
+        (not_json, "is not JSON"),
+        (other, "expected schema 'gradtel.report/v1'"),
+        (tmp_path / "absent.json", "No such file"),
+    ):
+        result = subprocess.run(
+            [BIN / "gradtel", "report", str(path)], env=ENV, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 2 and says in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
 
@@ -210,7 +231,8 @@ def test_an_optimizer_without_steps_renders_without_a_history(tmp_path):
     page = _Page()
     page.feed(htmlreport.page(report))
     chart = next(c for c in page.charts if "global_norm_max" in c["lines"] and c["optimizer"] == "busy")
-    _same_points(_plotted(chart, "global_norm_max"), _expected(chart, entries["busy"]["history"]["global"],
-                                                               [5.0, 5.0, 5.0]))
+    _same_points(
+        _plotted(chart, "global_norm_max"), _expected(chart, entries["busy"]["history"]["global"], [5.0, 5.0, 5.0])
+    )
     gradtel.uninstrument(idle)
     gradtel.uninstrument(busy)
