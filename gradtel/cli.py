@@ -1,4 +1,4 @@
-"""The ``gradtel`` command line: ``demo``, ``run``, ``check``, ``stack`` and ``assets``."""
+"""The ``gradtel`` command line: ``demo``, ``run``, ``check``, ``report``, ``stack`` and ``assets``."""
 
 from __future__ import annotations
 
@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="once one optimizer has taken --steps steps, wait at most this long for the other "
                             "optimizers the script created (a GAN's second one) before judging (default 30)")
 
+    report = commands.add_parser("report", help="summarize a JSON report (gradtel run --report FILE) in the "
+                                 "terminal, or as one self-contained HTML page")
+    report.add_argument("file", metavar="FILE", help="the JSON report (gradtel.report/v1)")
+    report.add_argument("--html", metavar="OUT", help="also write one HTML page with the plots (no network needed)")
+
     stack = commands.add_parser("stack", add_help=False,
                                 help="run Prometheus and Alertmanager on loopback with the shipped configs "
                                      "(gradtel stack --help)")
@@ -112,6 +117,26 @@ def _stack(args: argparse.Namespace) -> int:
         print(f"gradtel stack needs PyYAML: pip install 'gradtel[stack]' ({error})", file=sys.stderr)
         return 2
     return localstack.main(args.args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gradtel import htmlreport, render, reporting
+
+    try:
+        report = reporting.load(args.file)
+    except (OSError, ValueError) as error:
+        print(f"gradtel report: {error}", file=sys.stderr)
+        return 2
+    if args.html:  # first: a summary piped into `head` must not cost the page
+        try:
+            pathlib.Path(args.html).write_text(htmlreport.page(report), encoding="utf-8")
+        except OSError as error:
+            print(f"gradtel report: cannot write {args.html}: {error}", file=sys.stderr)
+            return 2
+    print(render.report_summary(report))
+    if args.html:
+        print(f"gradtel: wrote {args.html}")
+    return 0
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -190,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args)
     if args.command in ("run", "check"):
         return _launch(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "stack":
         return _stack(args)
     if args.command == "assets":

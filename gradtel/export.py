@@ -26,7 +26,7 @@ from opentelemetry.sdk.metrics import ExemplarReservoir
 from gradtel import config as settings
 from gradtel import identity, instrumenting, metrics, phases
 from gradtel.config import Config
-from gradtel.handle import Handle, OptimizerSummary, VariableRecord
+from gradtel.handle import Handle, OptimizerSummary, VariableRecord, nonfinite_origins
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
 from gradtel.series import Selection, SeriesPolicy
 
@@ -113,6 +113,7 @@ class Sources:
             metrics.SKIPPED: self._skipped,
             metrics.PROCESS_START: self._process_start,
             metrics.PHASE: self._phase,
+            metrics.NONFINITE_ORIGIN: self._nonfinite_origin,
         }
         self._process = {"run": config.run_id, "worker": config.worker.label}
         self._phase_attrs = {name: {**self._process, "phase": name} for name in metrics.PHASES}
@@ -156,6 +157,13 @@ class Sources:
         for view in self.cache.views():
             if view.summary.steps and math.isfinite(view.summary.global_norm):
                 yield view.summary.global_norm, self._attrs(view.name)
+
+    def _nonfinite_origin(self) -> Iterable[Point]:
+        # Whatever the series policy: the variables where a NaN began are few, and they are what the alert names.
+        for view in self.cache.views():
+            for step, origin in nonfinite_origins(view.records).values():
+                for record in origin:
+                    yield step, self._variable_attrs(record)
 
     def _variables(self) -> Iterable[Point]:
         for view in self.cache.views():

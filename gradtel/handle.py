@@ -47,6 +47,14 @@ class VariableRecord(NamedTuple):
     max_abs: float
     rows_touched: int
     state: str  # ok | missing | zero | nonfinite | expected_missing
+    #: The step (1-based, counted by gradtel for this variable list) at which the gradient was first missing /
+    #: all-zero / non-finite, and the latest step at which it was healthy right after being so; 0: never.
+    first_missing_step: int = 0
+    first_zero_step: int = 0
+    first_nonfinite_step: int = 0
+    recovered_missing_step: int = 0
+    recovered_zero_step: int = 0
+    recovered_nonfinite_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -273,12 +281,14 @@ class Handle:
                 from gradtel import stats
 
                 table = _Table(
-                    stats=stats.StatsTable(len(variables), f"{self.name}_{len(self._tables)}", self.max_abs),
+                    stats=None,
                     variable_ids=key,
                     names=names,
                     layers=[layer_of(variable_path(v)) for v in variables],
                     expected=[self.expect_missing.matches(n) for n in names],
                 )
+                table.stats = stats.StatsTable(len(variables), f"{self.name}_{len(self._tables)}", self.max_abs,
+                                               table.layers, table.expected)
                 self._tables[key] = table
             return table
 
@@ -329,6 +339,8 @@ class Handle:
             missing, zero, nonfinite = rows[layout.MISSING], rows[layout.ZERO], rows[layout.NONFINITE]
             seen, norm, max_abs = rows[layout.STEPS_SEEN], rows[layout.NORM], rows[layout.MAX_ABS]
             states, touched = rows[layout.STATE], rows[layout.ROWS_TOUCHED]
+            first_missing, first_zero, first_nonfinite = rows[layout.FIRST_MISSING: layout.FIRST_NONFINITE + 1]
+            back_missing, back_zero, back_nonfinite = rows[layout.RECOVERED_MISSING: layout.RECOVERED_NONFINITE + 1]
             for i, name in enumerate(table.names):
                 if not seen[i] and table.raised is None:
                     continue
@@ -344,10 +356,28 @@ class Handle:
                 record = VariableRecord(
                     self.name, name, table.layers[i], table.expected[i], cause, missing_cause, int(seen[i]),
                     int(missing[i]), int(zero[i]), int(nonfinite[i]), norm[i], max_abs[i], int(touched[i]), state,
+                    int(first_missing[i]), int(first_zero[i]), int(first_nonfinite[i]),
+                    # a recovery from a state never counted as bad (a loss-scale optimizer's skipped step) is none
+                    int(back_missing[i]) if first_missing[i] else 0, int(back_zero[i]) if first_zero[i] else 0,
+                    int(back_nonfinite[i]) if first_nonfinite[i] else 0,
                 )
                 previous = out.get(name)
                 out[name] = record if previous is None else _merge(previous, record)
         return list(out.values())
+
+    def history(self) -> dict[str, Any] | None:
+        """The run's downsampled history (gradtel/history.py) of this optimizer's main variable list, the one that
+        took the most steps (an optimizer given several lists, rare, has one history per list); None before a
+        step."""
+        from gradtel import history
+
+        snapshots = [(t, s) for t, s in self._snapshot_tables() if s.steps]
+        if not snapshots:
+            return None
+        table, snap = max(snapshots, key=lambda pair: pair[1].steps)
+        global_buffer, layer_buffer = table.stats.read_history()
+        return {"global": history.decode_global(global_buffer, snap.history_width),
+                "layers": history.decode_layers(layer_buffer, snap.layer_history_width, table.stats.layers)}
 
     def _snapshot_tables(self) -> list[tuple[_Table, layout.Snapshot]]:
         with self._lock:
@@ -363,7 +393,32 @@ def _merge(older: VariableRecord, newer: VariableRecord) -> VariableRecord:
         zero_steps=older.zero_steps + newer.zero_steps,
         nonfinite_steps=older.nonfinite_steps + newer.nonfinite_steps,
         missing_cause=newer.missing_cause or older.missing_cause,
+        first_missing_step=older.first_missing_step or newer.first_missing_step,
+        first_zero_step=older.first_zero_step or newer.first_zero_step,
+        first_nonfinite_step=older.first_nonfinite_step or newer.first_nonfinite_step,
+        recovered_missing_step=newer.recovered_missing_step or older.recovered_missing_step,
+        recovered_zero_step=newer.recovered_zero_step or older.recovered_zero_step,
+        recovered_nonfinite_step=newer.recovered_nonfinite_step or older.recovered_nonfinite_step,
     )
+
+
+def nonfinite_origins(records: list[VariableRecord]) -> dict[str, tuple[int, list[VariableRecord]]]:
+    """Per optimizer, the earliest step at which a gradient went non-finite and the variables that did then.
+
+    A NaN spreads: once one variable's NaN gradient is applied, its value is NaN and every gradient computed
+    through it is NaN one step later. The variables whose first non-finite step is the earliest are where it began.
+    """
+    origins: dict[str, tuple[int, list[VariableRecord]]] = {}
+    for record in records:
+        step = record.first_nonfinite_step
+        if not step:
+            continue
+        best = origins.get(record.optimizer)
+        if best is None or step < best[0]:
+            origins[record.optimizer] = (step, [record])
+        elif step == best[0]:
+            best[1].append(record)
+    return origins
 
 
 #: Diagnoses kept per table for their zero hints (one per trace, or per eager missing set).

@@ -84,6 +84,11 @@ VARIABLES = Metric(
     "replica_disagreement (a gradient on some replicas, None on others).",
 )
 
+NONFINITE_ORIGIN = Metric(
+    "gradtel_nonfinite_origin_step", Kind.GAUGE, VARIABLE_LABELS, "",
+    "The optimizer step at which the run's first non-finite gradient appeared, on the variable(s) where it "
+    "began (the earliest first non-finite step of the optimizer); absent before any.",
+)
 SKIPPED = Metric(
     "gradtel_loss_scale_skipped_steps_total", Kind.COUNTER, COMMON_LABELS, "",
     "Steps a loss-scale optimizer skipped because a gradient overflowed (not counted as non-finite steps).",
@@ -105,4 +110,4 @@ PHASE = Metric(
 
 #: Every metric gradtel exports, in documentation order.
 ALL: tuple[Metric, ...] = (STEPS, MISSING, ZERO, NONFINITE, NORM, MAX_ABS, GLOBAL_NORM, VARIABLES, SKIPPED,
-                           PROCESS_START, PHASE)
+                           PROCESS_START, PHASE, NONFINITE_ORIGIN)

@@ -10,13 +10,14 @@ import datetime
 import json
 import math
 import os
+import re
 import tempfile
 from collections import defaultdict
 from typing import Any
 
 from gradtel import causes, instrumenting
 from gradtel.config import Config
-from gradtel.handle import VariableRecord
+from gradtel.handle import VariableRecord, nonfinite_origins
 
 SCHEMA = "gradtel.report/v1"
 
@@ -38,6 +39,11 @@ def _cause(record: VariableRecord) -> dict[str, Any] | None:
     return None
 
 
+def _step(value: int) -> int | None:
+    """A first-bad or recovery step: null when it never happened (0 in the table)."""
+    return value or None
+
+
 def _variable(record: VariableRecord) -> dict[str, Any]:
     return {
         "name": record.name,
@@ -53,6 +59,12 @@ def _variable(record: VariableRecord) -> dict[str, Any]:
         "last_max_abs": _number(record.max_abs) if record.state not in ("missing", "expected_missing") else None,
         "rows_touched": record.rows_touched,
         "cause": _cause(record),
+        "first_missing_step": _step(record.first_missing_step),
+        "first_zero_step": _step(record.first_zero_step),
+        "first_nonfinite_step": _step(record.first_nonfinite_step),
+        "recovered_missing_step": _step(record.recovered_missing_step),
+        "recovered_zero_step": _step(record.recovered_zero_step),
+        "recovered_nonfinite_step": _step(record.recovered_nonfinite_step),
     }
 
 
@@ -72,6 +84,34 @@ _FINDING_TEXT = {
                      "a frozen feature extractor or a target network updated by assign is meant to be. If they "
                      "should train, pass them to an optimizer; if not, trainable=False says so.",
 }
+
+
+def _origin_findings(records: list[VariableRecord]) -> list[dict[str, Any]]:
+    findings = []
+    for optimizer, (step, origin) in nonfinite_origins(records).items():
+        names = {r.name for r in origin}
+        later = [r.first_nonfinite_step for r in records
+                 if r.optimizer == optimizer and r.first_nonfinite_step and r.name not in names]
+        layers = sorted({r.layer for r in origin})
+        where = ", ".join(f"'{layer}'" for layer in layers if layer) or "the top level"
+        spread = (f" {len(later)} other variable{'s' if len(later) != 1 else ''} followed from step {min(later)} on "
+                  "(the NaN spreading through the updated values)." if later else "")
+        findings.append({
+            "category": "nonfinite_origin",
+            "optimizer": optimizer,
+            "step": step,
+            "variables": sorted(names),
+            "layers": layers,
+            "followed": len(later),
+            "resume_before_step": step,
+            "explanation": (
+                f"The first non-finite (NaN/Inf) gradient of optimizer '{optimizer}' was at its step {step}, in "
+                f"{', '.join(sorted(names))} (layer {where}).{spread} Check the ops of that layer and what feeds it "
+                "at that step: log or sqrt of a value <= 0, a division by ~0, exp or pow overflowing, a custom loss "
+                "term, an input batch holding NaN; and the learning rate (an exploding norm in the history just "
+                f"before step {step} points there). Resume from a checkpoint saved before step {step}."),
+        })
+    return findings
 
 
 def _finding_category(record: VariableRecord) -> str | None:
@@ -109,7 +149,7 @@ def _findings_and_notes(records: list[VariableRecord],
             notes["not_optimized"].append(name)
         else:
             groups["untracked_variable"].append(name)
-    return _grouped(groups), _grouped(notes)
+    return _grouped(groups) + _origin_findings(records), _grouped(notes)
 
 
 def _not_optimized() -> list[tuple[str, bool]]:
@@ -134,6 +174,9 @@ def build() -> dict[str, Any]:
                  "last_global_norm": _number(summary.global_norm)}
         if summary.raised:
             entry["raised"] = summary.raised
+        history = handle.history()
+        if history is not None:
+            entry["history"] = history
         optimizers.append(entry)
         records.extend(handle_records)
     findings, notes = _findings_and_notes(records, _not_optimized())
@@ -148,14 +191,40 @@ def build() -> dict[str, Any]:
     }
 
 
+#: A JSON array of scalars spread over lines by ``indent`` (numbers, null, booleans, plain words such as states).
+_SCALAR = r'(?:-?\d[\d.eE+-]*|null|true|false|"[\w.-]*")'
+_SCALAR_ARRAY = re.compile(rf"\[\n\s*{_SCALAR}(?:,\n\s*{_SCALAR})*\n\s*\]")
+
+
+def dumps(report: dict[str, Any]) -> str:
+    """The report's text: indented for people, but each array of scalars (the history's series) on one line, so
+    512-point series keep the file a few times smaller."""
+    text = json.dumps(report, indent=2)
+    return _SCALAR_ARRAY.sub(lambda m: "[" + ", ".join(part.strip() for part in m.group(0)[1:-1].split(",")) + "]",
+                             text) + "\n"
+
+
+def load(path: str) -> dict[str, Any]:
+    """A report read back from ``path``; a ValueError in one line when it is not a ``gradtel.report/v1`` file."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            report = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON ({error}); expected a gradtel.report/v1 file "
+                             "(gradtel run --report FILE)") from None
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        found = report.get("schema") if isinstance(report, dict) else type(report).__name__
+        raise ValueError(f"{path} is not a gradtel report: expected schema {SCHEMA!r}, found {found!r}")
+    return report
+
+
 def write(path: str, report: dict[str, Any]) -> None:
     """Write ``report`` to ``path`` atomically: readers see the old file or the whole new one."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".gradtel-report-", suffix=".json", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+            f.write(dumps(report))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

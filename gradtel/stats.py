@@ -17,6 +17,11 @@ float32 squares overflow too). Float64 gradients are measured in float64.
 ``max_abs`` (``instrument(max_abs=True)`` or ``GRADTEL_MAX_ABS=true``) adds max |g| per variable and makes those
 edges exact (a finite gradient whose float32 squares over- or underflowed is recomputed in float64), at about
 twice the cost on a model of many small layers; it stacks shape-alike gradients up to 65,536 elements.
+
+The same update keeps, per variable, the step at which each bad state first appeared and the latest return to
+health (vector ops on the table's own rows), and folds the step into the run's downsampled history (one scatter of
+one row into another gradtel-owned variable; gradtel/history.py says how and why): about 45 more ops per step,
+whatever the number of variables.
 """
 
 from __future__ import annotations
@@ -28,9 +33,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
+from gradtel import history
 from gradtel.layout import (
     COUNTER_ROWS,
+    FIRST_MISSING,
     G_GLOBAL_NORM,
+    G_HISTORY_WIDTH,
+    G_LAYER_HISTORY_WIDTH,
     G_SKIPPED,
     G_STEPS,
     GLOBAL_COUNTERS,
@@ -201,28 +210,86 @@ def _new_variable(initial_value: tf.Tensor, **kwargs: Any) -> tf.Variable:
     return resource_variable_ops.ResourceVariable(initial_value, **kwargs)
 
 
+class _History:
+    """One downsampled history buffer in a gradtel-owned variable (layout and reasons in gradtel/history.py)."""
+
+    def __init__(self, points: int, columns: int, name: str) -> None:
+        self.points = points
+        with tf.init_scope():
+            self.variable = _new_variable(
+                tf.fill([points, columns], tf.constant(-np.inf, tf.float64)), trainable=False, name=name,
+                dtype=tf.float64, synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+
+    def record(self, before: tf.Tensor, width: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        """Fold the values (one per column) of the step after the first ``before`` steps into its point; returns
+        the steps per point from now on (``width`` until the buffer fills, then doubled).
+
+        When the step lands past the last point, adjacent points are merged first (rarely: log2 of the run's
+        length in all), so the per-step cost is one scatter of one row and an untaken ``cond``.
+        """
+        width = tf.cond(before >= self.points * width, lambda: self._halve(width), lambda: width)
+        index = tf.reshape(tf.cast(tf.math.floordiv(before, width), tf.int32), [1])
+        # The raw op on the handle: under a strategy, the ON_READ variable has no scatter_max, but in the replica
+        # context its handle is this replica's own copy, which is what the step updates.
+        tf.raw_ops.ResourceScatterMax(resource=self.variable.handle, indices=index, updates=tf.expand_dims(values, 0))
+        return width
+
+    def _halve(self, width: tf.Tensor) -> tf.Tensor:
+        old = self.variable.read_value()
+        merged = tf.reduce_max(tf.reshape(old, [self.points // 2, 2, -1]), axis=1)
+        empty = tf.fill(tf.shape(merged), tf.constant(-np.inf, tf.float64))
+        written = self.variable.assign(tf.concat([merged, empty], 0))
+        with tf.control_dependencies([written]):
+            return 2.0 * width
+
+    def read(self) -> np.ndarray:
+        local = getattr(self.variable, "values", None)
+        return (local[0] if local else self.variable).numpy()
+
+
 class StatsTable:
     """Accumulated gradient statistics for one fixed list of variables, in one gradtel-owned variable.
 
     The variable is created eagerly (``tf.init_scope``) and never attached to the optimizer or the model, so
-    checkpoints keep their layout. Its packed layout is ``[globals..., rows x variables]``.
+    checkpoints keep their layout. Its packed layout is ``[globals..., rows x variables]``. Two more variables hold
+    the run's downsampled history (gradtel/history.py); ``layers`` (each variable's layer) groups its per-layer
+    series and ``expected`` (declared expected to be missing) keeps those out of the unhealthy counts.
     """
 
-    def __init__(self, n_variables: int, name: str, max_abs: bool = False) -> None:
+    def __init__(self, n_variables: int, name: str, max_abs: bool = False, layers: Sequence[str] | None = None,
+                 expected: Sequence[bool] | None = None) -> None:
         self.n = n_variables
         self.max_abs = max_abs
         # ON_READ: under a strategy every replica updates its own copy (no cross-replica traffic in the step);
         # the exporter reads the first local replica's.
         with tf.init_scope():
+            initial = np.zeros([N_GLOBALS + N_ROWS * n_variables])
+            initial[[G_HISTORY_WIDTH, G_LAYER_HISTORY_WIDTH]] = 1.0  # steps per point of the histories
             self.variable = _new_variable(
-                tf.zeros([N_GLOBALS + N_ROWS * n_variables], tf.float64),
-                trainable=False, name=f"gradtel_{name}", dtype=tf.float64,
+                initial, trainable=False, name=f"gradtel_{name}", dtype=tf.float64,
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
         keep = np.zeros([N_ROWS, n_variables], bool)
         keep[list(COUNTER_ROWS)] = True
         self._accumulate = np.concatenate([GLOBAL_COUNTERS, keep.reshape(-1)])
+        index: dict[str, int] = {}
+        self._layer_ids = np.array([index.setdefault(layer, len(index)) for layer in layers or [""] * n_variables],
+                                   np.int32)
+        #: The layers in the order of the per-layer history's series.
+        self.layers = list(index)
+        self._expected = np.array(expected if expected is not None else [False] * n_variables, bool)
+        # One buffer for both histories while the layers' points are as many as the global ones (up to ~170
+        # layers): one scatter and one cond per step instead of two.
+        layer_points = history.layer_points(len(index))
+        self.shared_history = layer_points == history.GLOBAL_POINTS
+        global_columns = history.GLOBAL_COLUMNS + (history.layer_columns(len(index)) - 2 if self.shared_history
+                                                   else 0)
+        self.history = _History(history.GLOBAL_POINTS, global_columns, f"gradtel_{name}_history")
+        self.layer_history = None if self.shared_history else _History(
+            layer_points, history.layer_columns(len(index)), f"gradtel_{name}_layer_history")
 
     def update(self, grads: Sequence[tf.Tensor | tf.IndexedSlices | None], loss_scaled: bool = False) -> None:
         """Build (graph) or run (eager) the ops that fold one step's gradients into the table.
@@ -231,7 +298,7 @@ class StatsTable:
         every per-variable row is one vector op with the missing ones masked by trace-time constants.
         ``loss_scaled``: a dynamic loss-scale optimizer skips a step whose gradients overflow and lowers its
         scale; that routine event is counted as a skipped step, not as per-variable non-finite steps (the state
-        row still says which variables were non-finite).
+        row still says which variables were non-finite, and no first non-finite step is set).
         """
         present = np.array([g is not None for g in grads])
         measured = [None if g is None else _as_measurable(g) for g in grads]
@@ -243,6 +310,9 @@ class StatsTable:
             sumsq, max_abs = _exact_reduce(dense)
         else:
             sumsq = _sums_of_squares(dense)
+        old = self.variable.read_value()
+        before, _, _, width, layer_width = tf.unstack(old[:N_GLOBALS])  # steps before this one, history widths
+        step = before + 1.0  # this step, 1-based
         # A missing gradient's 0 is finite: never non-finite. On the max_abs path a finite gradient whose float32
         # squares overflowed was recomputed in float64, so only NaN/Inf elements leave its sum non-finite.
         finite = tf.math.is_finite(sumsq)
@@ -255,23 +325,72 @@ class StatsTable:
             skipped, counted_nonfinite = tf.constant(0.0, tf.float64), nonfinite
         # Over the finite gradients: a NaN would hide the norm of every other variable (and OpenTelemetry drops
         # non-finite observations); non-finite gradients are counted on their own.
-        if present.any():
-            global_norm = tf.sqrt(tf.reduce_sum(tf.where(finite, sumsq, tf.zeros_like(sumsq))))
-        else:
-            global_norm = tf.constant(np.nan, tf.float64)
-        rows: list[tf.Tensor | np.ndarray] = [np.zeros(0)] * N_ROWS
+        finite_sumsq = tf.where(finite, sumsq, tf.zeros_like(sumsq))  # missing ones are 0 already
+        global_norm = tf.sqrt(tf.reduce_sum(finite_sumsq)) if present.any() else tf.constant(np.nan, tf.float64)
+        state = STATE_ZERO * zero + STATE_NONFINITE * nonfinite + np.where(present, STATE_OK, STATE_MISSING)
+        rows: list[tf.Tensor | np.ndarray] = [np.zeros(0)] * FIRST_MISSING  # then the six first/recovered rows
         rows[MISSING] = (~present).astype(np.float64)
         rows[ZERO] = zero
         rows[NONFINITE] = counted_nonfinite
         rows[STEPS_SEEN] = np.ones(self.n)
         rows[NORM] = tf.sqrt(sumsq) + np.where(present, 0.0, np.nan)
         rows[MAX_ABS] = max_abs
-        rows[STATE] = STATE_ZERO * zero + STATE_NONFINITE * nonfinite + np.where(present, STATE_OK, STATE_MISSING)
+        rows[STATE] = state
         rows[ROWS_TOUCHED] = _rows_touched(measured)
-        globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, skipped])
-        delta = tf.concat([globals_, *rows], 0)
-        old = self.variable.read_value()
+        first_and_recovered = self._first_and_recovered(old, step, state, zero, counted_nonfinite, present)
+        widths = self._record_history(before, width, layer_width, global_norm, finite_sumsq, state, zero,
+                                      nonfinite, present)
+        globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, skipped, *widths])
+        delta = tf.concat([globals_, *rows, first_and_recovered], 0)
         self.variable.assign(tf.where(self._accumulate, old + delta, delta), read_value=False)
+
+    def _first_and_recovered(self, old: tf.Tensor, step: tf.Tensor, state: tf.Tensor, zero: tf.Tensor,
+                             nonfinite: tf.Tensor, present: np.ndarray) -> tf.Tensor:
+        """The six rows FIRST_MISSING..RECOVERED_NONFINITE, flattened (about 14 ops on [3, n] blocks).
+
+        A first bad step is kept once set. A recovery is a step whose state is ok right after a step in that state
+        (the STATE row still holds the previous step's); every variable of a table is seen at each of its steps.
+        A loss-scale optimizer's routine overflow sets no first non-finite step, and the reader ignores a recovery
+        from a state whose first step was never set.
+        """
+        start = N_GLOBALS + FIRST_MISSING * self.n
+        first_old, recovered_old = tf.unstack(tf.reshape(old[start: start + 6 * self.n], [2, 3, self.n]))
+        bad = tf.stack([tf.constant((~present).astype(np.float64)), zero, nonfinite])  # 1.0 where bad
+        first = tf.where(first_old > 0.0, first_old, bad * step)
+        previous = old[N_GLOBALS + STATE * self.n: N_GLOBALS + (STATE + 1) * self.n]
+        was = tf.equal(previous, np.array([[STATE_MISSING], [STATE_ZERO], [STATE_NONFINITE]]))
+        recovered = tf.where(tf.logical_and(was, tf.equal(state, STATE_OK)), step, recovered_old)
+        return tf.reshape(tf.concat([first, recovered], 0), [-1])
+
+    def _record_history(self, before: tf.Tensor, width: tf.Tensor, layer_width: tf.Tensor, global_norm: tf.Tensor,
+                        finite_sumsq: tf.Tensor, state: tf.Tensor, zero: tf.Tensor, nonfinite: tf.Tensor,
+                        present: np.ndarray) -> list[tf.Tensor]:
+        """Fold this step into the histories (a fixed number of vector ops, whatever the number of variables);
+        returns their steps per point, kept in the table's global slots."""
+        step = before + 1.0
+        # A norm over the finite gradients is 0 when every present one is non-finite: the history says "no value"
+        # then (-inf, null in the report), not a vanishing 0; the same for a layer, and for one with no gradient.
+        none, some = np.float64(-np.inf), np.float64(0.0)
+        n_nonfinite = tf.reduce_sum(nonfinite)
+        no_global = tf.where(tf.equal(n_nonfinite, float(present.sum())), none, some)
+        global_norm = global_norm if present.any() else some  # NaN without gradients: no value either way
+        global_values = tf.stack([
+            -step, step, no_global - global_norm, global_norm + no_global,
+            tf.constant(float(np.sum(~present & ~self._expected)), tf.float64), tf.reduce_sum(zero), n_nonfinite])
+        n_layers = len(self.layers)
+        present_per_layer = np.bincount(self._layer_ids[present], minlength=n_layers).astype(np.float64)
+        layer_nonfinite = tf.math.unsorted_segment_sum(nonfinite, self._layer_ids, n_layers)
+        no_layer = tf.where(tf.equal(layer_nonfinite, present_per_layer), none, some)
+        layer_norm = tf.sqrt(tf.math.unsorted_segment_sum(finite_sumsq, self._layer_ids, n_layers))
+        expected_missing = ~present & self._expected
+        severity = state - 0.5 * expected_missing.astype(np.float64) if expected_missing.any() else state
+        layer_values = [no_layer - layer_norm, layer_norm + no_layer,
+                        tf.math.unsorted_segment_max(severity, self._layer_ids, n_layers)]
+        if self.layer_history is None:  # one buffer: the layers' columns follow the global ones, steps shared
+            width = self.history.record(before, width, tf.concat([global_values, *layer_values], 0))
+            return [width, width]
+        return [self.history.record(before, width, global_values),
+                self.layer_history.record(before, layer_width, tf.concat([global_values[:2], *layer_values], 0))]
 
     def snapshot(self) -> Snapshot:
         """One read of the packed variable (safe from any thread while the step runs)."""
@@ -282,4 +401,15 @@ class StatsTable:
             global_norm=float(flat[G_GLOBAL_NORM]),
             skipped=int(flat[G_SKIPPED]),
             rows=flat[N_GLOBALS:].reshape(N_ROWS, self.n),
+            history_width=float(flat[G_HISTORY_WIDTH]),
+            layer_history_width=float(flat[G_LAYER_HISTORY_WIDTH]),
         )
+
+    def read_history(self) -> tuple[np.ndarray, np.ndarray]:
+        """The optimizer-level and the per-layer history buffers (one read each; each point names its own
+        steps, so a read racing a step misplaces nothing)."""
+        buffer = self.history.read()
+        if self.layer_history is None:  # the step columns are the global ones
+            layers = np.concatenate([buffer[:, :2], buffer[:, history.GLOBAL_COLUMNS:]], axis=1)
+            return buffer[:, :history.GLOBAL_COLUMNS], layers
+        return buffer, self.layer_history.read()

@@ -40,7 +40,9 @@ SCRIPT = textwrap.dedent("""
         time.sleep(120)
 """)
 VARIABLE_KEYS = {"name", "optimizer", "layer", "status", "expected", "steps", "missing_steps", "zero_steps",
-                 "nonfinite_steps", "last_norm", "last_max_abs", "rows_touched", "cause"}
+                 "nonfinite_steps", "last_norm", "last_max_abs", "rows_touched", "cause", "first_missing_step",
+                 "first_zero_step", "first_nonfinite_step", "recovered_missing_step", "recovered_zero_step",
+                 "recovered_nonfinite_step"}
 
 
 def gradtel_cli(tmp_path, *args: str, mode: str, **popen) -> subprocess.Popen:
@@ -144,7 +146,10 @@ def test_report_matches_the_handles(tmp_path):
     report = gradtel.report()
     mine = [v for v in report["variables"] if v["optimizer"] == "report-match"]
     assert mine == [{**mine[0], "name": "r", "status": "ok", "steps": 1, "last_norm": 5.0, "last_max_abs": 4.0}]
-    assert {"name": "report-match", "steps": 1, "skipped_steps": 0, "last_global_norm": 5.0} in report["optimizers"]
+    entry = next(o for o in report["optimizers"] if o["name"] == "report-match")
+    assert entry == {"name": "report-match", "steps": 1, "skipped_steps": 0, "last_global_norm": 5.0,
+                     "history": entry["history"]}
+    assert entry["history"]["global"]["global_norm_max"] == [5.0]
     from gradtel import reporting
 
     reporting.write(str(tmp_path / "r.json"), report)
