@@ -268,7 +268,9 @@ class Diagnoser:
 
         def influencers() -> None:
             found = analysis()
-            for ref, name, keys in watched if found is not None else ():
+            if found is None:
+                return
+            for ref, name, keys in watched:
                 inner = ref()
                 if inner is not None and influences_loss(found, keys):
                     self._influencers[id(inner)] = (ref, name)
