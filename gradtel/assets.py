@@ -111,7 +111,7 @@ def write(destination: Path, *, runbook_url: str | None = None, force: bool = Fa
     return list(planned)
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``assets`` subcommand of ``gradtel``."""
     parser = commands.add_parser(
         "assets",

@@ -29,7 +29,7 @@ import logging
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from gradtel import phases
 from gradtel.handle import Handle
@@ -40,6 +40,14 @@ log = logging.getLogger("gradtel")
 
 #: The label of ``model.optimizer`` among several held optimizers.
 COMPILED = "optimizer"
+
+
+class _Options(TypedDict):
+    """The keyword arguments of :func:`gradtel.instrument` the callback passes on for every optimizer."""
+
+    expect_missing: Iterable[str] | str | None
+    max_abs: bool | None
+    start_exporter: bool
 
 
 class IdleOptimizerWarning(UserWarning):
@@ -77,7 +85,8 @@ class TelemetryMixin:
         super().__init__()
         PatternSet(expect_missing)  # a bad pattern is a ValueError here, not when fit has started
         self._name = name
-        self._options = {"expect_missing": expect_missing, "max_abs": max_abs, "start_exporter": start_exporter}
+        self._options: _Options = {"expect_missing": expect_missing, "max_abs": max_abs,
+                                   "start_exporter": start_exporter}
         self._watched: dict[str, _Watched] = {}
         self._batches = 0
         #: The phase an evaluation or prediction interrupted (restored by its end hook).
@@ -170,7 +179,8 @@ class TelemetryMixin:
     def _report_idle(self) -> None:
         if not self._batches:
             return  # no batch ran (epochs=0, an empty dataset): nothing should have stepped
-        stepped, idle = [], []
+        stepped: list[str] = []
+        idle: list[str] = []
         for label, watched in self._watched.items():
             steps = watched.handle.summary().steps - watched.steps_at_begin
             (stepped if steps > 0 else idle).append(label)

@@ -451,7 +451,7 @@ class Config:
             protocol, usable = _otlp(reader, env)
             if not usable:
                 exporters = tuple(k for k in exporters if k != "otlp")
-        periodic: dict[str, int] = {}
+        periodic: dict[str, Any] = {}
         if {"otlp", "console"} & set(exporters):
             periodic = {
                 "export_interval_ms": reader.get("OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_EXPORT_INTERVAL_MS,

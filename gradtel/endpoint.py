@@ -26,6 +26,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from gradtel.exposition import CONTENT_TYPE, Exposition
 
 log = logging.getLogger("gradtel")
+#: A WSGI application (PEP 3333): the environ and start_response in, the body's chunks out.
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 #: A client that connects over TLS and says nothing is dropped after this long.
 _HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -87,7 +89,7 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def _metrics_app(source: Callable[[], Exposition]) -> Callable[..., Any]:
+def _metrics_app(source: Callable[[], Exposition]) -> WSGIApp:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
@@ -106,7 +108,7 @@ def _metrics_app(source: Callable[[], Exposition]) -> Callable[..., Any]:
     return app
 
 
-def _basic_auth(app: Callable[..., Any], username: str, password: str) -> Callable[..., Any]:
+def _basic_auth(app: WSGIApp, username: str, password: str) -> WSGIApp:
     expected = b"Basic " + base64.b64encode(f"{username}:{password}".encode())
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

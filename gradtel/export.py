@@ -22,10 +22,12 @@ from typing import Any
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import ExemplarReservoir
+from opentelemetry.sdk.metrics.export import MetricExporter
 
 from gradtel import config as settings
 from gradtel import identity, instrumenting, metrics, phases
 from gradtel.config import Config
+from gradtel.exposition import cyclic_gc_paused
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord, nonfinite_origins
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
 from gradtel.series import Selection, SeriesPolicy
@@ -58,7 +60,8 @@ class SnapshotCache:
         self._failed = False
 
     def refresh(self) -> list[_OptimizerView]:
-        with self._lock:
+        # Paused: decoding the tables makes tens of thousands of short-lived objects (see cyclic_gc_paused).
+        with self._lock, cyclic_gc_paused():
             self._views = [self._read(h) for h in instrumenting.handles(active_only=True)]
             return self._views
 
@@ -259,7 +262,8 @@ class Exporter:
         readers = [r for r in (self._reader(kind) for kind in self.config.exporters) if r is not None]
         # No exemplars: observable callbacks run at collection time, outside any span, so there is never one to
         # keep, yet the SDK's default reservoir locks, sorts and lists per series per collection (~15% of it).
-        limit = {"aggregation_cardinality_limit": self.config.max_series} if _view_takes_limit(View) else {}
+        limit: dict[str, Any] = (
+            {"aggregation_cardinality_limit": self.config.max_series} if _view_takes_limit(View) else {})
         view = View(instrument_name="gradtel*", exemplar_reservoir_factory=lambda aggregation: _NoExemplars, **limit)
         # shutdown_on_exit=False: gradtel shuts it down itself (runner, export.shutdown), once.
         return MeterProvider(metric_readers=readers, resource=self.config.resource(), views=[view],
@@ -281,6 +285,7 @@ class Exporter:
         return None
 
     def _periodic_reader(self, exporter: Any) -> Any:
+        assert self.producer is not None  # gradtel's own readers are made only with gradtel's own provider
         return ProducingPeriodicReader(exporter, self.producer, self.config.export_interval_ms,
                                        self.config.export_timeout_ms)
 
@@ -317,6 +322,11 @@ class Exporter:
 class _NoExemplars(ExemplarReservoir):
     """An exemplar reservoir that keeps nothing (see ``Exporter._build_provider``)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Takes and ignores the aggregation's parameters: the SDK builds a histogram's reservoir with keywords
+        (``boundaries``, ``size``), which every reservoir must accept, and types the builder as taking a dict."""
+        super().__init__()
+
     def offer(self, value: Any, time_unix_nano: int, attributes: Any, context: Any) -> None:
         pass
 
@@ -331,7 +341,7 @@ def _view_takes_limit(view: type) -> bool:
     per-variable series are limited by the producer either way. Passing it blindly would be a ``TypeError``
     that disables the whole export.
     """
-    return "aggregation_cardinality_limit" in inspect.signature(view.__init__).parameters
+    return "aggregation_cardinality_limit" in inspect.signature(view).parameters
 
 
 class _Unavailable(Exception):
@@ -339,16 +349,21 @@ class _Unavailable(Exception):
     other exporters go on."""
 
 
-def _otlp_exporter(protocol: str) -> Any:
+def _otlp_exporter(protocol: str) -> MetricExporter:
+    exporter: type[MetricExporter]
     try:
         if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+            exporter = GrpcExporter
         else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+            exporter = HttpExporter
     except ImportError as error:
         raise _Unavailable(f"OTEL_METRICS_EXPORTER=otlp ({protocol}) needs the OTLP exporter, which cannot be "
                            f"imported ({error}): pip install 'gradtel[otlp]'; the OTLP push is off.") from None
-    return OTLPMetricExporter()
+    return exporter()
 
 
 def _is_configured(provider: Any) -> bool:

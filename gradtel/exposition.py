@@ -30,15 +30,16 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Gauge,
     MetricReader,
     MetricsData,
+    NumberDataPoint,
     Sum,
 )
 
@@ -51,6 +52,9 @@ log = logging.getLogger("gradtel")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+
+#: The attributes of a point that has none (the SDK's type allows None; its aggregations give a dict).
+_NO_ATTRIBUTES: Mapping[str, Any] = {}
 
 
 @dataclass
@@ -128,14 +132,15 @@ class Renderer:
                         continue
                     name = metric.name + "_total" if kind == "counter" and not metric.name.endswith("_total") \
                         else metric.name
-                    _, _, lines = families.setdefault(name, (kind, metric.description, []))
+                    _, _, lines = families.setdefault(name, (kind, metric.description or "", []))
                     key = (name, id(scope))
                     cached_scope, previous = self._cache.get(key, (None, {}))
                     if cached_scope is not scope:
                         previous = {}
                     _, prefixes = cache.setdefault(key, (scope, {}))
-                    for point in metric.data.data_points:
-                        attributes = point.attributes
+                    # _kind is None for every kind but sums and gauges, whose points are NumberDataPoints.
+                    for point in cast("Sequence[NumberDataPoint]", metric.data.data_points):
+                        attributes = point.attributes if point.attributes is not None else _NO_ATTRIBUTES
                         entry = previous.get(id(attributes))
                         if entry is None or entry[0] is not attributes:
                             entry = (attributes, name + _labels([*attributes.items(), *scope_pairs]) + " ")

@@ -14,10 +14,13 @@ import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gradtel import layout
 from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
+
+if TYPE_CHECKING:
+    from gradtel.diagnosis.cause import Cause
 
 log = logging.getLogger("gradtel")
 
@@ -37,8 +40,8 @@ class VariableRecord(NamedTuple):
     name: str
     layer: str
     expected_missing: bool
-    cause: Any  # gradtel.diagnosis.Cause | None: why the latest gradient is missing or zero, once diagnosed
-    missing_cause: Any  # the Cause of the variable's missing steps (labels the missing counter), or None
+    cause: Cause | None  # why the latest gradient is missing or zero, once diagnosed
+    missing_cause: Cause | None  # the Cause of the variable's missing steps (labels the missing counter)
     steps: int
     missing_steps: int
     zero_steps: int
@@ -76,7 +79,7 @@ class _Table:
     names: list[str]
     layers: list[str]
     expected: list[bool]
-    causes: dict[int, Any] = field(default_factory=dict)  # index -> Cause of a None gradient
+    causes: dict[int, Cause] = field(default_factory=dict)  # index -> Cause of a None gradient
     #: the diagnoses of this variable list (newest last, a few): their zero hints are read only for zero gradients
     diagnoses: dict[int, Any] = field(default_factory=dict)
     compiled: Any = None  # tf.function of stats.update, for eager steps

@@ -17,11 +17,14 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradtel import config
 from gradtel.handle import Handle
 from gradtel.naming import PatternSet
+
+if TYPE_CHECKING:
+    from gradtel.diagnosis import Diagnoser
 
 log = logging.getLogger("gradtel")
 
@@ -36,15 +39,15 @@ _lock = threading.RLock()
 _handles: list[Handle] = []
 #: optimizer -> its live handle.
 _live: weakref.WeakKeyDictionary[Any, Handle] = weakref.WeakKeyDictionary()
-_diagnoser: Any = None
+_diagnoser: Diagnoser | None = None
 
 
-def current_diagnoser() -> Any:
+def current_diagnoser() -> Diagnoser | None:
     """The Diagnoser if one was installed, else None (never installs one)."""
     return _diagnoser
 
 
-def diagnoser() -> Any:
+def diagnoser() -> Diagnoser:
     """The process's Diagnoser, installed with the first instrumented optimizer (it patches GradientTape)."""
     global _diagnoser
     with _lock:

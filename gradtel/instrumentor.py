@@ -11,7 +11,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from gradtel import auto
 
 
-class GradtelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+class GradtelInstrumentor(BaseInstrumentor):
     """Instruments every Keras 3 and tf_keras optimizer the program creates.
 
     ``instrument(expect_missing=[...])`` takes the options of :func:`gradtel.instrument`; the MeterProvider is the

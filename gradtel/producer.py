@@ -131,7 +131,13 @@ class VariableProducer:
 
 
 class ProducingPeriodicReader(PeriodicExportingMetricReader):
-    """The SDK's periodic reader (OTLP, console) with the producer's metrics in every export."""
+    """The SDK's periodic reader (OTLP, console) with the producer's metrics in every export.
+
+    Python's cyclic collector is paused (see ``exposition.cyclic_gc_paused``) where gradtel allocates: the
+    snapshot's read (``export.SnapshotCache.refresh``) and, here, the producer's points and their export. The
+    SDK's ``collect``, which runs the callbacks and then this reader's ``_receive_metrics``, is final: not
+    overridden.
+    """
 
     def __init__(self, exporter: MetricExporter, producer: VariableProducer, interval_ms: float | None = None,
                  timeout_ms: float | None = None) -> None:
@@ -140,9 +146,6 @@ class ProducingPeriodicReader(PeriodicExportingMetricReader):
         self._producer = producer  # set first: the reader's thread may collect before __init__ returns
         super().__init__(exporter, export_interval_millis=interval_ms, export_timeout_millis=timeout_ms)
 
-    def collect(self, timeout_millis: float = 10_000) -> None:
-        with cyclic_gc_paused():  # see there: a collection's garbage must not set off full collections
-            super().collect(timeout_millis)
-
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
-        super()._receive_metrics(self._producer.merge(metrics_data, self), timeout_millis, **kwargs)
+        with cyclic_gc_paused():  # see there: a collection's garbage must not set off full collections
+            super()._receive_metrics(self._producer.merge(metrics_data, self), timeout_millis, **kwargs)

@@ -13,7 +13,7 @@ def _norm(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4g}"
 
 
-def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+def _columns(rows: Sequence[tuple[str, ...]]) -> list[str]:
     """Left-aligned columns with a rule under the first row."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -82,7 +82,7 @@ def variables_table(records: Sequence[VariableRecord]) -> str:
     rows = [header]
     for r in records:
         cause = r.cause.category if r.cause is not None else ""
-        if cause and r.cause.location:
+        if cause and r.cause is not None and r.cause.location:
             cause += f" ({r.cause.location})"
         rows.append((r.optimizer, r.name, r.state, _norm(r.norm), str(r.steps), str(r.missing_steps),
                      str(r.zero_steps), str(r.nonfinite_steps), cause))

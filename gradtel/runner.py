@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 from gradtel import auto, export, instrumenting, render, reporting
@@ -194,9 +195,10 @@ def _step_in_progress() -> bool:
     gradients are measured, before Keras applies them, or raises 'No gradients provided' (the report keeps that
     message): the check judges between steps, never halfway through one."""
     here = threading.get_ident()
-    for thread_id, frame in sys._current_frames().items():
+    for thread_id, top in sys._current_frames().items():
         if thread_id == here:
             continue
+        frame: FrameType | None = top
         while frame is not None:
             if frame.f_code.co_filename == instrumenting.__file__:
                 return True

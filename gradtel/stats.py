@@ -164,7 +164,7 @@ def _exact_reduce(measured: Sequence[tf.Tensor | None]) -> tuple[tf.Tensor, tf.T
     groups = _Groups(measured, STACK_ELEMENTS_MAX_ABS)
     sumsq_parts: list[tf.Tensor] = []
     maxabs_parts: list[tf.Tensor] = []
-    exact_parts: list[Callable[[], tf.Tensor]] = []
+    exact_parts: list[Callable[..., tf.Tensor]] = []  # called without arguments: the lambdas bind their tensors
     for _, stack in groups.stacks:
         axes = groups.axes(stack)
         sumsq_parts.append(tf.reduce_sum(tf.square(stack), axis=axes))
@@ -246,7 +246,7 @@ class _History:
 
     def read(self) -> np.ndarray:
         local = getattr(self.variable, "values", None)
-        return (local[0] if local else self.variable).numpy()
+        return np.asarray((local[0] if local else self.variable).numpy())
 
 
 class StatsTable:

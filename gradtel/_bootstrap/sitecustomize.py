@@ -13,12 +13,13 @@ import importlib
 import json
 import os
 import sys
+from typing import NoReturn
 
 #: ``gradtel run``/``check``: the command's Python cannot load the launching gradtel (see the README).
 EXIT_WRONG_ENVIRONMENT = 4
 
 
-def _refuse(problem):
+def _refuse(problem: str) -> NoReturn:
     version = "{}.{}".format(*sys.version_info[:2])
     sys.stderr.write(
         f"gradtel: the command's Python ({sys.executable}, Python {version}) {problem}; the script is not run, as "
@@ -29,7 +30,7 @@ def _refuse(problem):
     os._exit(EXIT_WRONG_ENVIRONMENT)
 
 
-def _launcher_version():
+def _launcher_version() -> str:
     try:
         return str(json.loads(os.environ.get("GRADTEL_RUN_OPTIONS", "{}")).get("launcher_version") or "")
     except (ValueError, AttributeError):

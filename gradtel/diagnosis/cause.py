@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from gradtel.causes import fix_for
 
@@ -21,7 +22,7 @@ class Cause:
     location: str | None
     explanation: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with keys category, op, location and explanation."""
         return asdict(self)
 

@@ -258,7 +258,7 @@ def _stale_capture(analysis: Analysis, variable: Any) -> Node | None:
     """Graph mode: the eager op that computed, from the variable, a value the traced step captured and feeds to the
     loss (a kernel derived once in ``build()``); None when the eager recorder saw no such thing."""
     earlier, resource = analysis.earlier, handle(variable)
-    if earlier is None or not analysis.captured or not hasattr(resource, "_id"):
+    if earlier is None or not analysis.captured or resource is None or not hasattr(resource, "_id"):
         return None
     derived = earlier.descendants({resource._id})
     stale = [external for internal, external in analysis.captured.items()

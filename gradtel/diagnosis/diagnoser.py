@@ -268,7 +268,9 @@ class Diagnoser:
 
         def influencers() -> None:
             found = analysis()
-            for ref, name, keys in watched if found is not None else ():
+            if found is None:
+                return
+            for ref, name, keys in watched:
                 inner = ref()
                 if inner is not None and influences_loss(found, keys):
                     self._influencers[id(inner)] = (ref, name)
@@ -346,7 +348,7 @@ def _key(grads: list, variables: list) -> _Key:
     return tuple(id(v) for v in variables), tuple(i for i, g in enumerate(grads) if g is None)
 
 
-def _keys(variable: Any, keys_of: Any) -> set[int]:
+def _keys(variable: Any, keys_of: Callable[[Any], set[int]]) -> set[int]:
     """The tensor ids of the variable's handle in the dataflow graph (``keys_of``: a handle's ids there)."""
     resource = handle(variable)
     return set() if resource is None else keys_of(resource)

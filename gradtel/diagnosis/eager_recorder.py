@@ -138,7 +138,7 @@ class EagerRecorder:
 
     # -- sources of facts ------------------------------------------------------------------------------
 
-    def _on_op(self, op_type: str, inputs: Any, attrs: Any, outputs: Any, op_name: Any = None,
+    def _on_op(self, op_type: str | bytes, inputs: Any, attrs: Any, outputs: Any, op_name: Any = None,
                graph: Any = None) -> None:
         """Op callback: add one executed op (graph construction is seen by graph_source instead)."""
         if graph is not None or not self._recording():

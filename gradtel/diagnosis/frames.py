@@ -12,6 +12,7 @@ import sys
 import sysconfig
 from collections.abc import Iterable
 from functools import lru_cache
+from types import FrameType
 from typing import Any
 
 _GRADTEL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -54,7 +55,7 @@ def is_library_file(filename: str) -> bool:
 
 def location_of_stack(skip: int = 1) -> str | None:
     """The innermost user frame of the current stack, as ``file:line`` (``skip`` frames are ignored)."""
-    frame = sys._getframe(skip)
+    frame: FrameType | None = sys._getframe(skip)
     while frame is not None:
         filename = frame.f_code.co_filename
         if not is_library_file(filename):

@@ -52,7 +52,7 @@ class GradientCall:
 def _graph_clock(graph: Any) -> int:
     """The id of the newest op in ``graph`` (op ids grow with creation)."""
     operations = graph.get_operations()
-    return operations[-1]._id if operations else 0
+    return int(operations[-1]._id) if operations else 0
 
 
 class TapeHook:
@@ -144,8 +144,8 @@ class TapeHook:
 
     def calls_for(self, graph: Any) -> list[GradientCall]:
         """Gradient calls made in ``graph`` (None: eager), newest first."""
-        calls = self._eager_calls if graph is None else self._graph_calls.get(graph, ())
-        return list(reversed(calls))
+        calls = self._eager_calls if graph is None else self._graph_calls.get(graph)
+        return list(reversed(calls)) if calls is not None else []
 
     def graph_calls(self) -> Iterator[GradientCall]:
         """Gradient calls made in any live FuncGraph."""

@@ -58,7 +58,7 @@ def is_differentiable_dtype(dtype: Any) -> bool:
         dtype = tf.as_dtype(dtype)
     except TypeError:
         return False
-    return dtype.is_floating or dtype.is_complex
+    return bool(dtype.is_floating or dtype.is_complex)
 
 
 def dtype_of(variable: Any) -> Any:

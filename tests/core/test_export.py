@@ -258,3 +258,17 @@ def test_nonfinite_gradients_leave_their_gauges_out_and_the_global_norm_finite(e
     assert sample(metrics["gradtel_gradient_norm"], variable="good", **base) == pytest.approx(5.0)
     assert not [r for r in caplog.records if "non-finite" in r.getMessage()]  # no SDK warning per collection
     gradtel.uninstrument(opt)
+
+
+def test_a_histogram_under_gradtels_view_records_and_is_collected(exporter, caplog):
+    """gradtel's view keeps no exemplars with a reservoir that, as the SDK requires, takes the parameters a
+    histogram's reservoir is built with (it raised TypeError into the recording thread)."""
+    histogram = exporter._owned_provider.get_meter(export.METER_NAME).create_histogram("gradtel_test_seconds")
+    histogram.record(1.5)
+    histogram.record(2.5)
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        metrics = scrape(exporter.endpoint[1])
+    assert "gradtel_test_seconds" not in metrics and "gradtel_process_start_time_seconds" in metrics
+    assert [r.getMessage() for r in caplog.records if "gradtel_test_seconds" in r.getMessage()] == [
+        "gradtel: metric 'gradtel_test_seconds' (Histogram) is not served on the Prometheus endpoint: only sums and "
+        "gauges are."]

@@ -145,3 +145,31 @@ def test_a_failing_producer_leaves_the_other_metrics_and_logs_once_and_the_colle
     finally:
         gradtel.uninstrument(opt)
         provider.shutdown()
+
+
+def test_the_periodic_reader_reads_the_snapshot_with_the_collector_paused_and_leaves_it_running(monkeypatch):
+    """Decoding the tables makes most of a collection's short-lived objects: the periodic reader (whose SDK
+    ``collect`` is final, so not wrapped) reads them with the cyclic collector paused."""
+    variable = keras.Variable(np.zeros((2,), "float32"), name="v")
+    opt = keras.optimizers.SGD(0.0)
+    handle = gradtel.instrument(opt, name="paused")
+    read, collector_running = handle.read, []
+
+    def observed_read():
+        collector_running.append(gc.isenabled())
+        return read()
+
+    monkeypatch.setattr(handle, "read", observed_read)
+    provider, reader, recorder = _pipeline(True, delta=False, limit=100)
+    try:
+        opt.apply_gradients([(tf.ones(2), variable)])
+        reader.collect()
+        assert collector_running == [False] and gc.isenabled()
+        points, _ = recorder.exports[-1]
+        attrs = {"run": "r", "worker": "", "optimizer": "paused"}
+        assert points[("gradtel_steps", frozenset(attrs.items()))] == 1
+        norm = frozenset({**attrs, "variable": "v", "layer": ""}.items())
+        assert points[("gradtel_gradient_norm", norm)] == pytest.approx(math.sqrt(2))
+    finally:
+        gradtel.uninstrument(opt)
+        provider.shutdown()
