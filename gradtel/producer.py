@@ -134,14 +134,18 @@ class ProducingPeriodicReader(PeriodicExportingMetricReader):
     """The SDK's periodic reader (OTLP, console) with the producer's metrics in every export."""
 
     def __init__(self, exporter: MetricExporter, producer: VariableProducer, interval_ms: float | None = None,
-                 timeout_ms: float | None = None) -> None:
+                 timeout_ms: float | None = None, before_collect: Callable[[], None] | None = None) -> None:
         """``interval_ms``/``timeout_ms``: None reads OTEL_METRIC_EXPORT_INTERVAL/_TIMEOUT as the SDK does;
-        gradtel passes the values its configuration checked."""
+        gradtel passes the values its configuration checked. ``before_collect`` runs as each collection begins
+        (gradtel's exporter takes its snapshot there)."""
         self._producer = producer  # set first: the reader's thread may collect before __init__ returns
+        self._before_collect = before_collect
         super().__init__(exporter, export_interval_millis=interval_ms, export_timeout_millis=timeout_ms)
 
     def collect(self, timeout_millis: float = 10_000) -> None:
         with cyclic_gc_paused():  # see there: a collection's garbage must not set off full collections
+            if self._before_collect is not None:
+                self._before_collect()
             super().collect(timeout_millis)
 
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
