@@ -41,13 +41,16 @@ class GradtelPrometheusReader(PrometheusReader):
         if "prometheus" not in config.exporters:
             return  # a Prometheus setting is unusable: settings.load() said which, and that the endpoint is off
         try:
-            self.endpoint = Endpoint(self.exposition, config.prometheus_host, config.prometheus_port,
-                                     security(config))
+            self.endpoint = Endpoint(self.exposition, config.prometheus_host, config.prometheus_port, security(config))
         except EndpointError as error:
             log.warning("gradtel: %s; the application goes on without this endpoint.", error)
             return
-        log.info("gradtel: serving metrics on %s://%s:%d/metrics", self.endpoint.scheme, config.prometheus_host,
-                 self.endpoint.port)
+        log.info(
+            "gradtel: serving metrics on %s://%s:%d/metrics",
+            self.endpoint.scheme,
+            config.prometheus_host,
+            self.endpoint.port,
+        )
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         """Close the endpoint (the SDK shuts its readers down with the MeterProvider)."""

@@ -71,8 +71,12 @@ def handles(active_only: bool = False, meter_providers: Collection[Any] | None =
     counts the report still includes; with ``meter_providers``, only those instrumented with one of them (None
     stands for the process's export)."""
     with lock:
-        return [e.handle for e in _entries if (e.handle.active or not active_only)
-                and (meter_providers is None or any(e.meter_provider is m for m in meter_providers))]
+        return [
+            e.handle
+            for e in _entries
+            if (e.handle.active or not active_only)
+            and (meter_providers is None or any(e.meter_provider is m for m in meter_providers))
+        ]
 
 
 def current_diagnoser() -> Diagnoser | None:

@@ -16,8 +16,16 @@ PACKAGE = ROOT / "gradtel"
 #: Bottom to top. A module may import modules of its own layer or of lower ones, never of a higher one.
 LAYERS: list[tuple[str, ...]] = [
     # names, tables and process facts, no TensorFlow and no OpenTelemetry
-    ("gradtel.version", "gradtel.metrics", "gradtel.causes", "gradtel.layout", "gradtel.naming", "gradtel.identity",
-     "gradtel.phases", "gradtel.assets"),
+    (
+        "gradtel.version",
+        "gradtel.metrics",
+        "gradtel.causes",
+        "gradtel.layout",
+        "gradtel.naming",
+        "gradtel.identity",
+        "gradtel.phases",
+        "gradtel.assets",
+    ),
     # the in-graph statistics; the diagnosis of missing gradients
     ("gradtel.stats", "gradtel.diagnosis"),
     # one optimizer's tables and records
@@ -95,9 +103,12 @@ def layer_of(module: str) -> int:
 
 
 def test_every_module_is_in_a_layer_and_imports_none_above_it():
-    upward = [f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)})"
-              for module in sorted(MODULES) for target in sorted(imports(module))
-              if layer_of(target) > layer_of(module)]
+    upward = [
+        f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)})"
+        for module in sorted(MODULES)
+        for target in sorted(imports(module))
+        if layer_of(target) > layer_of(module)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -112,7 +123,7 @@ def test_no_import_cycle_lazy_imports_included():
         path.append(module)
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                cycles.append(" -> ".join([*path[path.index(target):], target]))
+                cycles.append(" -> ".join([*path[path.index(target) :], target]))
             elif target not in state:
                 visit(target)
         path.pop()

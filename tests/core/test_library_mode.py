@@ -108,8 +108,11 @@ def test_the_gradtel_prometheus_exporter_serves_the_applications_provider(monkey
         for _ in range(2):
             _step(optimizer, [w], [tf.constant([0.0, 2.0])])
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        samples = {(s.name, s.labels.get("optimizer"), s.labels.get("variable")): s.value
-                   for family in text_string_to_metric_families(body) for s in family.samples}
+        samples = {
+            (s.name, s.labels.get("optimizer"), s.labels.get("variable")): s.value
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+        }
         assert samples[("gradtel_steps_total", "plugged", None)] == 2
         assert samples[("gradtel_gradient_norm", "plugged", "w")] == pytest.approx(2.0)
         assert samples[("app_requests_total", None, None)] == 2  # the application's own metrics too
