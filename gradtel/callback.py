@@ -70,6 +70,7 @@ class TelemetryMixin:
         name: str | None = None,
         expect_missing: Iterable[str] | str | None = None,
         max_abs: bool | None = None,
+        meter_provider: Any = None,
         start_exporter: bool = True,
     ) -> None:
         """The arguments are those of :func:`gradtel.instrument`. With several optimizers, ``name`` prefixes
@@ -77,7 +78,8 @@ class TelemetryMixin:
         super().__init__()
         PatternSet(expect_missing)  # a bad pattern is a ValueError here, not when fit has started
         self._name = name
-        self._options = {"expect_missing": expect_missing, "max_abs": max_abs, "start_exporter": start_exporter}
+        self._options = {"expect_missing": expect_missing, "max_abs": max_abs, "meter_provider": meter_provider,
+                         "start_exporter": start_exporter}
         self._watched: dict[str, _Watched] = {}
         self._batches = 0
         #: The phase an evaluation or prediction interrupted (restored by its end hook).

@@ -3,9 +3,11 @@
 Configured from the standard OpenTelemetry environment (see :mod:`gradtel.config`). The data path runs one way:
 at collection time (a Prometheus scrape, or the OTLP reader's timer) one snapshot per optimizer table is read and
 turned into points (:class:`Sources`). The optimizer-level metrics are observable instruments; the per-variable
-ones, the bulk of the series, reach gradtel's own readers through :mod:`gradtel.producer` (or, on the
-application's MeterProvider, through instruments too). Nothing here ever touches the training step, and any
-failure is logged once and leaves training alone.
+ones, the bulk of the series, reach gradtel's own readers through :mod:`gradtel.producer` (or, on a MeterProvider
+gradtel does not own, through instruments too). Which handles are read comes from :mod:`gradtel.registry`: the
+process's export reads those instrumented without a ``meter_provider``, a given provider (library mode,
+:func:`bind`) those instrumented with it. Nothing here ever touches the training step, and any failure is logged
+once and leaves training alone.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ class Instruments:
 
     def __init__(self, meter: otel_metrics.Meter, sources: Sources, chosen: Iterable[metrics.Metric]) -> None:
         self._failed = False
-        for metric in sorted(chosen, key=metrics.ALL.index):  # gradtel_steps first: it takes the snapshot
+        for metric in sorted(chosen, key=metrics.ALL.index):  # the table's order (the snapshot does not depend on it)
             create = (meter.create_observable_counter if metric.kind is metrics.Kind.COUNTER
                       else meter.create_observable_gauge)
             create(metric.otel_name, callbacks=[self._guarded(sources.of(metric))], unit=metric.unit,

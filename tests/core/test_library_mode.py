@@ -4,6 +4,10 @@ every patch undone by ``uninstrument_all`` and the instrumentor."""
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+import textwrap
 import urllib.error
 import urllib.request
 
@@ -193,3 +197,61 @@ def test_the_instrumentor_passes_its_meter_provider_and_undoes_every_patch():
     assert not gradtel.is_instrumented(optimizer)
     assert keras.optimizers.Optimizer.__mro__[1].__dict__["__init__"] is init
     assert _patched_by_the_diagnoser() == original
+
+
+@pytest.mark.slow
+def test_the_sdks_configuration_builds_the_provider_with_gradtel_prometheus(tmp_path):
+    """What ``opentelemetry-instrument`` does with a distro (opentelemetry-distro's configurator is the SDK's,
+    subclassed): the SDK looks ``gradtel_prometheus`` up among the installed ``opentelemetry_metrics_exporter``
+    entry points, builds the global MeterProvider with it, and gradtel registers there, starting nothing."""
+    port = free_port()
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent("""
+        from opentelemetry.sdk._configuration import _OTelSDKConfigurator
+        _OTelSDKConfigurator().configure()  # what a distro's configurator runs under opentelemetry-instrument
+        import os, urllib.request
+        import keras, numpy as np
+        import gradtel
+        from gradtel import export
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, epochs=2, verbose=0,
+                  callbacks=[gradtel.keras.GradientTelemetry(name="configured")])
+        print("OWN", export.current() is not None and export.current().endpoint is not None)
+        port = os.environ["OTEL_EXPORTER_PROMETHEUS_PORT"]
+        print(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+    """)
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "OTEL_METRICS_EXPORTER": "gradtel_prometheus",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert "not found in entry point" not in result.stderr, "reinstall gradtel (pip install -e .): " + result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OWN False" in result.stdout  # no endpoint of gradtel's own: the SDK's provider serves
+    samples = {
+        (s.name, s.labels.get("optimizer")): s.value
+        for family in text_string_to_metric_families(result.stdout.split("OWN False", 1)[1])
+        for s in family.samples
+    }
+    assert samples[("gradtel_steps_total", "configured")] == 4
+
+
+def test_the_keras_callback_takes_a_meter_provider():
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    telemetry = gradtel.keras.GradientTelemetry(name="fit-library", meter_provider=provider)
+    try:
+        model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, epochs=2, verbose=0, callbacks=[telemetry])
+        assert _points(reader)[("gradtel_steps", "fit-library", None)] == 4
+    finally:
+        instrumenting.uninstrument_all()
+        provider.shutdown()
