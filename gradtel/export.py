@@ -54,36 +54,34 @@ class SnapshotCache:
     gradtel's own readers take the snapshot explicitly as each collection begins (``refresh``, passed to them as
     ``before_collect``). A reader gradtel does not own (on the application's MeterProvider) gives no such signal,
     but the SDK asks each instrument once per collection: a metric asked for again starts a new collection and
-    takes a new snapshot, whichever instrument the SDK happens to call first.
+    takes a new snapshot, whichever instrument the SDK happens to call first. The snapshot is kept per thread: the
+    SDK runs a reader's callbacks in the thread that collects, so two readers collecting at once (a scrape during
+    an OTLP push) each see their own snapshot, and a collection never waits for another's export.
     """
 
     def __init__(self, policy: SeriesPolicy, meter_providers: Iterable[Any] = (None,)) -> None:
         self._policy = policy
         #: Whose handles are read: those instrumented with one of these providers (None: the process's export).
         self.meter_providers = list(meter_providers)
-        self._lock = threading.Lock()
-        self._views: list[_OptimizerView] | None = None
-        self._served: set[metrics.Metric] = set()  # metrics read from the current snapshot
+        self._local = threading.local()  # .views: the snapshot; .served: the metrics read from it
         self._failed = False
 
     def refresh(self) -> None:
-        """Take a new snapshot: a collection begins."""
-        with self._lock:
-            self._take()
+        """Take a new snapshot in this thread: a collection begins."""
+        self._take()
 
     def views(self, metric: metrics.Metric) -> list[_OptimizerView]:
-        """The current snapshot, for ``metric``; a new one if ``metric`` was already read from it."""
-        with self._lock:
-            views = self._views
-            if views is None or metric in self._served:
-                views = self._take()
-            self._served.add(metric)
-            return views
+        """This thread's current snapshot, for ``metric``; a new one if ``metric`` was already read from it."""
+        views: list[_OptimizerView] | None = getattr(self._local, "views", None)
+        if views is None or metric in self._local.served:
+            views = self._take()
+        self._local.served.add(metric)
+        return views
 
     def _take(self) -> list[_OptimizerView]:
         active = registry.handles(active_only=True, meter_providers=self.meter_providers)
-        self._views = views = [self._read(h) for h in active]
-        self._served = set()
+        self._local.views = views = [self._read(h) for h in active]
+        self._local.served = set()
         return views
 
     def _read(self, handle: Handle) -> _OptimizerView:
