@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import urllib.error
 import urllib.request
 
@@ -94,6 +95,14 @@ def test_the_snapshot_is_taken_per_collection_whatever_the_order_of_the_instrume
     assert cache.views(metrics.STEPS) is second
     cache.refresh()
     assert cache.views(metrics.STEPS) is not second
+    # A collection in another thread (a scrape during an OTLP push) takes its own and leaves this one's alone.
+    mine = cache.views(metrics.GLOBAL_NORM)
+    theirs = []
+    other = threading.Thread(target=lambda: theirs.extend([cache.views(metrics.STEPS), cache.views(metrics.STEPS)]))
+    other.start()
+    other.join()
+    assert theirs[0] is not mine and theirs[1] is not theirs[0]
+    assert cache.views(metrics.MISSING) is mine
 
 
 def test_the_gradtel_prometheus_exporter_serves_the_applications_provider(monkeypatch):
