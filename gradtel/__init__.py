@@ -12,8 +12,7 @@ from typing import Any
 from gradtel.handle import Handle, VariableRecord
 from gradtel.instrumenting import instrument, is_instrumented, uninstrument
 from gradtel.phases import phase
-
-__version__ = "0.1.0"
+from gradtel.version import __version__
 
 #: Submodules reachable as attributes after ``import gradtel``, imported on first use: ``gradtel.keras`` imports
 #: Keras (and TensorFlow), which ``import gradtel`` must not do (a script sets KERAS_BACKEND or

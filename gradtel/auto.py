@@ -90,9 +90,9 @@ def _start_diagnosis() -> None:
     until the first steps are diagnosed (graph steps at once). A failure here only costs the diagnosis.
     """
     try:
-        from gradtel.instrumenting import diagnoser
+        from gradtel import registry
 
-        diagnoser()
+        registry.diagnoser()
     except Exception:
         log.debug("gradtel: the diagnoser could not be installed at import", exc_info=True)
 
@@ -147,7 +147,8 @@ def enable(**options: Any) -> None:
 
 
 def disable() -> None:
-    """Stop instrumenting new optimizers and uninstrument those that are instrumented."""
+    """Stop instrumenting new optimizers and undo every patch: the optimizers' base classes, the optimizers
+    instrumented, the diagnoser's."""
     global _finder
     from gradtel.instrumenting import uninstrument_all
 

@@ -47,6 +47,7 @@ class _Options(TypedDict):
 
     expect_missing: Iterable[str] | str | None
     max_abs: bool | None
+    meter_provider: Any
     start_exporter: bool
 
 
@@ -78,6 +79,7 @@ class TelemetryMixin:
         name: str | None = None,
         expect_missing: Iterable[str] | str | None = None,
         max_abs: bool | None = None,
+        meter_provider: Any = None,
         start_exporter: bool = True,
     ) -> None:
         """The arguments are those of :func:`gradtel.instrument`. With several optimizers, ``name`` prefixes
@@ -86,7 +88,7 @@ class TelemetryMixin:
         PatternSet(expect_missing)  # a bad pattern is a ValueError here, not when fit has started
         self._name = name
         self._options: _Options = {"expect_missing": expect_missing, "max_abs": max_abs,
-                                   "start_exporter": start_exporter}
+                                   "meter_provider": meter_provider, "start_exporter": start_exporter}
         self._watched: dict[str, _Watched] = {}
         self._batches = 0
         #: The phase an evaluation or prediction interrupted (restored by its end hook).

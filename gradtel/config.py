@@ -28,6 +28,8 @@ from gradtel.series import SeriesPolicy
 log = logging.getLogger("gradtel")
 
 EXPORTERS = ("prometheus", "otlp", "console", "none")
+#: The name of gradtel's Prometheus reader among the SDK's metrics exporters, and what it is here.
+PROMETHEUS_PLUGIN = {"gradtel_prometheus": "prometheus"}
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9464
@@ -268,7 +270,9 @@ def max_abs_default(env: Mapping[str, str] | None = None) -> bool:
 
 def _exporters(reader: _Reader) -> tuple[str, ...]:
     raw = reader.raw("OTEL_METRICS_EXPORTER") or "prometheus"
-    kinds = [k.strip().lower() for k in raw.split(",") if k.strip()]
+    # gradtel's Prometheus reader is also the SDK's ``gradtel_prometheus`` exporter (see gradtel/sdk_reader.py): in
+    # gradtel's own export the two names are the same reader, as one variable serves both.
+    kinds = [PROMETHEUS_PLUGIN.get(k.strip().lower(), k.strip().lower()) for k in raw.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in EXPORTERS]
     known = tuple(dict.fromkeys(k for k in kinds if k in EXPORTERS and k != "none"))
     if unknown:
@@ -498,13 +502,6 @@ class Config:
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "gradtel"}))
         return resource
-
-    def security(self) -> Any:
-        """TLS and basic auth of the pull endpoint."""
-        from gradtel.endpoint import Security
-
-        return Security(certfile=self.tls_certfile, keyfile=self.tls_keyfile, client_cafile=self.tls_client_cafile,
-                        username=self.basic_auth_username, password=self.basic_auth_password)
 
 
 def load(env: Mapping[str, str] | None = None) -> Config:

@@ -20,10 +20,13 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from gradtel.exposition import CONTENT_TYPE, Exposition
+
+if TYPE_CHECKING:
+    from gradtel.config import Config
 
 log = logging.getLogger("gradtel")
 #: A WSGI application (PEP 3333): the environ and start_response in, the body's chunks out.
@@ -41,6 +44,12 @@ class Security:
     client_cafile: str | None = None
     username: str | None = None
     password: str | None = None
+
+
+def security(config: Config) -> Security:
+    """The TLS and basic-auth settings of ``config`` (checked there)."""
+    return Security(certfile=config.tls_certfile, keyfile=config.tls_keyfile, client_cafile=config.tls_client_cafile,
+                    username=config.basic_auth_username, password=config.basic_auth_password)
 
 
 class _EndpointGone(Exception):

@@ -3,9 +3,11 @@
 Configured from the standard OpenTelemetry environment (see :mod:`gradtel.config`). The data path runs one way:
 at collection time (a Prometheus scrape, or the OTLP reader's timer) one snapshot per optimizer table is read and
 turned into points (:class:`Sources`). The optimizer-level metrics are observable instruments; the per-variable
-ones, the bulk of the series, reach gradtel's own readers through :mod:`gradtel.producer` (or, on the
-application's MeterProvider, through instruments too). Nothing here ever touches the training step, and any
-failure is logged once and leaves training alone.
+ones, the bulk of the series, reach gradtel's own readers through :mod:`gradtel.producer` (or, on a MeterProvider
+gradtel does not own, through instruments too). Which handles are read comes from :mod:`gradtel.registry`: the
+process's export reads those instrumented without a ``meter_provider``, a given provider (library mode,
+:func:`bind`) those instrumented with it. Nothing here ever touches the training step, and any failure is logged
+once and leaves training alone.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import atexit
 import inspect
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,12 +28,13 @@ from opentelemetry.sdk.metrics import ExemplarReservoir
 from opentelemetry.sdk.metrics.export import MetricExporter
 
 from gradtel import config as settings
-from gradtel import identity, instrumenting, metrics, phases
+from gradtel import identity, metrics, phases, registry
 from gradtel.config import Config
 from gradtel.exposition import cyclic_gc_paused
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord, nonfinite_origins
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
 from gradtel.series import Selection, SeriesPolicy
+from gradtel.version import __version__
 
 log = logging.getLogger("gradtel")
 
@@ -47,32 +51,43 @@ class _OptimizerView:
 
 
 class SnapshotCache:
-    """One read of every handle per collection, shared by all instruments so that they agree.
+    """One read of the handles per collection, shared by all of gradtel's metrics so that they agree.
 
-    The SDK calls the instruments' callbacks one after the other, in creation order: the first one
-    (``gradtel_steps``) refreshes the cache, the others reuse it, so one scrape or push is one snapshot.
+    gradtel's Prometheus reader takes the snapshot explicitly as each collection begins (``refresh``, passed to it
+    as ``before_collect``). The SDK's readers (gradtel's periodic OTLP reader, whose ``collect`` is final, and any
+    reader on the application's MeterProvider) give no such signal, but the SDK asks each instrument once per
+    collection: a metric asked for again starts a new collection and
+    takes a new snapshot, whichever instrument the SDK happens to call first. The snapshot is kept per thread: the
+    SDK runs a reader's callbacks in the thread that collects, so two readers collecting at once (a scrape during
+    an OTLP push) each see their own snapshot, and a collection never waits for another's export.
     """
 
-    def __init__(self, policy: SeriesPolicy) -> None:
+    def __init__(self, policy: SeriesPolicy, meter_providers: Iterable[Any] = (None,)) -> None:
         self._policy = policy
-        self._lock = threading.Lock()
-        self._views: list[_OptimizerView] | None = None
+        #: Whose handles are read: those instrumented with one of these providers (None: the process's export).
+        self.meter_providers = list(meter_providers)
+        self._local = threading.local()  # .views: the snapshot; .served: the metrics read from it
         self._failed = False
 
-    def refresh(self) -> list[_OptimizerView]:
+    def refresh(self) -> None:
+        """Take a new snapshot in this thread: a collection begins."""
+        self._take()
+
+    def views(self, metric: metrics.Metric) -> list[_OptimizerView]:
+        """This thread's current snapshot, for ``metric``; a new one if ``metric`` was already read from it."""
+        views: list[_OptimizerView] | None = getattr(self._local, "views", None)
+        if views is None or metric in self._local.served:
+            views = self._take()
+        self._local.served.add(metric)
+        return views
+
+    def _take(self) -> list[_OptimizerView]:
+        active = registry.handles(active_only=True, meter_providers=self.meter_providers)
         # Paused: decoding the tables makes tens of thousands of short-lived objects (see cyclic_gc_paused).
-        with self._lock, cyclic_gc_paused():
-            self._views = [self._read(h) for h in instrumenting.handles(active_only=True)]
-            return self._views
-
-    def views(self) -> list[_OptimizerView]:
-        with self._lock:
-            views = self._views
-        return views if views is not None else self.refresh()
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._views = None
+        with cyclic_gc_paused():
+            self._local.views = views = [self._read(h) for h in active]
+        self._local.served = set()
+        return views
 
     def _read(self, handle: Handle) -> _OptimizerView:
         try:
@@ -107,10 +122,10 @@ class Sources:
         self._by_metric = {
             metrics.STEPS: self._steps,
             metrics.MISSING: self._missing,
-            metrics.ZERO: self._per_variable("zero_steps"),
-            metrics.NONFINITE: self._per_variable("nonfinite_steps"),
-            metrics.NORM: self._per_variable("norm"),
-            metrics.MAX_ABS: self._per_variable("max_abs"),
+            metrics.ZERO: self._per_variable(metrics.ZERO, "zero_steps"),
+            metrics.NONFINITE: self._per_variable(metrics.NONFINITE, "nonfinite_steps"),
+            metrics.NORM: self._per_variable(metrics.NORM, "norm"),
+            metrics.MAX_ABS: self._per_variable(metrics.MAX_ABS, "max_abs"),
             metrics.GLOBAL_NORM: self._global_norm,
             metrics.VARIABLES: self._variables,
             metrics.SKIPPED: self._skipped,
@@ -122,8 +137,8 @@ class Sources:
         self._phase_attrs = {name: {**self._process, "phase": name} for name in metrics.PHASES}
 
     def of(self, metric: metrics.Metric) -> Callable[[], Iterable[Point]]:
-        """The points of ``metric`` in the current snapshot. ``gradtel_steps``, read first in every collection,
-        takes the snapshot; the others reuse it, so one collection is one snapshot."""
+        """The points of ``metric`` in the current snapshot (see :class:`SnapshotCache`: one collection is one
+        snapshot)."""
         return self._by_metric[metric]
 
     def _attrs(self, optimizer: str, *pairs: str) -> dict[str, str]:
@@ -140,11 +155,11 @@ class Sources:
         return self._attrs(record.optimizer, "variable", record.name, "layer", record.layer, *pairs)
 
     def _steps(self) -> Iterable[Point]:
-        for view in self.cache.refresh():  # the first metric of every collection: take the snapshot
+        for view in self.cache.views(metrics.STEPS):
             yield view.summary.steps, self._attrs(view.name)
 
     def _skipped(self) -> Iterable[Point]:
-        for view in self.cache.views():
+        for view in self.cache.views(metrics.SKIPPED):
             yield view.summary.skipped_steps, self._attrs(view.name)
 
     def _process_start(self) -> Iterable[Point]:
@@ -157,19 +172,19 @@ class Sources:
                 yield int(name == now), attrs
 
     def _global_norm(self) -> Iterable[Point]:
-        for view in self.cache.views():
+        for view in self.cache.views(metrics.GLOBAL_NORM):
             if view.summary.steps and math.isfinite(view.summary.global_norm):
                 yield view.summary.global_norm, self._attrs(view.name)
 
     def _nonfinite_origin(self) -> Iterable[Point]:
         # Whatever the series policy: the variables where a NaN began are few, and they are what the alert names.
-        for view in self.cache.views():
+        for view in self.cache.views(metrics.NONFINITE_ORIGIN):
             for step, origin in nonfinite_origins(view.records).values():
                 for record in origin:
                     yield step, self._variable_attrs(record)
 
     def _variables(self) -> Iterable[Point]:
-        for view in self.cache.views():
+        for view in self.cache.views(metrics.VARIABLES):
             counts = dict.fromkeys(metrics.STATES, 0)
             for record in view.records:
                 counts[record.state] += 1
@@ -178,18 +193,18 @@ class Sources:
 
     def _missing(self) -> Iterable[Point]:
         # A variable gets a missing series once it has been missing; 'cause' is bounded (causes.py names).
-        for view in self.cache.views():
+        for view in self.cache.views(metrics.MISSING):
             for record in view.selected.missing:
                 if record.missing_steps:
                     cause = record.missing_cause.category if record.missing_cause is not None else "unknown"
                     expected = "true" if record.expected_missing else "false"
                     yield record.missing_steps, self._variable_attrs(record, "cause", cause, "expected", expected)
 
-    def _per_variable(self, field: str) -> Callable[[], Iterable[Point]]:
+    def _per_variable(self, metric: metrics.Metric, field: str) -> Callable[[], Iterable[Point]]:
         # OpenTelemetry drops (and logs, every collection) non-finite observations: a gauge of a missing or
         # non-finite gradient is left out instead; the counters and gradtel_variables say which state it is in.
         def points() -> Iterable[Point]:
-            for view in self.cache.views():
+            for view in self.cache.views(metric):
                 for record, attrs in zip(view.selected.records, self._selected_attrs(view), strict=True):
                     value = getattr(record, field)
                     if math.isfinite(value):
@@ -212,7 +227,7 @@ class Instruments:
 
     def __init__(self, meter: otel_metrics.Meter, sources: Sources, chosen: Iterable[metrics.Metric]) -> None:
         self._failed = False
-        for metric in sorted(chosen, key=metrics.ALL.index):  # gradtel_steps first: it takes the snapshot
+        for metric in sorted(chosen, key=metrics.ALL.index):  # the table's order (the snapshot does not depend on it)
             create = (meter.create_observable_counter if metric.kind is metrics.Kind.COUNTER
                       else meter.create_observable_gauge)
             create(metric.otel_name, callbacks=[self._guarded(sources.of(metric))], unit=metric.unit,
@@ -233,7 +248,10 @@ class Instruments:
 
 
 class Exporter:
-    """The running export: the MeterProvider (gradtel's own, or the application's), readers and endpoint."""
+    """The process's export: the MeterProvider (gradtel's own, or the application's), readers and endpoint.
+
+    It exports the handles instrumented without a ``meter_provider``.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -241,19 +259,18 @@ class Exporter:
         self.prometheus_reader: Any = None  # exposition.PrometheusReader when the pull endpoint is configured
         self._owned_provider: Any = None
         self._server: Any = None
-        provider = otel_metrics.get_meter_provider()
+        self.producer: VariableProducer | None = None
+        if global_provider_is_set():
+            log.info("gradtel: using the application's global MeterProvider (its views and limits apply).")
+            self.cache = _bind(otel_metrics.get_meter_provider(), None, config)
+            return
+        # gradtel's own readers: the per-variable series skip the SDK's per-series work (see producer.py)
         self.cache = SnapshotCache(config.series)
         sources = Sources(config, self.cache)
-        if _is_configured(provider):
-            log.info("gradtel: using the application's global MeterProvider (its views and limits apply).")
-            self.producer = None
-            through_sdk = metrics.ALL
-        else:  # gradtel's own readers: the per-variable series skip the SDK's per-series work (see producer.py)
-            self.producer = VariableProducer({m: sources.of(m) for m in PER_VARIABLE}, METER_NAME,
-                                             config.max_series)
-            provider = self._owned_provider = self._build_provider()
-            through_sdk = tuple(m for m in metrics.ALL if m not in PER_VARIABLE)
-        Instruments(provider.get_meter(METER_NAME, _version()), sources, through_sdk)
+        self.producer = VariableProducer({m: sources.of(m) for m in PER_VARIABLE}, METER_NAME, config.max_series)
+        self._owned_provider = self._build_provider()
+        through_sdk = tuple(m for m in metrics.ALL if m not in PER_VARIABLE)
+        Instruments(self._owned_provider.get_meter(METER_NAME, __version__), sources, through_sdk)
 
     def _build_provider(self) -> Any:
         from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
@@ -290,14 +307,14 @@ class Exporter:
                                        self.config.export_timeout_ms)
 
     def _prometheus_reader(self) -> Any:
-        from gradtel.endpoint import Endpoint, EndpointError
+        from gradtel.endpoint import Endpoint, EndpointError, security
         from gradtel.exposition import PrometheusReader
 
         host, port = self.config.prometheus_host, self.config.prometheus_port
         reader = PrometheusReader(self.config.prometheus_min_interval_s, self.config.prometheus_cpu_share,
-                                  self.producer)
+                                  self.producer, before_collect=self.cache.refresh)
         try:
-            self._server = Endpoint(reader.exposition, host, port, self.config.security())
+            self._server = Endpoint(reader.exposition, host, port, security(self.config))
         except EndpointError as error:
             raise _Unavailable(f"{error}; training goes on without this endpoint.") from None
         self.prometheus_reader = reader
@@ -306,13 +323,11 @@ class Exporter:
         return reader
 
     def force_flush(self, timeout_s: float = 5.0) -> None:
-        self.cache.invalidate()  # push the state of now, not a snapshot taken for an earlier collection
         if self._owned_provider is not None:
             self._owned_provider.force_flush(int(timeout_s * 1000))
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Final flush and stop: the OTLP readers push once more; the endpoint closes."""
-        self.cache.invalidate()
         if self._owned_provider is not None:
             self._owned_provider.shutdown(int(timeout_s * 1000))
         if self._server is not None:
@@ -366,33 +381,66 @@ def _otlp_exporter(protocol: str) -> MetricExporter:
     return exporter()
 
 
-def _is_configured(provider: Any) -> bool:
-    """True when the application installed a real global MeterProvider (not the API's proxy or no-op)."""
-    from opentelemetry.metrics import NoOpMeterProvider
+def global_provider_is_set() -> bool:
+    """Whether the application has set a global MeterProvider.
 
-    return not (type(provider).__name__ == "_ProxyMeterProvider" or isinstance(provider, NoOpMeterProvider))
-
-
-def _version() -> str:
-    from gradtel import __version__
-
-    return __version__
+    Until it does, the OpenTelemetry API hands out a placeholder of its own (a proxy, or its no-op provider); any
+    other provider comes from an SDK. Told by the class's package, not by a private class name.
+    """
+    return not type(otel_metrics.get_meter_provider()).__module__.startswith("opentelemetry.metrics")
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _exporter: Exporter | None = None
 _failed = False
+#: Library mode: gradtel's instruments per MeterProvider (by identity: it holds them), and the snapshot cache whose
+#: ``meter_providers`` say whose handles they export. One set of instruments per provider: two would collide.
+_bound: dict[int, tuple[Any, SnapshotCache]] = {}
+_bind_failed = False
+
+
+def bind(meter_provider: Any) -> None:
+    """Library mode: export the handles instrumented with ``meter_provider`` through gradtel's instruments on it
+    (registered once per provider). Starts nothing: the provider's readers collect. Never raises."""
+    global _bind_failed
+    try:
+        _bind(meter_provider, meter_provider, None)
+    except Exception:
+        if not _bind_failed:
+            _bind_failed = True
+            log.warning("gradtel: registering gradtel's instruments on the given MeterProvider failed; those "
+                        "optimizers are not exported (logged once).", exc_info=True)
+
+
+def _bind(meter_provider: Any, destination: Any, config: Config | None) -> SnapshotCache:
+    """gradtel's instruments on ``meter_provider`` (made once), now also exporting the handles instrumented with
+    ``destination`` (None: the process's export)."""
+    with _lock:
+        found = _bound.get(id(meter_provider))
+        if found is None:
+            # The exporter names do not concern a provider gradtel does not own: only the labels and series do.
+            config = config or settings.load({**os.environ, "OTEL_METRICS_EXPORTER": "none"})
+            cache = SnapshotCache(config.series, ())
+            meter = meter_provider.get_meter(METER_NAME, __version__)
+            Instruments(meter, Sources(config, cache), metrics.ALL)  # a provider gradtel does not own: all via the SDK
+            found = _bound[id(meter_provider)] = (meter_provider, cache)
+        cache = found[1]
+        if not any(d is destination for d in cache.meter_providers):
+            cache.meter_providers.append(destination)
+        return cache
 
 
 def ensure_started(config: Config | None = None) -> Exporter | None:
-    """Start the export once per process (idempotent). Returns None when disabled or when it failed."""
+    """Set up the process's export once (idempotent): on the application's global MeterProvider if it has set one
+    (nothing is started), else gradtel's own from ``config`` (the environment by default). Returns None when
+    disabled or when it failed."""
     global _exporter, _failed
     with _lock:
         if _exporter is not None or _failed:
             return _exporter
         try:
             config = config or settings.load()
-            if not config.exporters:
+            if not config.exporters and not global_provider_is_set():  # the application's provider is its own
                 return None
             _exporter = Exporter(config)
             atexit.register(shutdown)  # the final OTLP push at exit, once (gradtel run calls it earlier)

@@ -30,7 +30,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -202,9 +202,14 @@ class PrometheusReader(MetricReader):
     training thread's GIL.
     """
 
-    def __init__(self, min_interval_s: float, cpu_share: float, producer: VariableProducer | None = None) -> None:
-        super().__init__()  # cumulative temporality for every instrument: what Prometheus expects
+    def __init__(self, min_interval_s: float, cpu_share: float, producer: VariableProducer | None = None,
+                 before_collect: Callable[[], None] | None = None, **reader_options: Any) -> None:
+        """``before_collect`` runs as each collection begins (gradtel's exporter takes its snapshot there);
+        ``reader_options`` go to the SDK's ``MetricReader`` (cumulative temporality by default: what Prometheus
+        expects)."""
+        super().__init__(**reader_options)
         self._producer = producer  # adds the per-variable series to each collection (see gradtel.producer)
+        self._before_collect = before_collect
         self.min_interval_s = min_interval_s
         self.cpu_share = cpu_share
         self._typical_cost_s = 0.0  # median CPU seconds of the recent collections
@@ -230,6 +235,7 @@ class PrometheusReader(MetricReader):
                 started = time.thread_time()
                 try:
                     with cyclic_gc_paused():
+                        self._begin_collection()
                         self.collect()
                 except Exception:  # serve the previous collection; scrapers see it age, training never notices
                     if not self._failed:
@@ -258,6 +264,16 @@ class PrometheusReader(MetricReader):
                         "every %.0f s (GRADTEL_PROMETHEUS_CPU_SHARE=%g of a core). Fewer series "
                         "(GRADTEL_VARIABLE_SERIES=auto/layer, GRADTEL_EXCLUDE) or a larger share refresh sooner.",
                         self._typical_cost_s, self.interval_s, self.cpu_share)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        """Collect afresh now (the report, the final flush), whatever the spacing."""
+        with self._lock:
+            self._begin_collection()
+            return super().force_flush(timeout_millis)
+
+    def _begin_collection(self) -> None:
+        if self._before_collect is not None:
+            self._before_collect()
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         """Nothing to release: the endpoint that serves this reader is closed by the exporter."""

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gradtel import config
+from gradtel import config, registry
 from gradtel.handle import Handle
 from gradtel.naming import PatternSet
+from gradtel.registry import handles
 
-if TYPE_CHECKING:
-    from gradtel.diagnosis import Diagnoser
+__all__ = ["SUPPORTED", "handles", "instrument", "is_instrumented", "uninstrument", "uninstrument_all"]
 
 log = logging.getLogger("gradtel")
 
@@ -33,31 +32,6 @@ SUPPORTED = (
     "or a tf_keras 2.x optimizer (tf_keras.optimizers.Optimizer or tf_keras.optimizers.legacy.Optimizer) "
     "or a tf.compat.v1.train optimizer"
 )
-
-_lock = threading.RLock()
-#: Every handle ever created in this process, in order (kept after uninstrument: its counts stay reportable).
-_handles: list[Handle] = []
-#: optimizer -> its live handle.
-_live: weakref.WeakKeyDictionary[Any, Handle] = weakref.WeakKeyDictionary()
-_diagnoser: Diagnoser | None = None
-
-
-def current_diagnoser() -> Diagnoser | None:
-    """The Diagnoser if one was installed, else None (never installs one)."""
-    return _diagnoser
-
-
-def diagnoser() -> Diagnoser:
-    """The process's Diagnoser, installed with the first instrumented optimizer (it patches GradientTape)."""
-    global _diagnoser
-    with _lock:
-        if _diagnoser is None:
-            from gradtel.diagnosis import Diagnoser
-
-            _diagnoser = Diagnoser()
-            _diagnoser.install()
-        return _diagnoser
-
 
 def _flavour(optimizer: Any) -> str:
     """'keras3', 'tf_keras' or 'tf_v1', from the optimizer's class hierarchy; TypeError for anything else."""
@@ -75,7 +49,7 @@ def _flavour(optimizer: Any) -> str:
 def _unique_optimizer_name(requested: str | None, optimizer: Any) -> str:
     """The ``optimizer`` label: two live handles never share one (their series would collide)."""
     base = requested or str(getattr(optimizer, "name", None) or type(optimizer).__name__.lower())
-    taken = {h.name for h in _handles if h.active}
+    taken = {h.name for h in registry.handles(active_only=True)}
     if base not in taken:
         return base
     n = 2
@@ -173,6 +147,7 @@ def instrument(
     name: str | None = None,
     expect_missing: Iterable[str] | str | None = None,
     max_abs: bool | None = None,
+    meter_provider: Any = None,
     start_exporter: bool = True,
 ) -> Handle:
     """Measure every gradient ``optimizer`` applies, per variable and per step, inside the compiled step.
@@ -185,15 +160,22 @@ def instrument(
             (frozen backbones): reported as ``expected_missing``, not as faults, and ignored by the alerts.
         max_abs: also measure max |g| per variable each step (default: ``GRADTEL_MAX_ABS``, off). It costs
             about as much as the other statistics together on a model of many small layers.
-        start_exporter: set up the OpenTelemetry export from the environment if it is not running yet.
+        meter_provider: an OpenTelemetry ``MeterProvider`` to register gradtel's instruments on (library mode,
+            as OpenTelemetry instrumentations take one): its readers, views and limits apply, and gradtel starts
+            nothing (``start_exporter`` is not consulted). This optimizer's series go there only.
+        start_exporter: without ``meter_provider``: True sets up the process's export, once: the application's
+            global MeterProvider if it has set one (nothing is started), else gradtel's own from the
+            environment (``OTEL_METRICS_EXPORTER``: the Prometheus endpoint by default). False starts nothing;
+            the series go to the application's global MeterProvider if it has set one, else to gradtel's own
+            export if something starts it later (``gradtel run``, another ``instrument``).
 
     Returns:
         The :class:`~gradtel.handle.Handle`: ``handle.records()`` reads the latest statistics.
     """
     flavour = _flavour(optimizer)
     patterns = PatternSet(expect_missing)  # a bad pattern is a ValueError naming it, before anything is changed
-    with _lock:
-        existing = _live.get(optimizer)
+    with registry.lock:
+        existing = registry.live(optimizer)
         if existing is not None:
             return existing
         if getattr(optimizer, "iterations", None) is not None and _iterations(optimizer) > 0:
@@ -203,7 +185,7 @@ def instrument(
                 "traced again. Use gradtel.keras.GradientTelemetry() with fit, or instrument before training.",
                 getattr(optimizer, "name", optimizer),
             )
-        process_diagnoser = diagnoser()
+        process_diagnoser = registry.diagnoser()
         process_diagnoser.expect_optimizer()
         handle = Handle(
             name=_unique_optimizer_name(name, optimizer),
@@ -218,52 +200,26 @@ def instrument(
         reducer = _reducer(optimizer)
         if reducer is not None:
             _patch(handle, reducer[0], reducer[1], _reduce_wrapper)
-        _live[optimizer] = handle
-        _handles.append(handle)
-        # An optimizer dropped without uninstrument stops exporting too (its counts stay reportable).
-        weakref.finalize(optimizer, _retire, handle)
-        _prune()
-    if start_exporter:
-        from gradtel import export
+        registry.add(optimizer, handle, meter_provider)
+    from gradtel import export
 
+    if meter_provider is not None:
+        export.bind(meter_provider)
+    elif start_exporter or export.global_provider_is_set():
         export.ensure_started()
     return handle
 
 
 def uninstrument(optimizer: Any) -> None:
     """Restore ``optimizer`` exactly as it was; a no-op if it is not instrumented. Its counts stay reportable."""
-    with _lock:
-        handle = _live.pop(optimizer, None)
-        if handle is None:
-            return
-        _unpatch(handle)
-        handle.active = False
-
-
-#: Uninstrumented handles kept for the report; older ones are forgotten, so a process that builds many
-#: optimizers (a hyperparameter search) keeps bounded memory.
-MAX_RETIRED_HANDLES = 32
-
-
-def _retire(handle: Handle) -> None:
-    handle.active = False
-
-
-def _prune() -> None:
-    retired = [h for h in _handles if not h.active]
-    for handle in retired[: max(0, len(retired) - MAX_RETIRED_HANDLES)]:
-        _handles.remove(handle)
+    with registry.lock:
+        handle = registry.remove(optimizer)
+        if handle is not None:
+            _unpatch(handle)
 
 
 def is_instrumented(optimizer: Any) -> bool:
-    return optimizer in _live
-
-
-def handles(active_only: bool = False) -> list[Handle]:
-    """The handles of this process in creation order: instrumented now, and (unless ``active_only``) the
-    latest retired ones, whose counts the report still includes."""
-    with _lock:
-        return [h for h in _handles if h.active or not active_only]
+    return registry.live(optimizer) is not None
 
 
 def _iterations(optimizer: Any) -> int:
@@ -294,8 +250,9 @@ def _loss_scale_of(optimizer: Any) -> Callable[[], Any] | None:
 
 
 def uninstrument_all() -> None:
-    """Uninstrument every optimizer that is instrumented now."""
-    with _lock:
-        optimizers = list(_live.keys())
-    for optimizer in optimizers:
+    """Undo everything gradtel patched: every instrumented optimizer, and the diagnoser's patches of
+    ``tf.GradientTape``, tf.data's function tracer and eager tensors (a later ``instrument`` installs them again).
+    The handles' counts stay reportable."""
+    for optimizer in registry.live_optimizers():
         uninstrument(optimizer)
+    registry.remove_diagnoser()

@@ -10,12 +10,17 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from gradtel import auto
 
+#: The keyword arguments of ``instrument()`` handed on to :func:`gradtel.instrument` for every optimizer.
+_OPTIONS = ("expect_missing", "max_abs", "meter_provider", "start_exporter")
+
 
 class GradtelInstrumentor(BaseInstrumentor):
     """Instruments every Keras 3 and tf_keras optimizer the program creates.
 
-    ``instrument(expect_missing=[...])`` takes the options of :func:`gradtel.instrument`; the MeterProvider is the
-    one ``opentelemetry-instrument`` configured (or gradtel's own, from the environment).
+    ``instrument(expect_missing=[...], max_abs=..., meter_provider=..., start_exporter=...)`` takes the options of
+    :func:`gradtel.instrument`. The MeterProvider is ``meter_provider`` when given (nothing is started), else the
+    global one ``opentelemetry-instrument`` configured, else gradtel's own from the environment.
+    ``uninstrument()`` undoes every patch: the optimizer classes', the optimizers', the diagnoser's.
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -23,7 +28,7 @@ class GradtelInstrumentor(BaseInstrumentor):
         return ()
 
     def _instrument(self, **kwargs: Any) -> None:
-        options = {k: v for k, v in kwargs.items() if k in ("expect_missing", "start_exporter")}
+        options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
         auto.enable(**options)
 
     def _uninstrument(self, **kwargs: Any) -> None:

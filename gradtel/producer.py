@@ -134,9 +134,10 @@ class ProducingPeriodicReader(PeriodicExportingMetricReader):
     """The SDK's periodic reader (OTLP, console) with the producer's metrics in every export.
 
     Python's cyclic collector is paused (see ``exposition.cyclic_gc_paused``) where gradtel allocates: the
-    snapshot's read (``export.SnapshotCache.refresh``) and, here, the producer's points and their export. The
-    SDK's ``collect``, which runs the callbacks and then this reader's ``_receive_metrics``, is final: not
-    overridden.
+    snapshot's read (``export.SnapshotCache``) and, here, the producer's points and their export. The SDK's
+    ``collect``, which runs the callbacks and then this reader's ``_receive_metrics``, is final: not overridden, so
+    this reader cannot announce a collection; the snapshot cache tells one from the instruments asking again (see
+    ``export.SnapshotCache``), and the producer's points come from the snapshot the callbacks just took.
     """
 
     def __init__(self, exporter: MetricExporter, producer: VariableProducer, interval_ms: float | None = None,

@@ -15,7 +15,7 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-from gradtel import causes, instrumenting
+from gradtel import causes, registry
 from gradtel.config import Config
 from gradtel.handle import VariableRecord, nonfinite_origins
 
@@ -141,7 +141,7 @@ def _findings_and_notes(records: list[VariableRecord],
         if category is not None:
             groups[category].append(record.name)
     notes: dict[str, list[str]] = defaultdict(list)
-    patterns = [h.expect_missing for h in instrumenting.handles()]
+    patterns = [h.expect_missing for h in registry.handles()]
     for name, tracked in not_optimized:
         if any(p.matches(name) for p in patterns):
             groups["expected_missing"].append(name)
@@ -153,10 +153,10 @@ def _findings_and_notes(records: list[VariableRecord],
 
 
 def _not_optimized() -> list[tuple[str, bool]]:
-    diagnoser = instrumenting.current_diagnoser()
+    diagnoser = registry.current_diagnoser()
     if diagnoser is None:
         return []
-    optimized = [v for h in instrumenting.handles() for v in h.variables()]
+    optimized = [v for h in registry.handles() for v in h.variables()]
     return diagnoser.not_optimized(optimized)
 
 
@@ -168,7 +168,7 @@ def build() -> dict[str, Any]:
     # Without an exporter, the same derivation the exporter's Config makes: the report and the metrics agree.
     run_id = exporter.config.run_id if exporter is not None else Config.from_env().run_id
     optimizers, records = [], []
-    for handle in instrumenting.handles():
+    for handle in registry.handles():
         summary, handle_records = handle.read()
         entry = {"name": handle.name, "steps": summary.steps, "skipped_steps": summary.skipped_steps,
                  "last_global_norm": _number(summary.global_norm)}

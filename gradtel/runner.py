@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from gradtel import auto, export, instrumenting, render, reporting
+from gradtel import auto, export, instrumenting, registry, render, reporting
 
 ENV = "GRADTEL_RUN_OPTIONS"
 log = logging.getLogger("gradtel")
@@ -163,7 +163,7 @@ def _watch_steps() -> None:
     need, first_done, all_done = _options.check_steps or 1, None, None
     while not _finished.is_set():
         try:
-            handles = instrumenting.handles(active_only=True)
+            handles = registry.handles(active_only=True)
             done = [h.summary().steps >= need for h in handles]
             if done and all(done):
                 all_done = all_done or time.monotonic()

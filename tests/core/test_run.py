@@ -199,7 +199,7 @@ def test_report_finds_variables_no_optimizer_receives():
 def test_variables_of_an_optimizer_long_gone_are_not_reported_not_optimized():
     """The model outlives its optimizer, whose handle is retired and then dropped (more than MAX_RETIRED_HANDLES
     optimizers came and went): its variables did train, so no not_optimized finding names them."""
-    from gradtel import instrumenting
+    from gradtel import instrumenting, registry
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="outlived")])
     opt = keras.optimizers.SGD(0.1)
@@ -208,7 +208,7 @@ def test_variables_of_an_optimizer_long_gone_are_not_reported_not_optimized():
         loss = tf.reduce_sum(model(tf.ones((1, 2))))
     opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
     gradtel.uninstrument(opt)
-    for i in range(instrumenting.MAX_RETIRED_HANDLES + 1):
+    for i in range(registry.MAX_RETIRED_HANDLES + 1):
         churn = keras.optimizers.SGD(0.1)
         gradtel.instrument(churn, name=f"churn-{i}", start_exporter=False)
         gradtel.uninstrument(churn)

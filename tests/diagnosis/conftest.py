@@ -36,8 +36,4 @@ def instrumented_cleanup() -> Iterator[None]:
     try:
         yield
     finally:
-        instrumenting.uninstrument_all()
-        with instrumenting._lock:
-            if instrumenting._diagnoser is not None:
-                instrumenting._diagnoser.uninstall()
-                instrumenting._diagnoser = None
+        instrumenting.uninstrument_all()  # the diagnoser's patches too
