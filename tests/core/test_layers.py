@@ -25,13 +25,14 @@ LAYERS: list[tuple[str, ...]] = [
         "gradtel.identity",
         "gradtel.phases",
         "gradtel.assets",
+        "gradtel.history",
     ),
     # the in-graph statistics; the diagnosis of missing gradients
     ("gradtel.stats", "gradtel.diagnosis"),
     # one optimizer's tables and records
     ("gradtel.handle",),
     # settings and series selection; tables for people
-    ("gradtel.series", "gradtel.config", "gradtel.render"),
+    ("gradtel.series", "gradtel.config", "gradtel.render", "gradtel.htmlreport"),
     # the process's handles and diagnoser
     ("gradtel.registry",),
     # readers and the endpoint
