@@ -29,6 +29,7 @@ from gradtel.config import Config
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord, nonfinite_origins
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
 from gradtel.series import Selection, SeriesPolicy
+from gradtel.vocabulary import MissingCause
 
 log = logging.getLogger("gradtel")
 
@@ -174,11 +175,11 @@ class Sources:
                 yield count, self._attrs(view.name, "state", state)
 
     def _missing(self) -> Iterable[Point]:
-        # A variable gets a missing series once it has been missing; 'cause' is bounded (causes.py names).
+        # A variable gets a missing series once it has been missing; 'cause' is bounded (vocabulary.py names).
         for view in self.cache.views():
             for record in view.selected.missing:
                 if record.missing_steps:
-                    cause = record.missing_cause.category if record.missing_cause is not None else "unknown"
+                    cause = record.missing_cause.category if record.missing_cause is not None else MissingCause.UNKNOWN
                     expected = "true" if record.expected_missing else "false"
                     yield record.missing_steps, self._variable_attrs(record, "cause", cause, "expected", expected)
 

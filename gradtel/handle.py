@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from gradtel import layout
 from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
+from gradtel.vocabulary import MissingCause, State
 
 log = logging.getLogger("gradtel")
 
@@ -46,7 +47,7 @@ class VariableRecord(NamedTuple):
     norm: float
     max_abs: float
     rows_touched: int
-    state: str  # ok | missing | zero | nonfinite | expected_missing
+    state: str  # a State; a layer roll-up of several states (series.py) is "mixed"
     #: The step (1-based, counted by gradtel for this variable list) at which the gradient was first missing /
     #: all-zero / non-finite, and the latest step at which it was healthy right after being so; 0: never.
     first_missing_step: int = 0
@@ -209,7 +210,7 @@ class Handle:
         import tensorflow as tf
 
         pending = not tf.inside_function() and any(
-            getattr(table.causes.get(i), "category", "unknown") == "unknown" for i in unexpected)
+            getattr(table.causes.get(i), "category", MissingCause.UNKNOWN) == MissingCause.UNKNOWN for i in unexpected)
         if pending and unexpected != table.pending:
             table.pending = unexpected
             return
@@ -345,14 +346,14 @@ class Handle:
                 if not seen[i] and table.raised is None:
                     continue
                 # A traced step that raised never ran its statistics: every variable of it is missing, as diagnosed.
-                state = layout.STATE_NAMES.get(states[i], "ok") if seen[i] else "missing"
+                state = layout.STATE_NAMES.get(states[i], State.OK) if seen[i] else State.MISSING
                 if i in table.disagreement:
-                    state = "replica_disagreement"
-                elif state == "missing" and table.expected[i]:
-                    state = "expected_missing"
+                    state = State.REPLICA_DISAGREEMENT
+                elif state == State.MISSING and table.expected[i]:
+                    state = State.EXPECTED_MISSING
                 missing_cause = table.causes.get(i) if missing[i] or not seen[i] else None
-                cause = (missing_cause if state in ("missing", "expected_missing")
-                         else _zero_hint(table, i) if state == "zero" else None)
+                cause = (missing_cause if state in (State.MISSING, State.EXPECTED_MISSING)
+                         else _zero_hint(table, i) if state == State.ZERO else None)
                 record = VariableRecord(
                     self.name, name, table.layers[i], table.expected[i], cause, missing_cause, int(seen[i]),
                     int(missing[i]), int(zero[i]), int(nonfinite[i]), norm[i], max_abs[i], int(touched[i]), state,

@@ -11,9 +11,9 @@ from tensorflow.python.eager import backprop
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import resource_variable_ops
 
-from gradtel.causes import MISSING_CAUSES
 from gradtel.diagnosis import Cause, Diagnoser
 from gradtel.diagnosis.variables import display_name
+from gradtel.vocabulary import MISSING_CAUSES
 from tests.pitfalls import UntrackedScale
 
 
