@@ -27,6 +27,7 @@ from gradtel import config as settings
 from gradtel import identity, instrumenting, metrics, phases
 from gradtel.config import Config
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord, nonfinite_origins
+from gradtel.logonce import LogOnce
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
 from gradtel.series import Selection, SeriesPolicy
 from gradtel.vocabulary import MissingCause
@@ -56,7 +57,7 @@ class SnapshotCache:
         self._policy = policy
         self._lock = threading.Lock()
         self._views: list[_OptimizerView] | None = None
-        self._failed = False
+        self._log_once = LogOnce()
 
     def refresh(self) -> list[_OptimizerView]:
         with self._lock:
@@ -77,10 +78,8 @@ class SnapshotCache:
             summary, records = handle.read()
             return _OptimizerView(handle.name, summary, records, self._policy.select(records))
         except Exception:
-            if not self._failed:
-                self._failed = True
-                log.warning("gradtel: reading the statistics of %r failed; its series are skipped.",
-                            handle.name, exc_info=True)
+            self._log_once(log, logging.WARNING, "gradtel: reading the statistics of %r failed; its series are "
+                           "skipped.", handle.name, exc_info=True)
             return _OptimizerView(handle.name, OptimizerSummary(0, float("nan"), 0), [], Selection([], []))
 
 
@@ -209,7 +208,7 @@ class Instruments:
     """Observable instruments on one meter for ``chosen`` metrics; each callback observes its :class:`Sources`."""
 
     def __init__(self, meter: otel_metrics.Meter, sources: Sources, chosen: Iterable[metrics.Metric]) -> None:
-        self._failed = False
+        self._log_once = LogOnce()
         for metric in sorted(chosen, key=metrics.ALL.index):  # gradtel_steps first: it takes the snapshot
             create = (meter.create_observable_counter if metric.kind is metrics.Kind.COUNTER
                       else meter.create_observable_gauge)
@@ -221,10 +220,8 @@ class Instruments:
             try:
                 return [Observation(value, attrs) for value, attrs in points()]
             except Exception:
-                if not self._failed:
-                    self._failed = True
-                    log.warning("gradtel: an export callback failed; collections skip it (logged once).",
-                                exc_info=True)
+                self._log_once(log, logging.WARNING, "gradtel: an export callback failed; collections skip it "
+                               "(logged once).", exc_info=True)
                 return []
 
         return safe

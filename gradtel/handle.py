@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from gradtel import layout
+from gradtel.logonce import LogOnce
 from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
 from gradtel.vocabulary import MissingCause, State
 
@@ -107,7 +108,7 @@ class Handle:
         self._names: dict[int, str] = {}  # id(variable) -> display name, stable for the handle's life
         self._variables: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._taken: dict[str, int] = {}
-        self._failed = False
+        self._log_once = LogOnce()  # one failure line per handle, whatever failed
         #: (object, method, had an instance attribute, its old value): what instrumenting replaced.
         self.patches: list[tuple[Any, str, bool, Any]] = []
         #: id of the tf.Variable inside a Keras 3 variable -> the Keras variable (the reducer sees the former).
@@ -294,10 +295,8 @@ class Handle:
             return table
 
     def _log_failure_once(self, what: str) -> None:
-        if not self._failed:
-            self._failed = True
-            log.warning("gradtel: %s failed for optimizer %r; training goes on without these statistics.",
-                        what, self.name, exc_info=True)
+        self._log_once(log, logging.WARNING, "gradtel: %s failed for optimizer %r; training goes on without these "
+                       "statistics.", what, self.name, exc_info=True)
 
     def variables(self) -> list[Any]:
         """The live variables this optimizer has been given (weak references: gradtel keeps none alive)."""
