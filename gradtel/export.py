@@ -171,14 +171,14 @@ class Sources:
             for record in view.records:
                 counts[record.state] += 1
             for state, count in counts.items():
-                yield count, self._attrs(view.name, "state", state)
+                yield count, self._attrs(view.name, "state", state.value)
 
     def _missing(self) -> Iterable[Point]:
         # A variable gets a missing series once it has been missing; 'cause' is bounded (vocabulary.py names).
         for view in self.cache.views():
             for record in view.selected.missing:
                 if record.missing_steps:
-                    cause = record.missing_cause.category if record.missing_cause is not None else MissingCause.UNKNOWN
+                    cause = str(getattr(record.missing_cause, "category", MissingCause.UNKNOWN))  # a plain str label
                     expected = "true" if record.expected_missing else "false"
                     yield record.missing_steps, self._variable_attrs(record, "cause", cause, "expected", expected)
 

@@ -105,7 +105,7 @@ def decode_layers(buffer: np.ndarray, width: float, layers: Sequence[str]) -> di
             "layer": layer,
             "norm_min": _finite(-norm_min[:, j]),
             "norm_max": _finite(norm_max[:, j]),
-            "state": [SEVERITY_NAMES.get(v, State.OK) for v in worst[:, j].tolist()],
+            "state": [str(SEVERITY_NAMES.get(v, State.OK)) for v in worst[:, j].tolist()],
         }
         for j, layer in enumerate(layers)
     ]

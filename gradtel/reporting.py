@@ -36,7 +36,7 @@ def _cause(record: VariableRecord) -> dict[str, Any] | None:
     if record.cause is not None:
         return record.cause.to_dict()
     if record.state == State.ZERO:
-        return {"category": ZeroCause.OTHER, "op": None, "location": None, "explanation": ZeroCause.OTHER.fix}
+        return {"category": str(ZeroCause.OTHER), "op": None, "location": None, "explanation": ZeroCause.OTHER.fix}
     return None
 
 
@@ -54,7 +54,7 @@ def _variable(record: VariableRecord) -> dict[str, Any]:
         "name": record.name,
         "optimizer": record.optimizer,
         "layer": record.layer,
-        "status": _status(record),
+        "status": str(_status(record)),
         "expected": record.expected_missing,
         "steps": record.steps,
         "missing_steps": record.missing_steps,
@@ -102,7 +102,7 @@ def _origin_findings(records: list[VariableRecord]) -> list[dict[str, Any]]:
         spread = (f" {len(later)} other variable{'s' if len(later) != 1 else ''} followed from step {min(later)} on "
                   "(the NaN spreading through the updated values)." if later else "")
         findings.append({
-            "category": Finding.NONFINITE_ORIGIN,
+            "category": str(Finding.NONFINITE_ORIGIN),
             "optimizer": optimizer,
             "step": step,
             "variables": sorted(names),
@@ -132,7 +132,7 @@ def _finding_category(record: VariableRecord) -> str | None:
 
 
 def _grouped(groups: dict[str, list[str]]) -> list[dict[str, Any]]:
-    return [{"category": c, "variables": names, "explanation": _FINDING_TEXT.get(c) or fix_for(c)}
+    return [{"category": str(c), "variables": names, "explanation": _FINDING_TEXT.get(c) or fix_for(c)}
             for c, names in groups.items()]
 
 

@@ -22,8 +22,8 @@ class Cause:
     explanation: str
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict with keys category, op, location and explanation."""
-        return asdict(self)
+        """A JSON-ready dict with keys category (a plain string), op, location and explanation."""
+        return {**asdict(self), "category": str(self.category)}
 
 
 _RESOLVING = threading.Lock()

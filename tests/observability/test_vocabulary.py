@@ -202,3 +202,32 @@ def test_members_are_their_names() -> None:
     assert tuple(State) == metrics.STATES
     with pytest.raises(ValueError, match="'none' is not a gradtel cause; expected one of loss_disconnected"):
         cause("none")
+
+
+def test_the_report_holds_plain_strings() -> None:
+    """Members are str subclasses, but the report is handed to any serializer: YAML's safe dumper refuses them."""
+    used, gone = tf.Variable([1.0, 2.0], name="used"), tf.Variable([3.0], name="gone")
+    flat, bad = tf.Variable([1.0], name="flat"), tf.Variable([1.0], name="bad")
+    opt = keras.optimizers.SGD(0.0)
+    gradtel.instrument(opt, name="plain")
+    try:
+        for _ in range(2):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(used * 2.0) + tf.reduce_sum(flat * 0.0)
+            grads = tape.gradient(loss, [used, gone, flat])
+            opt.apply_gradients([*zip(grads, [used, gone, flat], strict=True), (tf.constant([np.nan]), bad)])
+        report = gradtel.report()
+    finally:
+        gradtel.uninstrument(opt)
+    mine = [v for v in report["variables"] if v["optimizer"] == "plain"]
+    assert {v["name"]: v["status"] for v in mine} == {
+        "used": "ok",
+        "gone": "missing",
+        "flat": "zero",
+        "bad": "nonfinite",
+    }
+    categories = [f["category"] for f in report["findings"]] + [v["cause"]["category"] for v in mine if v["cause"]]
+    assert {"unused", "nonfinite", "nonfinite_origin"} <= set(categories)
+    values = [v["status"] for v in mine] + categories
+    assert all(type(value) is str for value in values)
+    assert yaml.safe_load(yaml.safe_dump(report)) == json.loads(json.dumps(report))
