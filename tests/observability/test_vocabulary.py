@@ -185,6 +185,8 @@ def test_runbooks_tabulate_exactly_the_causes() -> None:
     section = text.split("## Cause categories", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)
     assert rows == [str(c) for c in ALL_CAUSES]
+    listed = text.split("names the zero cause:", 1)[1].split("(table above)", 1)[0]
+    assert re.findall(r"`(\w+)`", listed) == [str(c) for c in ZeroCause]  # the all-zero alert's list
 
 
 def test_the_report_documentation_names_every_state_and_finding() -> None:
