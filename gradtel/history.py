@@ -47,7 +47,12 @@ NORM_MIN, NORM_MAX, N_MISSING, N_ZERO, N_NONFINITE = range(2, 7)
 GLOBAL_COLUMNS = 7
 #: A layer's worst state, as a severity: ok < expected_missing < missing < zero < nonfinite (the STATE row's codes,
 #: with variables declared expected to be missing at 0.5).
-SEVERITY_NAMES = {0.0: State.OK, 0.5: State.EXPECTED_MISSING, 1.0: State.MISSING, 2.0: State.ZERO, 3.0: State.NONFINITE}
+SEVERITY_NAMES: dict[float, str] = {
+    severity: state.value
+    for severity, state in ((0.0, State.OK), (0.5, State.EXPECTED_MISSING), (1.0, State.MISSING), (2.0, State.ZERO),
+                            (3.0, State.NONFINITE))
+}
+_OK = State.OK.value
 
 
 def layer_points(n_layers: int) -> int:
@@ -105,7 +110,7 @@ def decode_layers(buffer: np.ndarray, width: float, layers: Sequence[str]) -> di
             "layer": layer,
             "norm_min": _finite(-norm_min[:, j]),
             "norm_max": _finite(norm_max[:, j]),
-            "state": [str(SEVERITY_NAMES.get(v, State.OK)) for v in worst[:, j].tolist()],
+            "state": [SEVERITY_NAMES.get(v, _OK) for v in worst[:, j].tolist()],
         }
         for j, layer in enumerate(layers)
     ]

@@ -29,19 +29,22 @@ def _number(value: float) -> float | None:
 
 
 def _status(record: VariableRecord) -> str:
-    return State.MISSING if record.state == State.EXPECTED_MISSING else record.state
+    return _MISSING if record.state == _EXPECTED_MISSING else record.state
 
 
 def _cause(record: VariableRecord) -> dict[str, Any] | None:
     if record.cause is not None:
         return record.cause.to_dict()
-    if record.state == State.ZERO:
+    if record.state == _ZERO:
         return {"category": str(ZeroCause.OTHER), "op": None, "location": None, "explanation": ZeroCause.OTHER.fix}
     return None
 
 
 #: States in which a variable had no gradient at its latest step (so no norm to report).
 _NO_GRADIENT = (State.MISSING, State.EXPECTED_MISSING)
+#: Bound once: a member's lookup on its enum costs about 75 ns, and the report reads every variable's record.
+_OK, _MISSING, _ZERO, _EXPECTED_MISSING = State.OK, State.MISSING, State.ZERO, State.EXPECTED_MISSING
+_FATAL = (State.NONFINITE, State.REPLICA_DISAGREEMENT)
 
 
 def _step(value: int) -> int | None:
@@ -121,11 +124,11 @@ def _origin_findings(records: list[VariableRecord]) -> list[dict[str, Any]]:
 
 def _finding_category(record: VariableRecord) -> str | None:
     """The finding a variable belongs to: an ``--expect-missing`` match is expected whatever is wrong with it."""
-    if record.state == State.OK:
+    if record.state == _OK:
         return None
     if record.expected_missing:
         return Finding.EXPECTED_MISSING
-    if record.state in (State.NONFINITE, State.REPLICA_DISAGREEMENT):
+    if record.state in _FATAL:
         return Finding(record.state)
     cause = _cause(record)
     return cause["category"] if cause else MissingCause.UNKNOWN
