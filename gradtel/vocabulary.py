@@ -3,7 +3,9 @@
 These names are part of gradtel's interface: they are the values of the ``state`` label of ``gradtel_variables``
 and of the ``cause`` label of ``gradtel_gradient_missing_total``, the report's ``status`` and ``category`` fields,
 and what the dashboards, the alert rules and the runbooks select and explain. Every one of those reads them from
-here (or is checked against here by a test), so a copy cannot drift: adding a cause is one member and its fix.
+here (or is checked against here by a test), so a copy cannot drift. Adding a cause is one member and its fix
+here, its row in docs/runbooks.md and its name in docs/report.md (tests/observability/test_vocabulary.py fails
+until both are there), and the diagnosis rule that finds it.
 
 The enums are ``str`` subclasses whose ``str()`` is the value, so a member compares equal to its name, serializes
 to JSON as one, and formats as one in a label or an f-string (``enum.StrEnum`` without requiring Python 3.11).
@@ -41,8 +43,6 @@ class State(Name):
 
 #: The unhealthy states, in declaration order (what a dashboard's "unhealthy variables" selects).
 UNHEALTHY_STATES: tuple[State, ...] = tuple(s for s in State if s.unhealthy)
-#: The states a step is counted in and whose first step and recovery the table keeps, worst first.
-COUNTED_STATES: tuple[State, ...] = (State.NONFINITE, State.ZERO, State.MISSING)
 
 
 class MissingCause(Name):
