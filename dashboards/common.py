@@ -21,6 +21,7 @@ from grafana_foundation_sdk.models import dashboard as models
 from grafana_foundation_sdk.models import prometheus as prometheus_models
 
 from gradtel import assets, metrics
+from gradtel.vocabulary import State
 
 #: Every panel and query variable reads the Prometheus data source chosen in the ``datasource`` variable.
 DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -38,12 +39,13 @@ OPTIONAL_LABELS: frozenset[str] = frozenset({"worker"})
 #: Tags shared by gradtel dashboards; the dashboard links list every dashboard with this tag.
 TAG = "gradtel"
 #: Colours of the ``state`` values of ``gradtel_variables`` (Grafana's named palette).
-STATE_COLORS: dict[str, str] = {
-    "ok": "green",
-    "missing": "orange",
-    "zero": "yellow",
-    "nonfinite": "red",
-    "expected_missing": "blue",
+STATE_COLORS: dict[State, str] = {
+    State.OK: "green",
+    State.MISSING: "orange",
+    State.ZERO: "yellow",
+    State.NONFINITE: "red",
+    State.EXPECTED_MISSING: "blue",
+    State.REPLICA_DISAGREEMENT: "purple",
 }
 _RATE = "$__rate_interval"
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from dashboards import common
-from gradtel import causes, metrics
+from gradtel import metrics
+from gradtel.vocabulary import UNHEALTHY_STATES, State
 
 UID = "gradtel-overview"
 TITLE = "gradtel / Overview"
 #: Template variables of this dashboard, in drop-down order (each narrows the next).
 FILTERS: tuple[str, ...] = ("job", "run", "worker", "instance")
 _RUN = ", ".join(common.RUN_KEY)
-#: ``gradtel_variables`` series of unhealthy states (expected_missing is healthy by declaration).
-_UNHEALTHY = 'state=~"missing|zero|nonfinite"'
-_NONFINITE = 'state="nonfinite"'
+#: ``gradtel_variables`` series of unhealthy states (ok and expected_missing, healthy by declaration, are not).
+_UNHEALTHY = f'state=~"{"|".join(UNHEALTHY_STATES)}"'
+_NONFINITE = f'state="{State.NONFINITE}"'
 #: gradtel's firing alerts of the selected jobs and runs. Job-level alerts carry no instance (they follow the job
 #: over its restarts) and target-level ones no run: an absent label matches too.
 _FIRING = ('ALERTS{alertname=~"Gradtel.+", alertstate="firing", job=~"$job", instance=~"$instance|", '
@@ -28,8 +29,7 @@ _FIRING = ('ALERTS{alertname=~"Gradtel.+", alertstate="firing", job=~"$job", ins
 def _unhealthy_now() -> str:
     """Variables whose gradient was missing (unexpectedly), all-zero or non-finite in the last interval."""
     problems = {
-        "missing": common.share_of_steps(metrics.MISSING, FILTERS, 'expected!="true"',
-                                         f'cause!="{causes.NO_CAUSE}"'),
+        "missing": common.share_of_steps(metrics.MISSING, FILTERS, 'expected!="true"'),
         "all-zero": common.share_of_steps(metrics.ZERO, FILTERS),
         "non-finite": common.share_of_steps(metrics.NONFINITE, FILTERS),
     }
@@ -56,8 +56,9 @@ def _fleet() -> list[Any]:
         ),
         common.stat_panel(
             "Unhealthy variables",
-            "Variables whose latest gradient was missing (not declared expected), all-zero or non-finite, counted "
-            "once per job (its workers see the same variables).",
+            "Variables whose latest gradient was missing (not declared expected), all-zero, non-finite or missing "
+            "on some replicas only (replica_disagreement), counted once per job (its workers see the same "
+            "variables).",
             "short", f"sum({common.per_job(common.selector(metrics.VARIABLES, FILTERS, _UNHEALTHY), 'state')})",
             common.ANY_IS_BAD,
         ),
@@ -117,13 +118,14 @@ def _variables() -> list[Any]:
     by_state = common.state_color_overrides(common.timeseries_panel(
         "Variables by state",
         "Trainable variables by the state of their latest gradient: ok, missing, zero (all-zero), nonfinite "
-        "(NaN/Inf), expected_missing (declared with expect_missing).",
+        "(NaN/Inf), expected_missing (declared with expect_missing), replica_disagreement (a gradient on some "
+        "replicas, None on others).",
         "short",
         [common.query(f"sum by (state) ({common.per_job(common.selector(metrics.VARIABLES, FILTERS), 'state')})",
                       legend="{{state}}")],
         stacked=True,
     ))
-    missing = common.rate(metrics.MISSING, FILTERS, 'expected!="true"', f'cause!="{causes.NO_CAUSE}"')
+    missing = common.rate(metrics.MISSING, FILTERS, 'expected!="true"')
     return [
         by_state,
         common.timeseries_panel(

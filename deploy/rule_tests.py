@@ -17,6 +17,7 @@ from typing import Any
 
 from deploy import alerts
 from gradtel import metrics
+from gradtel.vocabulary import MissingCause
 
 INTERVAL = "15s"
 #: Where the test files are, relative to the rule file (promtool resolves rule_files against the test file).
@@ -95,9 +96,9 @@ RUN_ALERTS = (EXPLODING, VANISHING, STALLED, CRASH_LOOPING, TARGET_DOWN)
 
 _STEADY = series(metrics.STEPS.name, RUN, "0+10x120")
 _STARTED = series(metrics.PROCESS_START.name, PROCESS, "0x480")
-_HEAD = variable("head/kernel", "head", cause="unused", expected="false")
-_AUX = variable("aux/kernel", "aux", cause="not_on_loss_path", expected="true")
-_GATE = variable("gate/kernel", "gate", cause="stop_gradient", expected="false")
+_HEAD = variable("head/kernel", "head", cause=MissingCause.UNUSED, expected="false")
+_AUX = variable("aux/kernel", "aux", cause=MissingCause.NOT_ON_LOSS_PATH, expected="true")
+_GATE = variable("gate/kernel", "gate", cause=MissingCause.STOP_GRADIENT, expected="false")
 _DENSE = variable("dense/kernel", "dense")
 _BIAS = variable("dense/bias", "dense")
 _JOB = alert_labels(RUN)
@@ -385,7 +386,11 @@ MULTI_WORKER: list[Case] = [
                     series(
                         metrics.MISSING.name,
                         variable(
-                            "head/kernel", "head", {**proc, "optimizer": "adam"}, cause="unused", expected="false"
+                            "head/kernel",
+                            "head",
+                            {**proc, "optimizer": "adam"},
+                            cause=MissingCause.UNUSED,
+                            expected="false",
                         ),
                         "10+10x120",
                     ),

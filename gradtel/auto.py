@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+from gradtel.logonce import log_once
+
 log = logging.getLogger("gradtel")
 
 #: module -> classes whose __init__ is wrapped (base classes, and loss-scale wrappers that may not call them).
@@ -36,23 +38,19 @@ _depth = threading.local()
 _options: dict[str, Any] = {}
 _patched: list[tuple[type, Callable[..., None]]] = []
 _finder: _PostImportFinder | None = None
-_failed = False
 
 
 def _after_init(optimizer: Any) -> None:
     from gradtel.instrumenting import instrument, uninstrument
 
-    global _failed
     try:
         inner = getattr(optimizer, "inner_optimizer", None)
         if inner is not None:
             uninstrument(inner)
         instrument(optimizer, **_options)
     except Exception:
-        if not _failed:
-            _failed = True
-            log.warning("gradtel: could not instrument %s; it trains without gradtel.",
-                        type(optimizer).__name__, exc_info=True)
+        log_once(log, logging.WARNING, "gradtel: could not instrument %s; it trains without gradtel.",
+                 type(optimizer).__name__, exc_info=True)
 
 
 def _wrap_init(cls: type) -> None:

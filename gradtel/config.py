@@ -15,13 +15,13 @@ import logging
 import os
 import re
 import socket
-import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from gradtel import identity, series
+from gradtel.logonce import log_once
 from gradtel.naming import PatternSet
 from gradtel.series import SeriesPolicy
 
@@ -70,19 +70,11 @@ class Problem:
         return f"gradtel: {self.setting}{given}: expected {self.expected}; {self.consequence}."
 
 
-_said: set[str] = set()
-_said_lock = threading.Lock()
-
-
 def warn(problems: Iterable[Problem]) -> None:
     """Log each problem once per process: settings are read by every ``instrument()`` and by the export."""
     for problem in problems:
         line = str(problem)
-        with _said_lock:
-            if line in _said:
-                continue
-            _said.add(line)
-        log.warning(line)
+        log_once(log, logging.WARNING, line, key=line)
 
 
 # --- parsers: text -> value, or Invalid -------------------------------------------------------------------------

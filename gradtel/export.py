@@ -32,9 +32,11 @@ from gradtel import identity, metrics, phases, registry
 from gradtel.config import Config
 from gradtel.exposition import cyclic_gc_paused
 from gradtel.handle import Handle, OptimizerSummary, VariableRecord, nonfinite_origins
+from gradtel.logonce import LogOnce
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
 from gradtel.series import Selection, SeriesPolicy
 from gradtel.version import __version__
+from gradtel.vocabulary import MissingCause
 
 log = logging.getLogger("gradtel")
 
@@ -67,7 +69,7 @@ class SnapshotCache:
         #: Whose handles are read: those instrumented with one of these providers (None: the process's export).
         self.meter_providers = list(meter_providers)
         self._local = threading.local()  # .views: the snapshot; .served: the metrics read from it
-        self._failed = False
+        self._log_once = LogOnce()
 
     def refresh(self) -> None:
         """Take a new snapshot in this thread: a collection begins."""
@@ -94,10 +96,8 @@ class SnapshotCache:
             summary, records = handle.read()
             return _OptimizerView(handle.name, summary, records, self._policy.select(records))
         except Exception:
-            if not self._failed:
-                self._failed = True
-                log.warning("gradtel: reading the statistics of %r failed; its series are skipped.",
-                            handle.name, exc_info=True)
+            self._log_once(log, logging.WARNING, "gradtel: reading the statistics of %r failed; its series are "
+                           "skipped.", handle.name, exc_info=True)
             return _OptimizerView(handle.name, OptimizerSummary(0, float("nan"), 0), [], Selection([], []))
 
 
@@ -185,18 +185,18 @@ class Sources:
 
     def _variables(self) -> Iterable[Point]:
         for view in self.cache.views(metrics.VARIABLES):
-            counts = dict.fromkeys(metrics.STATES, 0)
+            counts: dict[str, int] = dict.fromkeys(metrics.STATES, 0)
             for record in view.records:
                 counts[record.state] += 1
             for state, count in counts.items():
-                yield count, self._attrs(view.name, "state", state)
+                yield count, self._attrs(view.name, "state", str(state))
 
     def _missing(self) -> Iterable[Point]:
-        # A variable gets a missing series once it has been missing; 'cause' is bounded (causes.py names).
+        # A variable gets a missing series once it has been missing; 'cause' is bounded (vocabulary.py names).
         for view in self.cache.views(metrics.MISSING):
             for record in view.selected.missing:
                 if record.missing_steps:
-                    cause = record.missing_cause.category if record.missing_cause is not None else "unknown"
+                    cause = str(getattr(record.missing_cause, "category", MissingCause.UNKNOWN))  # a plain str label
                     expected = "true" if record.expected_missing else "false"
                     yield record.missing_steps, self._variable_attrs(record, "cause", cause, "expected", expected)
 
@@ -226,7 +226,7 @@ class Instruments:
     """Observable instruments on one meter for ``chosen`` metrics; each callback observes its :class:`Sources`."""
 
     def __init__(self, meter: otel_metrics.Meter, sources: Sources, chosen: Iterable[metrics.Metric]) -> None:
-        self._failed = False
+        self._log_once = LogOnce()
         for metric in sorted(chosen, key=metrics.ALL.index):  # the table's order (the snapshot does not depend on it)
             create = (meter.create_observable_counter if metric.kind is metrics.Kind.COUNTER
                       else meter.create_observable_gauge)
@@ -238,10 +238,8 @@ class Instruments:
             try:
                 return [Observation(value, attrs) for value, attrs in points()]
             except Exception:
-                if not self._failed:
-                    self._failed = True
-                    log.warning("gradtel: an export callback failed; collections skip it (logged once).",
-                                exc_info=True)
+                self._log_once(log, logging.WARNING, "gradtel: an export callback failed; collections skip it "
+                               "(logged once).", exc_info=True)
                 return []
 
         return safe

@@ -43,6 +43,8 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
+from gradtel.logonce import LogOnce
+
 if TYPE_CHECKING:
     from gradtel.producer import VariableProducer
 
@@ -111,7 +113,7 @@ class Renderer:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, int], tuple[Any, dict[int, tuple[Any, str]]]] = {}
-        self._warned: set[str] = set()
+        self._log_once = LogOnce()  # once per metric name
 
     def render(self, data: MetricsData) -> bytes:
         families: dict[str, tuple[str, str, list[str]]] = {}
@@ -160,10 +162,8 @@ class Renderer:
         if isinstance(data, Gauge):
             return "gauge"
         # gradtel's provider holds gradtel's instruments only, which are sums and gauges.
-        if metric.name not in self._warned:
-            self._warned.add(metric.name)
-            log.warning("gradtel: metric %r (%s) is not served on the Prometheus endpoint: only sums and gauges "
-                        "are.", metric.name, type(data).__name__)
+        self._log_once(log, logging.WARNING, "gradtel: metric %r (%s) is not served on the Prometheus endpoint: "
+                       "only sums and gauges are.", metric.name, type(data).__name__, key=metric.name)
         return None
 
 
@@ -217,8 +217,7 @@ class PrometheusReader(MetricReader):
         self._latest = _EMPTY
         self._collected_at = float("-inf")
         self._lock = threading.Lock()  # one collection at a time; scrapes that arrive meanwhile share it
-        self._failed = False
-        self._told_interval = False
+        self._log_once = LogOnce()
         self._collected_once = False
         self._costs: deque[float] = deque(maxlen=5)  # CPU seconds of the recent collections
 
@@ -238,10 +237,8 @@ class PrometheusReader(MetricReader):
                         self._begin_collection()
                         self.collect()
                 except Exception:  # serve the previous collection; scrapers see it age, training never notices
-                    if not self._failed:
-                        self._failed = True
-                        log.warning("gradtel: a metrics collection failed; the endpoint serves the previous one "
-                                    "(logged once).", exc_info=True)
+                    self._log_once(log, logging.WARNING, "gradtel: a metrics collection failed; the endpoint serves "
+                                   "the previous one (logged once).", exc_info=True)
                 self._space(time.thread_time() - started)
             return self._latest
 
@@ -258,12 +255,12 @@ class PrometheusReader(MetricReader):
             self._typical_cost_s = statistics.median(self._costs)
         self._collected_once = True
         self._collected_at = time.monotonic()
-        if self.interval_s > 30 and not self._told_interval:
-            self._told_interval = True
-            log.warning("gradtel: one metrics collection takes %.2f s of CPU, so the endpoint refreshes its values "
-                        "every %.0f s (GRADTEL_PROMETHEUS_CPU_SHARE=%g of a core). Fewer series "
-                        "(GRADTEL_VARIABLE_SERIES=auto/layer, GRADTEL_EXCLUDE) or a larger share refresh sooner.",
-                        self._typical_cost_s, self.interval_s, self.cpu_share)
+        if self.interval_s > 30:
+            self._log_once(log, logging.WARNING, "gradtel: one metrics collection takes %.2f s of CPU, so the "
+                           "endpoint refreshes its values every %.0f s (GRADTEL_PROMETHEUS_CPU_SHARE=%g of a core). "
+                           "Fewer series (GRADTEL_VARIABLE_SERIES=auto/layer, GRADTEL_EXCLUDE) or a larger share "
+                           "refresh sooner.",
+                           self._typical_cost_s, self.interval_s, self.cpu_share)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         """Collect afresh now (the report, the final flush), whatever the spacing."""

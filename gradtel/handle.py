@@ -17,12 +17,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gradtel import layout
+from gradtel.logonce import LogOnce
 from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
+from gradtel.vocabulary import MissingCause, State
 
 if TYPE_CHECKING:
     from gradtel.diagnosis.cause import Cause
 
 log = logging.getLogger("gradtel")
+
+
+#: The states, bound once: looking a member up on its enum costs about 75 ns, and ``records`` builds one record per
+#: variable per collection.
+_OK, _MISSING, _ZERO = State.OK, State.MISSING, State.ZERO
+_EXPECTED_MISSING, _REPLICA_DISAGREEMENT = State.EXPECTED_MISSING, State.REPLICA_DISAGREEMENT
+_NO_GRADIENT = (_MISSING, _EXPECTED_MISSING)
 
 
 class MissingGradientWarning(UserWarning):
@@ -49,7 +58,7 @@ class VariableRecord(NamedTuple):
     norm: float
     max_abs: float
     rows_touched: int
-    state: str  # ok | missing | zero | nonfinite | expected_missing
+    state: str  # a State; a layer roll-up of several states (series.py) is "mixed"
     #: The step (1-based, counted by gradtel for this variable list) at which the gradient was first missing /
     #: all-zero / non-finite, and the latest step at which it was healthy right after being so; 0: never.
     first_missing_step: int = 0
@@ -109,7 +118,7 @@ class Handle:
         self._names: dict[int, str] = {}  # id(variable) -> display name, stable for the handle's life
         self._variables: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._taken: dict[str, int] = {}
-        self._failed = False
+        self._log_once = LogOnce()  # one failure line per handle, whatever failed
         #: (object, method, had an instance attribute, its old value): what instrumenting replaced.
         self.patches: list[tuple[Any, str, bool, Any]] = []
         #: id of the tf.Variable inside a Keras 3 variable -> the Keras variable (the reducer sees the former).
@@ -212,7 +221,7 @@ class Handle:
         import tensorflow as tf
 
         pending = not tf.inside_function() and any(
-            getattr(table.causes.get(i), "category", "unknown") == "unknown" for i in unexpected)
+            getattr(table.causes.get(i), "category", MissingCause.UNKNOWN) == MissingCause.UNKNOWN for i in unexpected)
         if pending and unexpected != table.pending:
             table.pending = unexpected
             return
@@ -296,10 +305,8 @@ class Handle:
             return table
 
     def _log_failure_once(self, what: str) -> None:
-        if not self._failed:
-            self._failed = True
-            log.warning("gradtel: %s failed for optimizer %r; training goes on without these statistics.",
-                        what, self.name, exc_info=True)
+        self._log_once(log, logging.WARNING, "gradtel: %s failed for optimizer %r; training goes on without these "
+                       "statistics.", what, self.name, exc_info=True)
 
     def variables(self) -> list[Any]:
         """The live variables this optimizer has been given (weak references: gradtel keeps none alive)."""
@@ -348,14 +355,14 @@ class Handle:
                 if not seen[i] and table.raised is None:
                     continue
                 # A traced step that raised never ran its statistics: every variable of it is missing, as diagnosed.
-                state = layout.STATE_NAMES.get(states[i], "ok") if seen[i] else "missing"
+                state = layout.STATE_NAMES.get(states[i], _OK) if seen[i] else _MISSING
                 if i in table.disagreement:
-                    state = "replica_disagreement"
-                elif state == "missing" and table.expected[i]:
-                    state = "expected_missing"
+                    state = _REPLICA_DISAGREEMENT
+                elif state == _MISSING and table.expected[i]:
+                    state = _EXPECTED_MISSING
                 missing_cause = table.causes.get(i) if missing[i] or not seen[i] else None
-                cause = (missing_cause if state in ("missing", "expected_missing")
-                         else _zero_hint(table, i) if state == "zero" else None)
+                cause = (missing_cause if state in _NO_GRADIENT
+                         else _zero_hint(table, i) if state == _ZERO else None)
                 record = VariableRecord(
                     self.name, name, table.layers[i], table.expected[i], cause, missing_cause, int(seen[i]),
                     int(missing[i]), int(zero[i]), int(nonfinite[i]), norm[i], max_abs[i], int(touched[i]), state,

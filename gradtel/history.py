@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from gradtel.vocabulary import State
+
 #: Points of the optimizer-level history (a power of two: pairs merge evenly).
 GLOBAL_POINTS = 512
 #: The per-layer history holds at most this many values (points x columns), and 16 to 512 points.
@@ -45,7 +47,12 @@ NORM_MIN, NORM_MAX, N_MISSING, N_ZERO, N_NONFINITE = range(2, 7)
 GLOBAL_COLUMNS = 7
 #: A layer's worst state, as a severity: ok < expected_missing < missing < zero < nonfinite (the STATE row's codes,
 #: with variables declared expected to be missing at 0.5).
-SEVERITY_NAMES = {0.0: "ok", 0.5: "expected_missing", 1.0: "missing", 2.0: "zero", 3.0: "nonfinite"}
+SEVERITY_NAMES: dict[float, str] = {
+    severity: state.value
+    for severity, state in ((0.0, State.OK), (0.5, State.EXPECTED_MISSING), (1.0, State.MISSING), (2.0, State.ZERO),
+                            (3.0, State.NONFINITE))
+}
+_OK = State.OK.value
 
 
 def layer_points(n_layers: int) -> int:
@@ -103,7 +110,7 @@ def decode_layers(buffer: np.ndarray, width: float, layers: Sequence[str]) -> di
             "layer": layer,
             "norm_min": _finite(-norm_min[:, j]),
             "norm_max": _finite(norm_max[:, j]),
-            "state": [SEVERITY_NAMES.get(v, "ok") for v in worst[:, j].tolist()],
+            "state": [SEVERITY_NAMES.get(v, _OK) for v in worst[:, j].tolist()],
         }
         for j, layer in enumerate(layers)
     ]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradtel import render
+from gradtel.vocabulary import State
 
 #: Plot area inside every chart's SVG: left, top, width, height (pixels).
 PLOT = (70.0, 16.0, 760.0, 200.0)
@@ -24,12 +25,12 @@ LAYER_LINES = 8
 TIMELINE_ROWS = 60
 VARIABLE_ROWS = 200
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
-STATE_COLORS = {
-    "ok": "#c8e6c9",
-    "expected_missing": "#e0e0e0",
-    "missing": "#ffb74d",
-    "zero": "#64b5f6",
-    "nonfinite": "#e53935",
+STATE_COLORS: dict[str, str] = {
+    State.OK: "#c8e6c9",
+    State.EXPECTED_MISSING: "#e0e0e0",
+    State.MISSING: "#ffb74d",
+    State.ZERO: "#64b5f6",
+    State.NONFINITE: "#e53935",
 }
 LEGEND_NAMES = {
     "global_norm_max": "largest in each point",
@@ -38,12 +39,12 @@ LEGEND_NAMES = {
     "zero": "all-zero",
     "missing": "missing (None)",
 }
-STATE_MEANING = {
-    "ok": "a finite, non-zero gradient",
-    "expected_missing": "no gradient, declared expected",
-    "missing": "no gradient (None)",
-    "zero": "an all-zero gradient",
-    "nonfinite": "NaN or Inf",
+STATE_MEANING: dict[str, str] = {
+    State.OK: "a finite, non-zero gradient",
+    State.EXPECTED_MISSING: "no gradient, declared expected",
+    State.MISSING: "no gradient (None)",
+    State.ZERO: "an all-zero gradient",
+    State.NONFINITE: "NaN or Inf",
 }
 
 _CSS = """

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradtel.vocabulary import State
+
 #: Per-variable rows of the packed accumulator.
 MISSING, ZERO, NONFINITE, STEPS_SEEN, NORM, MAX_ABS, STATE, ROWS_TOUCHED = range(8)
 #: The table's step (1-based) at which the gradient was first missing / all-zero / non-finite (0: never), and the
@@ -31,10 +33,12 @@ GLOBAL_COUNTERS = (True, False, True, False, False)
 
 #: Values of the STATE row.
 STATE_OK, STATE_MISSING, STATE_ZERO, STATE_NONFINITE = 0.0, 1.0, 2.0, 3.0
-STATE_NAMES = {STATE_OK: "ok", STATE_MISSING: "missing", STATE_ZERO: "zero", STATE_NONFINITE: "nonfinite"}
+STATE_NAMES = {
+    STATE_OK: State.OK, STATE_MISSING: State.MISSING, STATE_ZERO: State.ZERO, STATE_NONFINITE: State.NONFINITE,
+}
 #: The rows of first bad steps and of recoveries, by state.
-FIRST_ROW_OF = {"missing": FIRST_MISSING, "zero": FIRST_ZERO, "nonfinite": FIRST_NONFINITE}
-RECOVERED_ROW_OF = {"missing": RECOVERED_MISSING, "zero": RECOVERED_ZERO, "nonfinite": RECOVERED_NONFINITE}
+FIRST_ROW_OF = {State.MISSING: FIRST_MISSING, State.ZERO: FIRST_ZERO, State.NONFINITE: FIRST_NONFINITE}
+RECOVERED_ROW_OF = {State.MISSING: RECOVERED_MISSING, State.ZERO: RECOVERED_ZERO, State.NONFINITE: RECOVERED_NONFINITE}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from gradtel.vocabulary import State
+
 
 class Kind(str, Enum):
     """OpenTelemetry instrument kind (all observable: they read gradtel's snapshot at collection time)."""
@@ -30,7 +32,7 @@ PROCESS_LABELS: tuple[str, ...] = ("run", "worker")
 VARIABLE_LABELS: tuple[str, ...] = (*COMMON_LABELS, "variable", "layer")
 
 #: Values of the ``state`` label of ``gradtel_variables`` (a variable's state at its latest step).
-STATES: tuple[str, ...] = ("ok", "missing", "zero", "nonfinite", "expected_missing", "replica_disagreement")
+STATES: tuple[State, ...] = tuple(State)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,17 @@ from typing import Any
 
 
 def variable_path(variable: Any) -> str:
-    """Keras 3: ``variable.path`` (``dense_1/kernel``); tf_keras and plain tf.Variable: name without ``:0``."""
+    """The name users know a variable by, the one every series, report line and diagnosis message uses.
+
+    Keras 3: ``variable.path`` (``dense_1/kernel``); tf_keras and plain ``tf.Variable``: ``.name`` without the
+    ``:0`` TensorFlow appends (the output index of the variable's op, always 0). Only that suffix goes: a variable
+    the user named ``v:1`` is ``v:1:0`` to TensorFlow and ``v:1`` here, and a name that is not TensorFlow's keeps
+    any ``:N`` it has.
+    """
     path = getattr(variable, "path", None)
     if isinstance(path, str) and path:
         return path
-    name = str(getattr(variable, "name", "") or "variable")
-    return re.sub(r":\d+$", "", name)
+    return str(getattr(variable, "name", "") or "variable").removesuffix(":0")
 
 
 def layer_of(path: str) -> str:

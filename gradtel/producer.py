@@ -38,6 +38,7 @@ from opentelemetry.sdk.metrics.export import Metric as OtelMetric
 
 from gradtel import metrics
 from gradtel.exposition import cyclic_gc_paused
+from gradtel.logonce import LogOnce
 
 log = logging.getLogger("gradtel")
 
@@ -60,8 +61,7 @@ class VariableProducer:
         # Per delta-preferring reader: its previous collection's time and counter values by metric and series (the
         # attribute dicts live as long as their series, see export.Sources), bounded by the series ever exported.
         self._previous: dict[int, tuple[int, dict[str, dict[int, float]]]] = {}
-        self._told_overflow = False
-        self._failed = False
+        self._log_once = LogOnce()
 
     def merge(self, data: MetricsData, reader: MetricReader) -> MetricsData:
         """``data`` with the per-variable metrics appended to gradtel's scope. Never raises: a failure is logged
@@ -74,10 +74,8 @@ class VariableProducer:
                     resource_metrics.schema_url)
                 for resource_metrics in data.resource_metrics])
         except Exception:
-            if not self._failed:
-                self._failed = True
-                log.warning("gradtel: producing the per-variable series failed; collections leave them out "
-                            "(logged once).", exc_info=True)
+            self._log_once(log, logging.WARNING, "gradtel: producing the per-variable series failed; collections "
+                           "leave them out (logged once).", exc_info=True)
             return data
 
     def _extended(self, scope_metrics: ScopeMetrics, reader: MetricReader) -> ScopeMetrics:
@@ -120,11 +118,9 @@ class VariableProducer:
         value for a gauge (the SDK's aggregations of the same)."""
         if len(pairs) <= self._max_series:
             return pairs
-        if not self._told_overflow:
-            self._told_overflow = True
-            log.warning("gradtel: %s has %d series, more than GRADTEL_MAX_SERIES=%d; the rest are folded into one "
-                        "series labelled otel_metric_overflow=\"true\" (logged once).", metric.name, len(pairs),
-                        self._max_series)
+        self._log_once(log, logging.WARNING, "gradtel: %s has %d series, more than GRADTEL_MAX_SERIES=%d; the rest "
+                       "are folded into one series labelled otel_metric_overflow=\"true\" (logged once).",
+                       metric.name, len(pairs), self._max_series)
         rest = pairs[self._max_series:]
         folded = sum(value for value, _ in rest) if counter else rest[-1][0]
         return [*pairs[: self._max_series], (folded, _OVERFLOW)]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradtel.handle import VariableRecord
+from gradtel.vocabulary import State
 
 
 def _norm(value: float) -> str:
@@ -100,7 +101,7 @@ def state_counts(records: Sequence[VariableRecord]) -> str:
 #: Eight heights of a sparkline cell; a point with no finite value is a blank.
 _BARS = "▁▂▃▄▅▆▇█"
 #: States from worst to best: the order of the worst-variables table.
-_SEVERITY = {"nonfinite": 0, "zero": 1, "missing": 2, "replica_disagreement": 3, "ok": 4}
+_SEVERITY = {State.NONFINITE: 0, State.ZERO: 1, State.MISSING: 2, State.REPLICA_DISAGREEMENT: 3, State.OK: 4}
 
 
 def sparkline(values: Sequence[float | None], width: int = 60) -> tuple[str, bool]:

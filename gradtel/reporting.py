@@ -15,9 +15,10 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-from gradtel import causes, registry
+from gradtel import registry
 from gradtel.config import Config
 from gradtel.handle import VariableRecord, nonfinite_origins
+from gradtel.vocabulary import Finding, MissingCause, State, ZeroCause, fix_for
 
 SCHEMA = "gradtel.report/v1"
 
@@ -28,15 +29,22 @@ def _number(value: float) -> float | None:
 
 
 def _status(record: VariableRecord) -> str:
-    return "missing" if record.state == "expected_missing" else record.state
+    return _MISSING if record.state == _EXPECTED_MISSING else record.state
 
 
 def _cause(record: VariableRecord) -> dict[str, Any] | None:
     if record.cause is not None:
         return record.cause.to_dict()
-    if record.state == "zero":
-        return {"category": "other", "op": None, "location": None, "explanation": causes.fix_for("other")}
+    if record.state == _ZERO:
+        return {"category": str(ZeroCause.OTHER), "op": None, "location": None, "explanation": ZeroCause.OTHER.fix}
     return None
+
+
+#: States in which a variable had no gradient at its latest step (so no norm to report).
+_NO_GRADIENT = (State.MISSING, State.EXPECTED_MISSING)
+#: Bound once: a member's lookup on its enum costs about 75 ns, and the report reads every variable's record.
+_OK, _MISSING, _ZERO, _EXPECTED_MISSING = State.OK, State.MISSING, State.ZERO, State.EXPECTED_MISSING
+_FATAL = (State.NONFINITE, State.REPLICA_DISAGREEMENT)
 
 
 def _step(value: int) -> int | None:
@@ -49,14 +57,14 @@ def _variable(record: VariableRecord) -> dict[str, Any]:
         "name": record.name,
         "optimizer": record.optimizer,
         "layer": record.layer,
-        "status": _status(record),
+        "status": str(_status(record)),
         "expected": record.expected_missing,
         "steps": record.steps,
         "missing_steps": record.missing_steps,
         "zero_steps": record.zero_steps,
         "nonfinite_steps": record.nonfinite_steps,
-        "last_norm": _number(record.norm) if record.state not in ("missing", "expected_missing") else None,
-        "last_max_abs": _number(record.max_abs) if record.state not in ("missing", "expected_missing") else None,
+        "last_norm": _number(record.norm) if record.state not in _NO_GRADIENT else None,
+        "last_max_abs": _number(record.max_abs) if record.state not in _NO_GRADIENT else None,
         "rows_touched": record.rows_touched,
         "cause": _cause(record),
         "first_missing_step": _step(record.first_missing_step),
@@ -69,18 +77,18 @@ def _variable(record: VariableRecord) -> dict[str, Any]:
 
 
 #: Explanations of the finding categories that are not causes.
-_FINDING_TEXT = {
-    "nonfinite": "These gradients held NaN or Inf at the latest step: lower the learning rate, clip gradients, "
+_FINDING_TEXT: dict[str, str] = {
+    Finding.NONFINITE: "These gradients held NaN or Inf at the latest step: lower the learning rate, clip gradients, "
                  "check the loss for log(0) or division by zero.",
-    "expected_missing": "Declared with expect_missing: intended to get no gradient.",
-    "replica_disagreement": "These variables get a gradient on some replicas and None on others, so the replicas "
+    Finding.EXPECTED_MISSING: "Declared with expect_missing: intended to get no gradient.",
+    Finding.REPLICA_DISAGREEMENT: "These variables get a gradient on some replicas and None on others, so the replicas "
                             "disagree on what trains: make the forward pass the same on every replica (no branch "
                             "on the replica id or on per-replica data shapes).",
-    "untracked_variable": "These plain tf.Variables are read in the training step and influence the loss, but "
+    Finding.UNTRACKED_VARIABLE: "These plain tf.Variables are read in the training step and influence the loss, but "
                           "Keras 3 does not track them (a tf.Variable set on a Keras 3 layer or kept in a Python "
                           "list is not a Keras variable), so they are not in model.trainable_variables and never "
                           "train: create them with self.add_weight(...) or keras.Variable(...).",
-    "not_optimized": "These trainable variables influence the loss but the program gave them to no optimizer, as "
+    Finding.NOT_OPTIMIZED: "These trainable variables influence the loss but the program gave them to no optimizer, as "
                      "a frozen feature extractor or a target network updated by assign is meant to be. If they "
                      "should train, pass them to an optimizer; if not, trainable=False says so.",
 }
@@ -97,7 +105,7 @@ def _origin_findings(records: list[VariableRecord]) -> list[dict[str, Any]]:
         spread = (f" {len(later)} other variable{'s' if len(later) != 1 else ''} followed from step {min(later)} on "
                   "(the NaN spreading through the updated values)." if later else "")
         findings.append({
-            "category": "nonfinite_origin",
+            "category": str(Finding.NONFINITE_ORIGIN),
             "optimizer": optimizer,
             "step": step,
             "variables": sorted(names),
@@ -116,18 +124,18 @@ def _origin_findings(records: list[VariableRecord]) -> list[dict[str, Any]]:
 
 def _finding_category(record: VariableRecord) -> str | None:
     """The finding a variable belongs to: an ``--expect-missing`` match is expected whatever is wrong with it."""
-    if record.state == "ok":
+    if record.state == _OK:
         return None
     if record.expected_missing:
-        return "expected_missing"
-    if record.state in ("nonfinite", "replica_disagreement"):
-        return record.state
+        return Finding.EXPECTED_MISSING
+    if record.state in _FATAL:
+        return Finding(record.state)
     cause = _cause(record)
-    return cause["category"] if cause else "unknown"
+    return cause["category"] if cause else MissingCause.UNKNOWN
 
 
 def _grouped(groups: dict[str, list[str]]) -> list[dict[str, Any]]:
-    return [{"category": c, "variables": names, "explanation": _FINDING_TEXT.get(c) or causes.fix_for(c)}
+    return [{"category": str(c), "variables": names, "explanation": _FINDING_TEXT.get(c) or fix_for(c)}
             for c, names in groups.items()]
 
 
@@ -144,11 +152,11 @@ def _findings_and_notes(records: list[VariableRecord],
     patterns = [h.expect_missing for h in registry.handles()]
     for name, tracked in not_optimized:
         if any(p.matches(name) for p in patterns):
-            groups["expected_missing"].append(name)
+            groups[Finding.EXPECTED_MISSING].append(name)
         elif tracked:
-            notes["not_optimized"].append(name)
+            notes[Finding.NOT_OPTIMIZED].append(name)
         else:
-            groups["untracked_variable"].append(name)
+            groups[Finding.UNTRACKED_VARIABLE].append(name)
     return _grouped(groups) + _origin_findings(records), _grouped(notes)
 
 

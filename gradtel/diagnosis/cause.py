@@ -7,24 +7,24 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gradtel.causes import fix_for
+from gradtel.vocabulary import CauseName, MissingCause, cause, fix_for
 
 #: Category used when the diagnosis itself failed or had nothing to go on.
-UNKNOWN = "unknown"
+UNKNOWN = MissingCause.UNKNOWN
 
 
 @dataclass(frozen=True)
 class Cause:
     """Why one variable's gradient is missing (or would be zero), and where in the user's code."""
 
-    category: str
+    category: CauseName
     op: str | None
     location: str | None
     explanation: str
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with keys category, op, location and explanation."""
-        return asdict(self)
+        """A JSON-ready dict with keys category (a plain string), op, location and explanation."""
+        return {**asdict(self), "category": str(self.category)}
 
 
 _RESOLVING = threading.Lock()
@@ -60,4 +60,4 @@ class Diagnosis:
 def make_cause(category: str, detail: str, op: str | None = None, location: str | None = None) -> Cause:
     """A cause whose explanation is the specific finding followed by the category's generic fix."""
     where = f" ({location})" if location else ""
-    return Cause(category, op, location, f"{detail}{where}. {fix_for(category)}")
+    return Cause(cause(category), op, location, f"{detail}{where}. {fix_for(category)}")

@@ -31,15 +31,8 @@ from gradtel.diagnosis.classify import Analysis, explain_missing, influences_los
 from gradtel.diagnosis.eager_recorder import EagerRecorder
 from gradtel.diagnosis.pipeline_hook import PipelineHook
 from gradtel.diagnosis.tape_hook import GradientCall, TapeHook
-from gradtel.diagnosis.variables import (
-    display_name,
-    dtype_of,
-    handle,
-    identity,
-    is_differentiable_dtype,
-    is_trainable,
-    underlying,
-)
+from gradtel.diagnosis.variables import dtype_of, handle, identity, is_trainable, underlying
+from gradtel.naming import variable_path
 
 _CACHE_SIZE = 64
 #: Diagnosed steps (any optimizer) the recorder stays armed for while it waits for a first or pending step.
@@ -219,30 +212,30 @@ class Diagnoser:
         for index, (grad, variable) in enumerate(zip(grads, variables, strict=False)):
             try:
                 if grad is None:
-                    name = display_name(variable)
+                    name = variable_path(variable)
                     cause = _cheap(variable, name) or _walked(analysis, variable, name, keys_of)
                     result.causes[index] = cause
                 elif analysis is not None:
-                    hint = zero_hint(analysis, _keys(variable, keys_of), display_name(variable),
+                    hint = zero_hint(analysis, _keys(variable, keys_of), variable_path(variable),
                                      _is_float16(grad, variable))
                     if hint is not None:
                         result.zero_hints[index] = hint
             except Exception as error:
                 if grad is None:
                     result.causes[index] = make_cause(
-                        UNKNOWN, f"Diagnosing `{display_name(variable)}` failed ({error!r})")
+                        UNKNOWN, f"Diagnosing `{variable_path(variable)}` failed ({error!r})")
         if analysis is not None:
             self._note_influencers(analysis, keys_of)
         return result
 
     def _note_influencers(self, analysis: Analysis, keys_of: Any) -> None:
         for variable in analysis.call.watched:
-            if not is_trainable(variable) or not is_differentiable_dtype(dtype_of(variable)):
+            if not is_trainable(variable) or not graph_source.carries_gradient(dtype_of(variable)):
                 continue
             with contextlib.suppress(Exception):
                 if influences_loss(analysis, _keys(variable, keys_of)):
                     inner = underlying(variable)
-                    self._influencers[id(inner)] = (weakref.ref(inner), display_name(variable))
+                    self._influencers[id(inner)] = (weakref.ref(inner), variable_path(variable))
 
     def _deferred(self, grads: list, variables: list, call: GradientCall, call_graph: Any, keys_of: Any) -> Diagnosis:
         """A traced step with every gradient present needs no walk now: its zero hints are worked out if a gradient
@@ -251,10 +244,10 @@ class Diagnoser:
         variables weakly. Start-up then pays nothing per variable for the diagnosis of a healthy model."""
         graph_ref = weakref.ref(call_graph)
         light = dataclasses.replace(call, watched=())
-        hinted = [(i, _keys(v, keys_of), display_name(v), _is_float16(g, v))
+        hinted = [(i, _keys(v, keys_of), variable_path(v), _is_float16(g, v))
                   for i, (g, v) in enumerate(zip(grads, variables, strict=False))]
-        watched = [(weakref.ref(underlying(v)), display_name(v), _keys(v, keys_of)) for v in call.watched
-                   if is_trainable(v) and is_differentiable_dtype(dtype_of(v))]
+        watched = [(weakref.ref(underlying(v)), variable_path(v), _keys(v, keys_of)) for v in call.watched
+                   if is_trainable(v) and graph_source.carries_gradient(dtype_of(v))]
 
         def analysis() -> Analysis | None:
             graph = graph_ref()
@@ -378,7 +371,7 @@ def _best_call(tapes: TapeHook, graph: Any, variables: list) -> GradientCall | N
 def _cheap(variable: Any, name: str) -> Cause | None:
     """Causes that need no graph: a non-floating dtype or trainable=False."""
     dtype = dtype_of(variable)
-    if dtype is not None and not is_differentiable_dtype(dtype):
+    if dtype is not None and not graph_source.carries_gradient(dtype):
         return make_cause("integer_dtype", f"`{name}` has dtype {tf.as_dtype(dtype).name}")
     if not is_trainable(variable):
         return make_cause("not_trainable", f"`{name}` has trainable=False")
@@ -401,7 +394,7 @@ def _pending(grads: list, variables: list) -> Diagnosis:
     causes = {}
     for index, (grad, variable) in enumerate(zip(grads, variables, strict=False)):
         if grad is None:
-            name = display_name(variable)
+            name = variable_path(variable)
             causes[index] = _cheap(variable, name) or make_cause(
                 UNKNOWN, f"`{name}` started missing its gradient in an unrecorded eager step; the next step "
                 "is recorded and diagnosed")

@@ -27,11 +27,15 @@ _MAX_DEPTH = 8
 
 @functools.lru_cache(maxsize=256)
 def carries_gradient(dtype: Any) -> bool:
-    """Whether a tensor of this dtype can carry a gradient (as backprop_util.IsTrainable).
+    """Whether a tensor or variable of this dtype can carry a gradient (as backprop_util.IsTrainable): floating,
+    complex, or a resource/variant handle; False for anything TensorFlow does not know as a dtype (None included).
 
     Cached per dtype: asked for every input and output of every op the diagnosis sees (a DType's properties cost
     about a microsecond each, which added up to a tenth of a large model's recorded construction)."""
-    dtype = tf.as_dtype(dtype).base_dtype
+    try:
+        dtype = tf.as_dtype(dtype).base_dtype
+    except TypeError:
+        return False
     return dtype.is_floating or dtype.is_complex or dtype in (tf.resource, tf.variant)
 
 

@@ -30,15 +30,6 @@ def identity(variable: Any) -> int:
     return id(underlying(variable))
 
 
-def display_name(variable: Any) -> str:
-    """The name users know: Keras 3 ``.path``, else ``.name`` without the ``:0`` suffix."""
-    path = getattr(variable, "path", None)
-    if isinstance(path, str) and path:
-        return path
-    name = str(getattr(variable, "name", None) or getattr(underlying(variable), "name", "?"))
-    return name.removesuffix(":0")
-
-
 def handle(variable: Any) -> Any | None:
     """The resource handle tensor of a variable, or None when it has none (not a resource variable)."""
     try:
@@ -50,15 +41,6 @@ def handle(variable: Any) -> Any | None:
 def is_trainable(variable: Any) -> bool:
     """``variable.trainable``, True when the object does not say."""
     return bool(getattr(variable, "trainable", True))
-
-
-def is_differentiable_dtype(dtype: Any) -> bool:
-    """Whether values of this dtype can carry a gradient (floating or complex)."""
-    try:
-        dtype = tf.as_dtype(dtype)
-    except TypeError:
-        return False
-    return bool(dtype.is_floating or dtype.is_complex)
 
 
 def dtype_of(variable: Any) -> Any:

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from gradtel.diagnosis import Diagnoser, Diagnosis
-from gradtel.diagnosis.variables import display_name
+from gradtel.naming import variable_path
 from tests.diagnosis import (  # noqa: F401  (register the cases)
     cases_ops,
     cases_public,
@@ -60,7 +60,7 @@ def test_corpus_size() -> None:
 def test_case(case: Case, mode: str, diagnoser: Diagnoser) -> None:
     expected = case.expect[mode]
     result, variables, missing = run_case(case, mode, diagnoser)
-    names = [display_name(v) for v in variables]
+    names = [variable_path(v) for v in variables]
 
     missing_names = {names[i] for i, m in enumerate(missing) if m}
     assert set(result.causes) == {i for i, m in enumerate(missing) if m}

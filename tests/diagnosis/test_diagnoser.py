@@ -11,9 +11,9 @@ from tensorflow.python.eager import backprop
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import resource_variable_ops
 
-from gradtel.causes import MISSING_CAUSES
 from gradtel.diagnosis import Cause, Diagnoser
-from gradtel.diagnosis.variables import display_name
+from gradtel.naming import variable_path
+from gradtel.vocabulary import MISSING_CAUSES
 from tests.pitfalls import UntrackedScale
 
 
@@ -94,7 +94,7 @@ def test_graph_diagnosis_is_cached_per_trace(diagnoser: Diagnoser) -> None:
 def test_not_optimized_names_plain_variables_in_a_python_list(diagnoser: Diagnoser) -> None:
     layer = UntrackedScale(name="scaled")
     layer(tf.ones((1, 3)))
-    assert [display_name(v) for v in layer.trainable_variables] == ["scaled/kernel"]
+    assert [variable_path(v) for v in layer.trainable_variables] == ["scaled/kernel"]
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean(layer(tf.ones((2, 3))))
     grads = tape.gradient(loss, layer.trainable_variables)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from gradtel.diagnosis import Diagnoser, Diagnosis
-from gradtel.diagnosis.variables import display_name
+from gradtel.naming import variable_path
 
 
 def culprit_line(cls: type) -> int:
@@ -50,7 +50,7 @@ def test_keras3_fit_round_layer(diagnoser: Diagnoser, jit: bool) -> None:
 
     assert seen, "apply was not traced"
     result, variables = seen[0]
-    names = {display_name(variables[i]): c for i, c in result.causes.items()}
+    names = {variable_path(variables[i]): c for i, c in result.causes.items()}
     assert sorted(n.split("/", 1)[1] for n in names) == ["pre/bias", "pre/kernel"]
     for cause in names.values():
         assert (cause.category, cause.op) == ("non_differentiable_op", "Round")
@@ -70,7 +70,7 @@ def test_keras3_fit_output_without_loss(diagnoser: Diagnoser) -> None:
     model.fit(x, {"main": y}, epochs=1, batch_size=4, verbose=0)
 
     result, variables = seen[0]
-    categories = {display_name(variables[i]): c.category for i, c in result.causes.items()}
+    categories = {variable_path(variables[i]): c.category for i, c in result.causes.items()}
     assert categories == {"aux/kernel": "not_on_loss_path", "aux/bias": "not_on_loss_path"}
 
 
@@ -84,7 +84,7 @@ def test_keras3_fit_dead_relu_hint(diagnoser: Diagnoser) -> None:
 
     result, variables = seen[0]
     assert result.causes == {}
-    hints = {display_name(variables[i]): h.category for i, h in result.zero_hints.items()}
+    hints = {variable_path(variables[i]): h.category for i, h in result.zero_hints.items()}
     assert {n.split("/", 1)[1]: c for n, c in hints.items()} == {
         "hid/kernel": "dead_activation", "hid/bias": "dead_activation"}
 
@@ -112,7 +112,7 @@ def test_tf_keras_fit_argmax_layer(diagnoser: Diagnoser) -> None:
     model.fit(*data(), epochs=1, batch_size=4, verbose=0)
 
     result, variables = seen[0]
-    causes = {display_name(variables[i]): c for i, c in result.causes.items()}
+    causes = {variable_path(variables[i]): c for i, c in result.causes.items()}
     assert sorted(causes) == ["logits/bias", "logits/kernel"]
     for cause in causes.values():
         assert (cause.category, cause.op) == ("non_differentiable_op", "ArgMax")

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import gradtel
 from gradtel.diagnosis import Diagnoser
-from gradtel.diagnosis.variables import display_name
+from gradtel.naming import variable_path
 
 
 def _line_of(marker: str, function) -> str:
@@ -122,7 +122,7 @@ def test_unused_head_fed_from_numpy_is_not_left_tensorflow(diagnoser: Diagnoser)
         loss = keras.losses.MeanSquaredError()(y, main)
     grads = tape.gradient(loss, model.trainable_variables)
     result = diagnoser.diagnose(list(grads), model.trainable_variables)
-    names = {display_name(model.trainable_variables[i]): c.category for i, c in result.causes.items()}
+    names = {variable_path(model.trainable_variables[i]): c.category for i, c in result.causes.items()}
     assert names == {"spare/kernel": "not_on_loss_path", "spare/bias": "not_on_loss_path"}
 
 
@@ -218,7 +218,7 @@ def test_zero_hints_of_many_variables_match_a_walk_per_variable(diagnoser: Diagn
         return loss
 
     traced()
-    hints = {display_name(model.trainable_variables[i]): h for i, h in box["result"].zero_hints.items()}
+    hints = {variable_path(model.trainable_variables[i]): h for i, h in box["result"].zero_hints.items()}
     assert set(hints) == {v.path for v in model.trainable_variables}
     assert {h.category for h in hints.values()} == {"dead_activation"}
     # Every branch's newest ReLU on the path to the loss is the top layer's, created after the branches' own.
