@@ -19,7 +19,8 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "gradtel.version",
         "gradtel.metrics",
-        "gradtel.causes",
+        "gradtel.vocabulary",
+        "gradtel.logonce",
         "gradtel.layout",
         "gradtel.naming",
         "gradtel.identity",
