@@ -126,6 +126,21 @@ def _seconds(duration: str) -> int:
     return int(duration[:-1]) * units[duration[-1]]
 
 
+#: The NonFinite alert's words when no ``gradtel_nonfinite_origin_step`` series names where the NaN began.
+NO_ORIGIN = "Where it began is not known (no gradtel_nonfinite_origin_step series)."
+
+
+def nonfinite_origin() -> str:
+    """Where the NaN began, read from gradtel_nonfinite_origin_step when the alert fires: the variable whose
+    gradient went non-finite first is the one to look at, not the many that followed it a step later."""
+    query = f'printf "{metrics.NONFINITE_ORIGIN.name}{{run=%q,optimizer=%q}}" $labels.run $labels.optimizer | query'
+    return (
+        f"{{{{ with {query} }}}}{{{{ range . }}}}The first non-finite gradient was at step "
+        '{{ .Value | printf "%.0f" }} in {{ .Labels.variable }} (layer {{ .Labels.layer }}). {{ end }}'
+        f"{{{{ else }}}}{NO_ORIGIN}{{{{ end }}}}"
+    )
+
+
 def _per_job(c: Config, expr: str, *also: str, aggregation: str = "max") -> str:
     """``expr`` with the labels of the process (and ``also``) aggregated away: one alert per job, not process."""
     return f"{aggregation} without ({', '.join((*c.process_labels, *also))}) (\n{expr}\n)"
@@ -240,7 +255,7 @@ def alerts(c: Config = Config()) -> list[Alert]:
             "Gradients hold NaN or Inf: the run is diverging.",
             f"{variable} had a NaN or Inf gradient in {{{{ $value | humanize }}}} steps over the last "
             f"{c.nonfinite_window}. Applying it corrupts the weights. The alert keeps firing "
-            f"{c.nonfinite_keep_firing} after the last one, so sporadic NaN steps are one alert.",
+            f"{c.nonfinite_keep_firing} after the last one, so sporadic NaN steps are one alert. {nonfinite_origin()}",
             keep_firing_for=c.nonfinite_keep_firing,
         ),
         Alert(

@@ -66,6 +66,8 @@ class Check:
     expected: list[dict[str, str]] = field(default_factory=list)
     #: ``$value`` as the annotation templates print it (only for alerts whose annotations show it).
     value: str = ""
+    #: Where a NaN began as the NonFinite alert says it (step, variable, layer); None: not known.
+    origin: tuple[int, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,15 @@ BASICS: list[Case] = [
             series(metrics.NONFINITE.name, _BIAS, "0x240"),
         ],
         [Check(NONFINITE, "7m", [alert_labels(_DENSE)], value="7"), Check(NONFINITE, "50m")],
+    ),
+    Case(
+        "the NaN alert says where the NaN began: the origin variable and its step, from gradtel_nonfinite_origin_step",
+        [
+            series(metrics.STEPS.name, RUN, "0+10x240"),
+            series(metrics.NONFINITE.name, _DENSE, "0x20 0+1x10 10x210"),
+            series(metrics.NONFINITE_ORIGIN.name, _DENSE, "_x20 201x220"),
+        ],
+        [Check(NONFINITE, "7m", [alert_labels(_DENSE)], value="7", origin=(201, "dense/kernel", "dense"))],
     ),
     Case(
         "an all-zero gradient at every step fires after its window, not before its for: duration",
@@ -474,8 +485,13 @@ _LABEL = re.compile(r"\{\{\s*\$labels\.(\w+)\s*\}\}")
 _VALUE = re.compile(r"\{\{\s*\$value(?:\s*\|\s*humanize)?\s*\}\}")
 
 
-def render(template: str, labels: dict[str, str], value: str) -> str:
-    """Expand the two template forms gradtel's annotations use: ``$labels.x`` and ``$value``."""
+def render(template: str, labels: dict[str, str], value: str, origin: tuple[int, str, str] | None = None) -> str:
+    """Expand the template forms gradtel's annotations use: ``$labels.x``, ``$value`` and the NonFinite alert's
+    query of where the NaN began (``origin``, as the check expects it)."""
+    said = alerts.NO_ORIGIN
+    if origin is not None:
+        said = f"The first non-finite gradient was at step {origin[0]} in {origin[1]} (layer {origin[2]}). "
+    template = template.replace(alerts.nonfinite_origin(), said)
     text = _VALUE.sub(value, _LABEL.sub(lambda m: labels.get(m.group(1), ""), template))
     if "{{" in text:
         raise ValueError(f"unsupported template syntax left in {text!r}")
@@ -498,7 +514,8 @@ def promtool_tests(cases: list[Case], rule_file: str = RULE_FILE) -> dict[str, A
                         {
                             "exp_labels": {**labels, **rule["labels"]},
                             "exp_annotations": {
-                                key: render(text, labels, check.value) for key, text in rule["annotations"].items()
+                                key: render(text, labels, check.value, check.origin)
+                                for key, text in rule["annotations"].items()
                             },
                         }
                         for labels in check.expected
