@@ -24,13 +24,18 @@ def run(quick: bool) -> dict[str, Any]:
         for builder in cases:
             plains[builder] = models.graph_step(models.BUILDERS[builder]())
             timing.block(plains[builder], 1)
-        tf.debugging.experimental.enable_dump_debug_info(dump_root, tensor_debug_mode="NO_TENSOR",
-                                                         circular_buffer_size=1000)
+        tf.debugging.experimental.enable_dump_debug_info(
+            dump_root, tensor_debug_mode="NO_TENSOR", circular_buffer_size=1000
+        )
         try:
             for builder, steps in cases.items():
                 debugged = models.graph_step(models.BUILDERS[builder]())
-                ratios = timing.interleave({"plain": plains[builder], "tf_debugger_no_tensor": debugged}, "plain",
-                                           steps=steps, rounds=5 if quick else 9)
+                ratios = timing.interleave(
+                    {"plain": plains[builder], "tf_debugger_no_tensor": debugged},
+                    "plain",
+                    steps=steps,
+                    rounds=5 if quick else 9,
+                )
                 out[builder] = {n: r.as_dict() for n, r in ratios.items()}
         finally:
             tf.debugging.experimental.disable_dump_debug_info()

@@ -103,8 +103,13 @@ def one(n: int, mode: str, quick: bool) -> dict[str, Any]:
             active.clear()
 
     try:
-        ratio = timing.interleave({"quiet": lambda: timing.block(step, steps), "scraped_1hz": scraped}, "quiet",
-                                  steps=1, rounds=2 if quick else 6, warmup=0)["scraped_1hz"]
+        ratio = timing.interleave(
+            {"quiet": lambda: timing.block(step, steps), "scraped_1hz": scraped},
+            "quiet",
+            steps=1,
+            rounds=2 if quick else 6,
+            warmup=0,
+        )["scraped_1hz"]
     finally:
         stop.set()
         child.join(30)

@@ -42,8 +42,14 @@ def _held(grads: list[Any]) -> Callable[[], list[Any]]:
             held.append(tf.Variable(g))
 
     def read() -> list[Any]:
-        return [tf.IndexedSlices(h[0].read_value(), h[1].read_value(), h[2]) if isinstance(h, tuple)
-                else None if h is None else h.read_value() for h in held]
+        return [
+            tf.IndexedSlices(h[0].read_value(), h[1].read_value(), h[2])
+            if isinstance(h, tuple)
+            else None
+            if h is None
+            else h.read_value()
+            for h in held
+        ]
 
     read.held = held  # type: ignore[attr-defined]  # keep the variables alive
     return read
@@ -65,6 +71,7 @@ def _adam_fn(optimizer: Any, read: Callable[[], list[Any]], variables: list[Any]
 
 def _touch(read: Callable[[], list[Any]]) -> Any:
     """The call floor: read the same gradients and do nothing with them."""
+
     def fn() -> tf.Tensor:
         with tf.control_dependencies([tf.convert_to_tensor(g) for g in read() if g is not None]):
             return tf.constant(0.0)

@@ -66,8 +66,9 @@ def _slope(samples: list[list[int]]) -> float:
 
 
 def _child(args: list[str]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.memory", *args], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", *args], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -76,21 +77,29 @@ def _child(args: list[str]) -> dict[str, Any]:
 def run(quick: bool) -> dict[str, Any]:
     n = 2_000 if quick else 10_000
     inst, plain = _child(["--wide", str(n), "--instrumented"]), _child(["--wide", str(n)])
-    out: dict[str, Any] = {"wide": {
-        "variables": n,
-        "extra_after_steps_mib": ((inst["after_steps"] - inst["before"]) - (plain["after_steps"] - plain["before"]))
-        / MIB,
-        "extra_after_scrape_mib": ((inst["after_scrape"] - inst["before"])
-                                   - (plain["after_scrape"] - plain["before"])) / MIB,
-        "instrumented": inst, "plain": plain,
-    }}
+    out: dict[str, Any] = {
+        "wide": {
+            "variables": n,
+            "extra_after_steps_mib": ((inst["after_steps"] - inst["before"]) - (plain["after_steps"] - plain["before"]))
+            / MIB,
+            "extra_after_scrape_mib": (
+                (inst["after_scrape"] - inst["before"]) - (plain["after_scrape"] - plain["before"])
+            )
+            / MIB,
+            "instrumented": inst,
+            "plain": plain,
+        }
+    }
     steps, every = (5_000, 500) if quick else (100_000, 10_000)
     for name, flag in (("instrumented", ["--instrumented"]), ("plain", [])):
         length = steps if name == "instrumented" else steps // 2  # the plain twin is context: half as long
         result = _child(["--long", str(length), "--every", str(every), *flag])
         slope = _slope(result["samples"])
-        result.update(slope_bytes_per_step=slope, growth_mib_per_100k_steps=slope * 100_000 / MIB,
-                      first_to_last_mib=(result["samples"][-1][1] - result["samples"][1][1]) / MIB)
+        result.update(
+            slope_bytes_per_step=slope,
+            growth_mib_per_100k_steps=slope * 100_000 / MIB,
+            first_to_last_mib=(result["samples"][-1][1] - result["samples"][1][1]) / MIB,
+        )
         out[f"long_{name}"] = result
     return out
 

@@ -44,8 +44,17 @@ def deep_mlp(depth: int = 64, width: int = 32, batch: int = 16, seed: int = 0) -
     return Workload("deep_mlp", model, keras.optimizers.Adam(1e-4), x, y, keras.losses.MeanSquaredError())
 
 
-def transformer(vocab: int = 1000, seq: int = 32, d_model: int = 64, heads: int = 4, ff: int = 128,
-                blocks: int = 2, batch: int = 16, classes: int = 10, seed: int = 0) -> Workload:
+def transformer(
+    vocab: int = 1000,
+    seq: int = 32,
+    d_model: int = 64,
+    heads: int = 4,
+    ff: int = 128,
+    blocks: int = 2,
+    batch: int = 16,
+    classes: int = 10,
+    seed: int = 0,
+) -> Workload:
     """Realistic: a small Transformer encoder classifier (embedding gradients arrive as IndexedSlices)."""
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((seq,), dtype="int32")

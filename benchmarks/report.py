@@ -10,8 +10,14 @@ import sys
 from typing import Any
 
 #: The issue's targets. Ratios are medians of per-round ratios; "flat" means less than this many MiB per 100k steps.
-GOALS = {"deep_mlp": 1.03, "transformer": 1.01, "scrape_10k_ms": 250.0, "scraped_ratio": 1.02,
-         "first_step_ratio": 1.10, "extra_peak_share_10k": 0.10}
+GOALS = {
+    "deep_mlp": 1.03,
+    "transformer": 1.01,
+    "scrape_10k_ms": 250.0,
+    "scraped_ratio": 1.02,
+    "first_step_ratio": 1.10,
+    "extra_peak_share_10k": 0.10,
+}
 FLAT_MIB_PER_100K = 2.0
 
 
@@ -32,7 +38,8 @@ def _ms(d: dict[str, Any] | None, key: str) -> str:
 
 def _machine(m: dict[str, Any]) -> list[str]:
     return [
-        "| machine | |", "|---|---|",
+        "| machine | |",
+        "|---|---|",
         *(f"| {k} | {v} |" for k, v in m.items()),
     ]
 
@@ -58,8 +65,10 @@ def _overhead(res: dict[str, Any]) -> list[str]:
     for key in ("deep_mlp", "transformer"):
         d = (dbg.get(key) or {}).get("tf_debugger_no_tensor")
         if d:
-            lines.append(f"| {key} (own process) | tf_debugger_no_tensor | {_r(d)} | {_ms(d, 'base_step_ms')} | "
-                         f"{_ms(d, 'cand_step_ms')} |")
+            lines.append(
+                f"| {key} (own process) | tf_debugger_no_tensor | {_r(d)} | {_ms(d, 'base_step_ms')} | "
+                f"{_ms(d, 'cand_step_ms')} |"
+            )
     if "error" in so:
         lines += ["", f"step_overhead failed: `{so['error'][-300:]}`"]
     if "error" in dbg:
@@ -87,7 +96,8 @@ def _floor(res: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {key} | {d['variables']} | {d['adam_ms']:.2f} | {d['call_floor_ms']:.2f} | {d['stats_ms']:.2f} | "
             f"{d['ops_stats']} | {d['ops_adam']} | {d['ops_call_floor']} | "
-            f"{_spread(s['median'], s['q1'], s['q3'], 2)} | {cf} |")
+            f"{_spread(s['median'], s['q1'], s['q3'], 2)} | {cf} |"
+        )
     return lines
 
 
@@ -113,7 +123,8 @@ def _export(res: dict[str, Any]) -> list[str]:
             f"| {n} | {d['series']} | {d['response_bytes'] / 1024:.0f} | {d['collection_scrape_median_ms']:.0f} / "
             f"{d['collection_scrape_p90_ms']:.0f} | {d['served_scrape_median_ms']:.1f} / "
             f"{d['served_scrape_p90_ms']:.1f} | {d['collection_interval_s']:.1f} | {during_ms} | "
-            f"{ratio} | {d['trace_s']:.1f} |")
+            f"{ratio} | {d['trace_s']:.1f} |"
+        )
     return lines
 
 
@@ -124,17 +135,20 @@ def _memory(res: dict[str, Any]) -> list[str]:
     lines = []
     wide = me.get("wide")
     if wide:
-        lines.append(f"- {wide['variables']} variables: gradtel's extra RSS vs the plain twin "
-                     f"{wide['extra_after_steps_mib']:.1f} MiB after tracing + 20 steps, "
-                     f"{wide['extra_after_scrape_mib']:.1f} MiB after the first scrape.")
+        lines.append(
+            f"- {wide['variables']} variables: gradtel's extra RSS vs the plain twin "
+            f"{wide['extra_after_steps_mib']:.1f} MiB after tracing + 20 steps, "
+            f"{wide['extra_after_scrape_mib']:.1f} MiB after the first scrape."
+        )
     for name in ("long_instrumented", "long_plain"):
         d = me.get(name)
         if d:
             samples = ", ".join(f"{s[1] / 2**20:.0f}" for s in d["samples"])
-            lines.append(f"- long run, {name.split('_')[1]}: {d['samples'][-1][0]} steps in {d['seconds']:.0f} s; "
-                         f"RSS MiB every {d['samples'][1][0]} steps: {samples}; slope "
-                         f"{d['slope_bytes_per_step']:.2f} B/step = {d['growth_mib_per_100k_steps']:.2f} MiB/100k steps"
-                         )
+            lines.append(
+                f"- long run, {name.split('_')[1]}: {d['samples'][-1][0]} steps in {d['seconds']:.0f} s; "
+                f"RSS MiB every {d['samples'][1][0]} steps: {samples}; slope "
+                f"{d['slope_bytes_per_step']:.2f} B/step = {d['growth_mib_per_100k_steps']:.2f} MiB/100k steps"
+            )
     return lines
 
 
@@ -175,9 +189,17 @@ def _startup(res: dict[str, Any]) -> list[str]:
         "plain model MiB | extra peak MiB | extra share | extra KiB/variable | extra MiB after step 2 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    columns = (("plain_first_step_s", 2), ("gradtel_first_step_s", 2), ("first_step_ratio", 3),
-               ("plain_peak_rss_mib", 0), ("plain_own_peak_mib", 0), ("extra_peak_rss_mib", 1),
-               ("extra_peak_rss_share", 3), ("extra_kib_per_variable", 1), ("extra_end_rss_mib", 1))
+    columns = (
+        ("plain_first_step_s", 2),
+        ("gradtel_first_step_s", 2),
+        ("first_step_ratio", 3),
+        ("plain_peak_rss_mib", 0),
+        ("plain_own_peak_mib", 0),
+        ("extra_peak_rss_mib", 1),
+        ("extra_peak_rss_share", 3),
+        ("extra_kib_per_variable", 1),
+        ("extra_end_rss_mib", 1),
+    )
     for d in _startup_sizes(su):
         rounds = "/".join(str(len(d["rounds"][v])) for v in ("plain", "gradtel"))
         cells = " | ".join(_startup_cell(d, name, digits) for name, digits in columns)
@@ -194,8 +216,14 @@ def _startup(res: dict[str, Any]) -> list[str]:
             "extra peak MiB | extra KiB/variable |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        columns = (("plain_trace_s", 2), ("gradtel_trace_s", 2), ("trace_ratio", 3), ("plain_peak_rss_mib", 0),
-                   ("extra_peak_rss_mib", 1), ("extra_kib_per_variable", 1))
+        columns = (
+            ("plain_trace_s", 2),
+            ("gradtel_trace_s", 2),
+            ("trace_ratio", 3),
+            ("plain_peak_rss_mib", 0),
+            ("extra_peak_rss_mib", 1),
+            ("extra_kib_per_variable", 1),
+        )
         for d in traces:
             rounds = "/".join(str(len(d["rounds"][v])) for v in ("plain", "gradtel"))
             cells = " | ".join(_startup_cell(d, name, digits) for name, digits in columns)
@@ -214,22 +242,39 @@ def _startup_goals(su: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         missed = False if "plain" not in errors and "did not finish" in errors.get("gradtel", "") else None
         ratio, share = d.get("first_step_ratio"), d.get("extra_peak_rss_share")
         g = GOALS["first_step_ratio"]
-        out.append((f"first step (trace + first call) at {d['variables']:,} variables <= {g}x plain",
-                    f"{_startup_cell(d, 'first_step_ratio', 3)}, n={ratio['rounds']}" if ratio
-                    else _startup_cell(d, "gradtel_first_step_s", 2),
-                    ratio["median"] <= g if ratio else missed))
+        out.append(
+            (
+                f"first step (trace + first call) at {d['variables']:,} variables <= {g}x plain",
+                f"{_startup_cell(d, 'first_step_ratio', 3)}, n={ratio['rounds']}"
+                if ratio
+                else _startup_cell(d, "gradtel_first_step_s", 2),
+                ratio["median"] <= g if ratio else missed,
+            )
+        )
         if d["variables"] == 10_000:
             g = GOALS["extra_peak_share_10k"]
-            out.append((f"extra peak RSS at 10,000 variables <= {g:.0%} of the plain process's",
-                        f"{share['median']:.1%} ({d['extra_peak_rss_mib']['median']:.0f} MiB)" if share
-                        else _startup_cell(d, "gradtel_first_step_s", 2), share["median"] <= g if share else missed))
+            out.append(
+                (
+                    f"extra peak RSS at 10,000 variables <= {g:.0%} of the plain process's",
+                    f"{share['median']:.1%} ({d['extra_peak_rss_mib']['median']:.0f} MiB)"
+                    if share
+                    else _startup_cell(d, "gradtel_first_step_s", 2),
+                    share["median"] <= g if share else missed,
+                )
+            )
     for d in _startup_sizes(su.get("trace", {})):
         errors = d.get("errors", {})
         missed = False if "plain" not in errors and "did not finish" in errors.get("gradtel", "") else None
         ratio, g = d.get("trace_ratio"), GOALS["first_step_ratio"]
-        out.append((f"trace of the step at {d['variables']:,} variables <= {g}x plain",
-                    f"{_startup_cell(d, 'trace_ratio', 3)}, n={ratio['rounds']}" if ratio
-                    else _startup_cell(d, "gradtel_trace_s", 2), ratio["median"] <= g if ratio else missed))
+        out.append(
+            (
+                f"trace of the step at {d['variables']:,} variables <= {g}x plain",
+                f"{_startup_cell(d, 'trace_ratio', 3)}, n={ratio['rounds']}"
+                if ratio
+                else _startup_cell(d, "gradtel_trace_s", 2),
+                ratio["median"] <= g if ratio else missed,
+            )
+        )
     return out
 
 
@@ -246,21 +291,41 @@ def goals(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         ok = d is not None and "error" not in d
         what = "one series set each" if mode == "variable" else "default auto series"
         limit, ratio_goal = GOALS["scrape_10k_ms"], GOALS["scraped_ratio"]
-        out.append((f"scrape of 10,000 variables ({what}), served from the last collection, p90 <= {limit:.0f} ms",
-                    f"median {d['served_scrape_median_ms']:.1f} ms, p90 {d['served_scrape_p90_ms']:.1f} ms" if ok
-                    else "n/a", d["served_scrape_p90_ms"] <= limit if ok else None))
-        out.append((f"scrape of 10,000 variables ({what}) that collects (one per {d['collection_interval_s']:.0f} s) "
-                    f"<= {limit:.0f} ms" if ok else f"scrape of 10,000 variables ({what}) that collects",
-                    f"median {d['collection_scrape_median_ms']:.0f} ms" if ok else "n/a",
-                    d["collection_scrape_median_ms"] <= limit if ok else None))
-        out.append((f"step ratio scraped every second (10,000 variables, {what}) <= {ratio_goal}",
-                    _spread(d["step_ratio_scraped_1hz"], *d["step_ratio_scraped_1hz_iqr"], 3) if ok else "n/a",
-                    d["step_ratio_scraped_1hz"] <= ratio_goal if ok else None))
+        out.append(
+            (
+                f"scrape of 10,000 variables ({what}), served from the last collection, p90 <= {limit:.0f} ms",
+                f"median {d['served_scrape_median_ms']:.1f} ms, p90 {d['served_scrape_p90_ms']:.1f} ms"
+                if ok
+                else "n/a",
+                d["served_scrape_p90_ms"] <= limit if ok else None,
+            )
+        )
+        out.append(
+            (
+                f"scrape of 10,000 variables ({what}) that collects (one per {d['collection_interval_s']:.0f} s) "
+                f"<= {limit:.0f} ms"
+                if ok
+                else f"scrape of 10,000 variables ({what}) that collects",
+                f"median {d['collection_scrape_median_ms']:.0f} ms" if ok else "n/a",
+                d["collection_scrape_median_ms"] <= limit if ok else None,
+            )
+        )
+        out.append(
+            (
+                f"step ratio scraped every second (10,000 variables, {what}) <= {ratio_goal}",
+                _spread(d["step_ratio_scraped_1hz"], *d["step_ratio_scraped_1hz_iqr"], 3) if ok else "n/a",
+                d["step_ratio_scraped_1hz"] <= ratio_goal if ok else None,
+            )
+        )
     out += _startup_goals(res.get("startup", {}))
     d = me.get("long_instrumented")
-    out.append((f"no memory growth over the long run (< {FLAT_MIB_PER_100K} MiB/100k steps)",
-                f"{d['growth_mib_per_100k_steps']:.2f} MiB/100k steps over {d['samples'][-1][0]} steps" if d else "n/a",
-                abs(d["growth_mib_per_100k_steps"]) < FLAT_MIB_PER_100K if d else None))
+    out.append(
+        (
+            f"no memory growth over the long run (< {FLAT_MIB_PER_100K} MiB/100k steps)",
+            f"{d['growth_mib_per_100k_steps']:.2f} MiB/100k steps over {d['samples'][-1][0]} steps" if d else "n/a",
+            abs(d["growth_mib_per_100k_steps"]) < FLAT_MIB_PER_100K if d else None,
+        )
+    )
     return out
 
 
@@ -268,17 +333,48 @@ def markdown(res: dict[str, Any]) -> str:
     verdict = {True: "holds", False: "MISSED", None: "not measured"}
     lines = [
         f"# gradtel benchmarks ({res.get('mode')} run, {res.get('started_utc')}, {res.get('wall_s')} s)",
-        *(["", "Sections re-run later, their results replacing the first run's: " + ", ".join(
-            f"{name} ({when})" for name, when in res["rerun"].items())] if res.get("rerun") else []),
-        "", "## Goals", "", "| goal | measured | verdict |", "|---|---|---|",
+        *(
+            [
+                "",
+                "Sections re-run later, their results replacing the first run's: "
+                + ", ".join(f"{name} ({when})" for name, when in res["rerun"].items()),
+            ]
+            if res.get("rerun")
+            else []
+        ),
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | verdict |",
+        "|---|---|---|",
         *(f"| {g} | {m} | {verdict[h]} |" for g, m, h in goals(res)),
-        "", "## Step overhead (instrumented vs plain twin, interleaved)", "", *_overhead(res),
-        "", "## Floor: statistics vs the optimizer's update on the same gradients", "", *_floor(res),
-        "", "## Export cost (gradtel's real /metrics endpoint)", "", *_export(res),
-        "", "## Memory", "", *_memory(res),
-        "", "## Start-up: first step and peak memory as the variables grow", "", *_startup(res),
-        "", "## Machine", "", *_machine(res.get("machine", {})),
-        "", f"Load average at end: {res.get('load_average_at_end')}", "",
+        "",
+        "## Step overhead (instrumented vs plain twin, interleaved)",
+        "",
+        *_overhead(res),
+        "",
+        "## Floor: statistics vs the optimizer's update on the same gradients",
+        "",
+        *_floor(res),
+        "",
+        "## Export cost (gradtel's real /metrics endpoint)",
+        "",
+        *_export(res),
+        "",
+        "## Memory",
+        "",
+        *_memory(res),
+        "",
+        "## Start-up: first step and peak memory as the variables grow",
+        "",
+        *_startup(res),
+        "",
+        "## Machine",
+        "",
+        *_machine(res.get("machine", {})),
+        "",
+        f"Load average at end: {res.get('load_average_at_end')}",
+        "",
     ]
     return "\n".join(lines)
 

@@ -39,9 +39,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (a smoke run, ~6-8 min)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
-    parser.add_argument("--merge", action="store_true",
-                        help="replace only the sections run in the existing latest.json (the report names them "
-                             "and when they were re-run)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the sections run in the existing latest.json (the report names them "
+        "and when they were re-run)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.json and latest.md")
     args = parser.parse_args()
     started = time.perf_counter()

@@ -101,8 +101,9 @@ def eager(steps: int, rounds: int) -> dict[str, Any]:
     """The custom loop without tf.function (gradtel calls its own traced statistics function each step)."""
     plain, inst = models.deep_mlp(depth=16), models.deep_mlp(depth=16)
     gradtel.instrument(inst.optimizer, start_exporter=False)
-    ratios = timing.interleave({"plain": models.eager_step(plain), "gradtel": models.eager_step(inst)}, "plain",
-                               steps=steps, rounds=rounds)
+    ratios = timing.interleave(
+        {"plain": models.eager_step(plain), "gradtel": models.eager_step(inst)}, "plain", steps=steps, rounds=rounds
+    )
     return {n: r.as_dict() for n, r in ratios.items()}
 
 
@@ -111,11 +112,13 @@ def run(quick: bool) -> dict[str, Any]:
     keras.config.disable_interactive_logging()
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as logdir:
-        out["deep_mlp"] = custom_loop("deep_mlp", steps=10 if quick else 20, rounds=5 if quick else 31,
-                                      alternatives=True, logdir=logdir)
+        out["deep_mlp"] = custom_loop(
+            "deep_mlp", steps=10 if quick else 20, rounds=5 if quick else 31, alternatives=True, logdir=logdir
+        )
         # quick: the transformer without the alternatives (each one is another slow Keras trace)
-        out["transformer"] = custom_loop("transformer", steps=3 if quick else 10, rounds=3 if quick else 31,
-                                         alternatives=not quick, logdir=logdir)
+        out["transformer"] = custom_loop(
+            "transformer", steps=3 if quick else 10, rounds=3 if quick else 31, alternatives=not quick, logdir=logdir
+        )
     out["fit_jit_deep_mlp"] = fit_jit(steps=10 if quick else 50, rounds=2 if quick else 11)
     out["eager_deep_mlp16"] = eager(steps=2 if quick else 5, rounds=2 if quick else 9)
     return out

@@ -33,8 +33,10 @@ class Ratio:
         return asdict(self)
 
     def text(self) -> str:
-        return (f"{self.median:.3f} (IQR {self.q1:.3f}-{self.q3:.3f}, min-max {self.minimum:.3f}-{self.maximum:.3f}, "
-                f"n={self.rounds})")
+        return (
+            f"{self.median:.3f} (IQR {self.q1:.3f}-{self.q3:.3f}, min-max {self.minimum:.3f}-{self.maximum:.3f}, "
+            f"n={self.rounds})"
+        )
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -48,8 +50,16 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
 def summarise(base: list[float], cand: list[float], steps: int) -> Ratio:
     ratios = [c / b for b, c in zip(base, cand, strict=True)]
     q1, med, q3 = quantiles(ratios)
-    return Ratio(med, q1, q3, min(ratios), max(ratios), len(ratios),
-                 1e3 * statistics.median(base) / steps, 1e3 * statistics.median(cand) / steps)
+    return Ratio(
+        med,
+        q1,
+        q3,
+        min(ratios),
+        max(ratios),
+        len(ratios),
+        1e3 * statistics.median(base) / steps,
+        1e3 * statistics.median(cand) / steps,
+    )
 
 
 def sync(value: Any) -> None:
@@ -70,8 +80,9 @@ def block(run: Callable[[], Any], steps: int) -> float:
     return time.perf_counter() - start
 
 
-def interleave(runners: Mapping[str, Callable[[], Any]], baseline: str, steps: int, rounds: int,
-               warmup: int = 3) -> dict[str, Ratio]:
+def interleave(
+    runners: Mapping[str, Callable[[], Any]], baseline: str, steps: int, rounds: int, warmup: int = 3
+) -> dict[str, Ratio]:
     """Time every runner in alternating blocks; return each non-baseline runner's ratio against ``baseline``.
 
     Each round runs all runners once, in forward order on even rounds and reverse order on odd ones.
@@ -81,7 +92,7 @@ def interleave(runners: Mapping[str, Callable[[], Any]], baseline: str, steps: i
         block(runners[name], warmup)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(block(runners[name], steps))
     return {n: summarise(times[baseline], times[n], steps) for n in names if n != baseline}
 

@@ -71,8 +71,10 @@ def any_of(names: Sequence[metrics.Metric], filters: Sequence[str]) -> str:
     every variable is missing has no norm series, only missing counters: a list of layers must read both)."""
     carried = set(TARGET_LABELS).union(*(set(m.labels) for m in names))
     carried = {label for label in carried if all(label in (*TARGET_LABELS, *m.labels) for m in names)}
-    matchers = [f'__name__=~"{"|".join(m.name for m in names)}"',
-                *(f'{name}=~"${name}"' for name in filters if name in carried)]
+    matchers = [
+        f'__name__=~"{"|".join(m.name for m in names)}"',
+        *(f'{name}=~"${name}"' for name in filters if name in carried),
+    ]
     return f"{{{', '.join(matchers)}}}"
 
 
@@ -93,9 +95,7 @@ def share_of_steps(metric: metrics.Metric, filters: Sequence[str], *extra: str) 
     Dividing by the run's step rate makes the value independent of how fast the run trains.
     """
     return (
-        f"{rate(metric, filters, *extra)}\n"
-        f"  / on ({', '.join(RUN_KEY)}) group_left ()\n"
-        f"{rate(metrics.STEPS, filters)}"
+        f"{rate(metric, filters, *extra)}\n  / on ({', '.join(RUN_KEY)}) group_left ()\n{rate(metrics.STEPS, filters)}"
     )
 
 
@@ -114,8 +114,9 @@ def datasource_variable() -> dashboard.DatasourceVariable:
     return dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
 
 
-def label_variable(label: str, metric: metrics.Metric | Sequence[metrics.Metric],
-                   filters: Sequence[str]) -> dashboard.QueryVariable:
+def label_variable(
+    label: str, metric: metrics.Metric | Sequence[metrics.Metric], filters: Sequence[str]
+) -> dashboard.QueryVariable:
     """A multi-select variable of the values of ``label`` on ``metric`` (or on any of several metrics), narrowed
     by earlier variables. "All" is ``.+``, or ``.*`` for a label that may be absent."""
     source = selector(metric, filters) if isinstance(metric, metrics.Metric) else any_of(metric, filters)
@@ -134,17 +135,14 @@ def label_variable(label: str, metric: metrics.Metric | Sequence[metrics.Metric]
 
 def regex_variable(label: str, description: str) -> dashboard.TextBoxVariable:
     """A free-text regular expression on ``label`` (variable names are too many for a drop-down)."""
-    return (
-        dashboard.TextBoxVariable(label)
-        .label(f"{label.title()} regex")
-        .description(description)
-        .default_value(".+")
-    )
+    return dashboard.TextBoxVariable(label).label(f"{label.title()} regex").description(description).default_value(".+")
 
 
 def _thresholds(*steps: tuple[float | None, str]) -> dashboard.ThresholdsConfig:
-    return dashboard.ThresholdsConfig().mode(models.ThresholdsMode.ABSOLUTE).steps(
-        [models.Threshold(value=value, color=color) for value, color in steps]
+    return (
+        dashboard.ThresholdsConfig()
+        .mode(models.ThresholdsMode.ABSOLUTE)
+        .steps([models.Threshold(value=value, color=color) for value, color in steps])
     )
 
 
@@ -172,14 +170,18 @@ def timeseries_panel(
         .targets(list(targets))
         .span(width)
         .height(8)
-        .legend(common_builders.VizLegendOptions()
-                .show_legend(True)
-                .display_mode(common_models.LegendDisplayMode.TABLE)
-                .placement(common_models.LegendPlacement.RIGHT)
-                .calcs(["lastNotNull", "max"]))
-        .tooltip(common_builders.VizTooltipOptions()
-                 .mode(common_models.TooltipDisplayMode.MULTI)
-                 .sort(common_models.SortOrder.DESCENDING))
+        .legend(
+            common_builders.VizLegendOptions()
+            .show_legend(True)
+            .display_mode(common_models.LegendDisplayMode.TABLE)
+            .placement(common_models.LegendPlacement.RIGHT)
+            .calcs(["lastNotNull", "max"])
+        )
+        .tooltip(
+            common_builders.VizTooltipOptions()
+            .mode(common_models.TooltipDisplayMode.MULTI)
+            .sort(common_models.SortOrder.DESCENDING)
+        )
     )
     if log_scale:
         panel = panel.scale_distribution(
@@ -191,8 +193,9 @@ def timeseries_panel(
     return panel
 
 
-def stat_panel(title: str, description: str, unit: str, expr: str,
-               thresholds: dashboard.ThresholdsConfig | None = None) -> stat.Panel:
+def stat_panel(
+    title: str, description: str, unit: str, expr: str, thresholds: dashboard.ThresholdsConfig | None = None
+) -> stat.Panel:
     """A single number (the latest value of ``expr``), coloured by ``thresholds`` when given."""
     panel = (
         stat.Panel()
@@ -204,8 +207,7 @@ def stat_panel(title: str, description: str, unit: str, expr: str,
         .span(4)
         .height(4)
         .no_value("0")
-        .color_mode(common_models.BigValueColorMode.BACKGROUND if thresholds else
-                    common_models.BigValueColorMode.NONE)
+        .color_mode(common_models.BigValueColorMode.BACKGROUND if thresholds else common_models.BigValueColorMode.NONE)
         .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
     )
     return panel.thresholds(thresholds) if thresholds else panel
@@ -213,9 +215,21 @@ def stat_panel(title: str, description: str, unit: str, expr: str,
 
 def runbook_links(panel: table.Panel) -> table.Panel:
     """Each cell of the ``alertname`` column links to that alert's runbook section."""
-    return panel.override_by_name("alertname", [models.DynamicConfigValue(id_val="links", value=[{
-        "title": "Runbook: ${__value.raw}", "url": f"{RUNBOOK_URL}#${{__value.raw}}", "targetBlank": True,
-    }])])
+    return panel.override_by_name(
+        "alertname",
+        [
+            models.DynamicConfigValue(
+                id_val="links",
+                value=[
+                    {
+                        "title": "Runbook: ${__value.raw}",
+                        "url": f"{RUNBOOK_URL}#${{__value.raw}}",
+                        "targetBlank": True,
+                    }
+                ],
+            )
+        ],
+    )
 
 
 def table_panel(title: str, description: str, unit: str, expr: str, *, width: int = 24) -> table.Panel:
@@ -230,10 +244,12 @@ def table_panel(title: str, description: str, unit: str, expr: str, *, width: in
         .span(width)
         .height(8)
         .no_value("none")
-        .with_transformation(models.DataTransformerConfig(
-            id_val="organize",
-            options={"excludeByName": {"Time": True, "otel_scope_name": True, "otel_scope_version": True}},
-        ))
+        .with_transformation(
+            models.DataTransformerConfig(
+                id_val="organize",
+                options={"excludeByName": {"Time": True, "otel_scope_name": True, "otel_scope_version": True}},
+            )
+        )
     )
 
 
@@ -284,12 +300,14 @@ def build(
         .refresh("30s")
         .timezone("browser")
         .tooltip(models.DashboardCursorSync.CROSSHAIR)
-        .link(dashboard.DashboardLink("gradtel dashboards")
-              .type(models.DashboardLinkType.DASHBOARDS)
-              .tags([TAG])
-              .as_dropdown(True)
-              .include_vars(True)
-              .keep_time(True))
+        .link(
+            dashboard.DashboardLink("gradtel dashboards")
+            .type(models.DashboardLinkType.DASHBOARDS)
+            .tags([TAG])
+            .as_dropdown(True)
+            .include_vars(True)
+            .keep_time(True)
+        )
         .variables([datasource_variable(), *variables])
     )
     panel_id = 0

@@ -28,23 +28,31 @@ def _norms() -> list[Any]:
             "Gradient norm by variable",
             "L2 norm of each variable's gradient at the latest step (log scale). Gaps are steps whose "
             "gradient was missing or non-finite.",
-            "none", [common.query(common.selector(metrics.NORM, FILTERS), legend=_LEGEND)], log_scale=True,
+            "none",
+            [common.query(common.selector(metrics.NORM, FILTERS), legend=_LEGEND)],
+            log_scale=True,
         ),
         common.timeseries_panel(
             "Largest gradient element by variable",
             "Largest absolute element of each variable's gradient at the latest step (log scale): one huge "
             "element with a modest norm points at a single unstable unit. Measured only when the job sets "
             "GRADTEL_MAX_ABS=true (or instrument(max_abs=True)); empty otherwise.",
-            "none", [common.query(common.selector(metrics.MAX_ABS, FILTERS), legend=_LEGEND)], log_scale=True,
+            "none",
+            [common.query(common.selector(metrics.MAX_ABS, FILTERS), legend=_LEGEND)],
+            log_scale=True,
         ),
         common.timeseries_panel(
             "Gradient norm by layer",
             "L2 norm of each layer's gradients (the root of the sum of its variables' squared norms), over "
             "variables with a finite gradient (log scale).",
             "none",
-            [common.query(f"sqrt(sum {common.by(_LAYER_KEY)} ({finite_norm} ^ 2))",
-                          legend="{{layer}} {{run}} {{instance}}")],
-            log_scale=True, width=24,
+            [
+                common.query(
+                    f"sqrt(sum {common.by(_LAYER_KEY)} ({finite_norm} ^ 2))", legend="{{layer}} {{run}} {{instance}}"
+                )
+            ],
+            log_scale=True,
+            width=24,
         ),
     ]
 
@@ -63,13 +71,15 @@ def _states() -> list[Any]:
             "All-zero gradients",
             "Variables whose gradient was exactly zero, coloured by the share of steps (red: every step). "
             "Only variables with all-zero gradients appear.",
-            f"{common.share_of_steps(metrics.ZERO, FILTERS)} > 0", _LEGEND,
+            f"{common.share_of_steps(metrics.ZERO, FILTERS)} > 0",
+            _LEGEND,
         ),
         common.state_timeline_panel(
             "Non-finite gradients",
             "Variables whose gradient held NaN or Inf, coloured by the share of steps (red: every step). "
             "Only variables with non-finite gradients appear.",
-            f"{common.share_of_steps(metrics.NONFINITE, FILTERS)} > 0", _LEGEND,
+            f"{common.share_of_steps(metrics.NONFINITE, FILTERS)} > 0",
+            _LEGEND,
         ),
     ]
 
@@ -80,11 +90,15 @@ def build() -> dict[str, Any]:
         common.label_variable(label, _LAYER_SOURCES if label == "layer" else metrics.STEPS, FILTERS[:i])
         for i, label in enumerate(FILTERS[:-1])
     ]
-    variables.append(common.regex_variable(
-        "variable", "Regular expression on the variable name, for example .*kernel or dense_1/.*",
-    ))
+    variables.append(
+        common.regex_variable(
+            "variable",
+            "Regular expression on the variable name, for example .*kernel or dense_1/.*",
+        )
+    )
     return common.build(
-        UID, TITLE,
+        UID,
+        TITLE,
         "Per-layer and per-variable gradient telemetry of gradtel-instrumented runs.",
         variables,
         [("Gradient norms", _norms()), ("Unhealthy gradients", _states())],

@@ -159,19 +159,13 @@ def _share_of_steps(metric: metrics.Metric, window: str, matchers: str = "") -> 
     Counter resets (a restart at the same address) are handled by rate().
     """
     selector = f"{metric.name}{{{matchers}}}" if matchers else metric.name
-    return (
-        f"rate({selector}[{window}])\n"
-        f"  / {_on(RUN_KEY)} group_left ()\n"
-        f"rate({metrics.STEPS.name}[{window}])"
-    )
+    return f"rate({selector}[{window}])\n  / {_on(RUN_KEY)} group_left ()\nrate({metrics.STEPS.name}[{window}])"
 
 
 def _share_since_start(metric: metrics.Metric, matchers: str) -> str:
     """Per series of ``metric``: the fraction of all the process's steps that ``metric`` counted. True from the
     first scrape of a variable missing since the first step (a rate needs a second scrape first)."""
-    return (f"{metric.name}{{{matchers}}}\n"
-            f"  / {_on(RUN_KEY)} group_left ()\n"
-            f"{metrics.STEPS.name}")
+    return f"{metric.name}{{{matchers}}}\n  / {_on(RUN_KEY)} group_left ()\n{metrics.STEPS.name}"
 
 
 def _median(window: str, offset: str = "") -> str:
@@ -182,12 +176,17 @@ def _median(window: str, offset: str = "") -> str:
 def _against_baseline(c: Config, comparison: str, factor: float) -> str:
     """The process's recent median norm compared with ``factor`` times its own median before that; a process
     younger than ``norm_min_history`` (a restart included) has no baseline yet."""
-    return _per_job(c, (
-        f"{_median(c.norm_recent)}\n"
-        f"  {comparison} {factor:g} * {_median(c.norm_baseline, c.norm_recent)}\n"
-        f"and {FINITE_GLOBAL_NORM} offset {c.norm_min_history}\n"
-        f"and {FINITE_GLOBAL_NORM}"
-    ), "worker", PROCESS_START_LABEL)
+    return _per_job(
+        c,
+        (
+            f"{_median(c.norm_recent)}\n"
+            f"  {comparison} {factor:g} * {_median(c.norm_baseline, c.norm_recent)}\n"
+            f"and {FINITE_GLOBAL_NORM} offset {c.norm_min_history}\n"
+            f"and {FINITE_GLOBAL_NORM}"
+        ),
+        "worker",
+        PROCESS_START_LABEL,
+    )
 
 
 def _process_age_at_least(window: str) -> str:
@@ -197,14 +196,18 @@ def _process_age_at_least(window: str) -> str:
 def _stalled(c: Config) -> str:
     steps = metrics.STEPS.name
     paused = f'{metrics.PHASE.name}{{phase!="train"}} == 1'
-    return _per_job(c, (
-        f"(\n  increase({steps}[{c.stalled_window}]) == 0\n"
-        f"  unless {_on(PROCESS_KEY)} ({paused})\n"
-        f"  {_process_age_at_least(c.stalled_window)}\n)\n"
-        f"or\n"
-        f"(\n  increase({steps}[{c.paused_stalled_window}]) == 0\n"
-        f"  {_process_age_at_least(c.paused_stalled_window)}\n)"
-    ), "worker")
+    return _per_job(
+        c,
+        (
+            f"(\n  increase({steps}[{c.stalled_window}]) == 0\n"
+            f"  unless {_on(PROCESS_KEY)} ({paused})\n"
+            f"  {_process_age_at_least(c.stalled_window)}\n)\n"
+            f"or\n"
+            f"(\n  increase({steps}[{c.paused_stalled_window}]) == 0\n"
+            f"  {_process_age_at_least(c.paused_stalled_window)}\n)"
+        ),
+        "worker",
+    )
 
 
 def _restarts(c: Config) -> str:
@@ -221,12 +224,16 @@ def _restarts(c: Config) -> str:
 
 def recording_rules() -> list[dict[str, Any]]:
     """Recording rules the alerts build on."""
-    per_process = (f"count_values without () (\"{PROCESS_START_LABEL}\", {metrics.PROCESS_START.name})")
-    return [{
-        "record": FINITE_GLOBAL_NORM,
-        "expr": (f"({metrics.GLOBAL_NORM.name} < +Inf)\n"
-                 f"  * {_on(PROCESS_KEY)} group_left ({PROCESS_START_LABEL})\n{per_process}"),
-    }]
+    per_process = f'count_values without () ("{PROCESS_START_LABEL}", {metrics.PROCESS_START.name})'
+    return [
+        {
+            "record": FINITE_GLOBAL_NORM,
+            "expr": (
+                f"({metrics.GLOBAL_NORM.name} < +Inf)\n"
+                f"  * {_on(PROCESS_KEY)} group_left ({PROCESS_START_LABEL})\n{per_process}"
+            ),
+        }
+    ]
 
 
 def alerts(c: Config = Config()) -> list[Alert]:
@@ -237,12 +244,17 @@ def alerts(c: Config = Config()) -> list[Alert]:
     return [
         Alert(
             "GradtelVariableDisconnected",
-            _per_job(c, (
-                f"(\n{_share_of_steps(metrics.MISSING, c.missing_window, _UNEXPECTED)}\n  {every}\n"
-                f"or\n{_share_since_start(metrics.MISSING, _UNEXPECTED)}\n  {every}\n)\n"
-                f"and {metrics.MISSING.name}{{{_UNEXPECTED}}} >= {c.missing_min_steps}"
-            ), "worker"),
-            c.missing_for, "warning",
+            _per_job(
+                c,
+                (
+                    f"(\n{_share_of_steps(metrics.MISSING, c.missing_window, _UNEXPECTED)}\n  {every}\n"
+                    f"or\n{_share_since_start(metrics.MISSING, _UNEXPECTED)}\n  {every}\n)\n"
+                    f"and {metrics.MISSING.name}{{{_UNEXPECTED}}} >= {c.missing_min_steps}"
+                ),
+                "worker",
+            ),
+            c.missing_for,
+            "warning",
             "A trainable variable gets no gradient: it is not training.",
             f"{variable} had no gradient (None) at every step for {c.missing_for} or more; diagnosed cause: "
             "{{ $labels.cause }}. The optimizer never updates it. Declare it with expect_missing if this is "
@@ -251,7 +263,8 @@ def alerts(c: Config = Config()) -> list[Alert]:
         Alert(
             "GradtelGradientNonFinite",
             _per_job(c, f"increase({metrics.NONFINITE.name}[{c.nonfinite_window}]) > 0\n{_alive()}", "worker"),
-            c.nonfinite_for, "critical",
+            c.nonfinite_for,
+            "critical",
             "Gradients hold NaN or Inf: the run is diverging.",
             f"{variable} had a NaN or Inf gradient in {{{{ $value | humanize }}}} steps over the last "
             f"{c.nonfinite_window}. Applying it corrupts the weights. The alert keeps firing "
@@ -261,7 +274,8 @@ def alerts(c: Config = Config()) -> list[Alert]:
         Alert(
             "GradtelGradientAllZero",
             _per_job(c, f"{_share_of_steps(metrics.ZERO, c.zero_window)}\n  {every}\n{_alive()}", "worker"),
-            c.zero_for, "warning",
+            c.zero_for,
+            "warning",
             "A variable's gradient is exactly zero at every step.",
             f"{variable} had an all-zero gradient at every step for {c.zero_window} or more: it is "
             "connected to the loss but does not learn (dead units, a zero-gradient op, float16 underflow).",
@@ -269,7 +283,8 @@ def alerts(c: Config = Config()) -> list[Alert]:
         Alert(
             "GradtelGradientNormExploding",
             _against_baseline(c, ">", c.exploding_factor),
-            c.exploding_for, "warning",
+            c.exploding_for,
+            "warning",
             "The global gradient norm grew far above the run's own baseline.",
             f"The median global gradient norm of {run} over {c.norm_recent} is "
             f"{{{{ $value | humanize }}}}, more than {c.exploding_factor:g}x its median over the "
@@ -279,7 +294,8 @@ def alerts(c: Config = Config()) -> list[Alert]:
         Alert(
             "GradtelGradientNormVanishing",
             _against_baseline(c, "<", c.vanishing_factor),
-            c.vanishing_for, "warning",
+            c.vanishing_for,
+            "warning",
             "The global gradient norm collapsed far below the run's own baseline.",
             f"The median global gradient norm of {run} over {c.norm_recent} is "
             f"{{{{ $value | humanize }}}}, less than {c.vanishing_factor:g}x its median over the "
@@ -289,7 +305,8 @@ def alerts(c: Config = Config()) -> list[Alert]:
         Alert(
             "GradtelStepsStalled",
             _stalled(c),
-            c.stalled_for, "warning",
+            c.stalled_for,
+            "warning",
             "A training run stopped taking optimizer steps.",
             f"{run} took no optimizer step for {c.stalled_window} while training, or for "
             f"{c.paused_stalled_window} during a pause it declared (evaluation, epoch end, checkpoint, after "
@@ -299,7 +316,8 @@ def alerts(c: Config = Config()) -> list[Alert]:
         Alert(
             "GradtelCrashLooping",
             f"{_restarts(c)}\n  >= {c.crashloop_restarts}",
-            None, "warning",
+            None,
+            "warning",
             "A training job keeps restarting.",
             "Worker '{{ $labels.worker }}' of run {{ $labels.run }} (job {{ $labels.job }}) restarted "
             f"{{{{ $value }}}} times in {c.crashloop_window}: it crashes (or is killed) and starts again, so "
@@ -312,7 +330,8 @@ def alerts(c: Config = Config()) -> list[Alert]:
             f"up == 0 and {_on(TARGET_LABELS)}\n"
             f"  group by ({', '.join(TARGET_LABELS)})"
             f" (last_over_time({metrics.STEPS.name}[{c.target_memory}]))",
-            c.target_down_for, "warning",
+            c.target_down_for,
+            "warning",
             "Prometheus cannot scrape a gradtel training process.",
             "{{ $labels.job }}/{{ $labels.instance }} failed every scrape for "
             f"{c.target_down_for}: the process died or hangs, or its metrics endpoint is not reachable "
@@ -320,13 +339,13 @@ def alerts(c: Config = Config()) -> list[Alert]:
         ),
         Alert(
             "GradtelMetricsOverflow",
-            f'count by ({", ".join(TARGET_LABELS)}) ({{__name__=~"gradtel_.+", otel_metric_overflow="true"}})'
-            " > 0",
-            c.overflow_for, "warning",
+            f'count by ({", ".join(TARGET_LABELS)}) ({{__name__=~"gradtel_.+", otel_metric_overflow="true"}}) > 0',
+            c.overflow_for,
+            "warning",
             "gradtel hit its series limit: some variables' metrics are folded together.",
             "{{ $labels.job }}/{{ $labels.instance }}: {{ $value }} gradtel metrics exceeded the "
             "OpenTelemetry cardinality limit, so their extra series are folded into one "
-            "otel_metric_overflow=\"true\" series and some variables have no series of their own. Raise "
+            'otel_metric_overflow="true" series and some variables have no series of their own. Raise '
             "GRADTEL_MAX_SERIES.",
         ),
     ]

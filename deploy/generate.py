@@ -49,8 +49,12 @@ def outputs() -> dict[Path, str]:
     }
     files = {DASHBOARDS_DIR / name: text for name, text in dashboards.items()}
     files[RULES_FILE] = yamlio.dump({"groups": groups})
-    files.update({RULE_TESTS_DIR / f"{name}.yml": yamlio.dump(rule_tests.promtool_tests(cases))
-                  for name, cases in rule_tests.SCENARIOS.items()})
+    files.update(
+        {
+            RULE_TESTS_DIR / f"{name}.yml": yamlio.dump(rule_tests.promtool_tests(cases))
+            for name, cases in rule_tests.SCENARIOS.items()
+        }
+    )
     files.update({KUBERNETES_DIR / name: yamlio.dump(doc) for name, doc in manifests.items()})
     files[KUBERNETES_DIR / "kustomization.yaml"] = yamlio.dump(kubernetes.kustomization(list(manifests)))
     return files

@@ -61,12 +61,14 @@ def pod_monitor() -> dict[str, Any]:
         "metadata": {"name": "gradtel", "labels": dict(RELEASE_LABELS)},
         "spec": {
             "selector": {"matchLabels": dict(SCRAPE_LABEL)},
-            "podMetricsEndpoints": [{
-                "port": METRICS_PORT_NAME,
-                "path": METRICS_PATH,
-                "interval": SCRAPE_INTERVAL,
-                "relabelings": relabelings,
-            }],
+            "podMetricsEndpoints": [
+                {
+                    "port": METRICS_PORT_NAME,
+                    "path": METRICS_PATH,
+                    "interval": SCRAPE_INTERVAL,
+                    "relabelings": relabelings,
+                }
+            ],
         },
     }
 
@@ -117,8 +119,10 @@ def training_job() -> dict[str, Any]:
             _field_env("GRADTEL_RUN_ID", f"metadata.labels['{JOB_NAME_LABEL}']"),
             _field_env("POD_NAME", "metadata.name"),
             _field_env("POD_NAMESPACE", "metadata.namespace"),
-            {"name": "OTEL_RESOURCE_ATTRIBUTES",
-             "value": "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)"},
+            {
+                "name": "OTEL_RESOURCE_ATTRIBUTES",
+                "value": "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)",
+            },
         ],
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "resources": {

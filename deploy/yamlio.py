@@ -27,11 +27,9 @@ _Dumper.add_multi_representer(Name, lambda dumper, name: _represent_str(dumper, 
 
 def dump(document: Any) -> str:
     """One YAML document, keys in insertion order, with the generated-file header."""
-    return GENERATED_HEADER + yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=110,
-                                        allow_unicode=True)
+    return GENERATED_HEADER + yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=110, allow_unicode=True)
 
 
 def dump_all(documents: list[Any]) -> str:
     """Several YAML documents in one file (Kubernetes manifests)."""
-    return GENERATED_HEADER + yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, width=110,
-                                            allow_unicode=True)
+    return GENERATED_HEADER + yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, width=110, allow_unicode=True)

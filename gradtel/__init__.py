@@ -1,9 +1,9 @@
 """gradtel: per-variable gradient health for TensorFlow/Keras training, exported through OpenTelemetry.
 
-    import gradtel
-    handle = gradtel.instrument(optimizer)   # before the first step is traced
-    ...train...
-    gradtel.uninstrument(optimizer)          # restores the optimizer exactly
+import gradtel
+handle = gradtel.instrument(optimizer)   # before the first step is traced
+...train...
+gradtel.uninstrument(optimizer)          # restores the optimizer exactly
 """
 
 import importlib
@@ -19,8 +19,16 @@ from gradtel.version import __version__
 #: TF_USE_LEGACY_KERAS first, and the CLI starts fast).
 _LAZY = ("keras", "tf_keras")
 
-__all__ = ["Handle", "VariableRecord", "__version__", "instrument", "is_instrumented", "phase", "report",
-           "uninstrument"]
+__all__ = [
+    "Handle",
+    "VariableRecord",
+    "__version__",
+    "instrument",
+    "is_instrumented",
+    "phase",
+    "report",
+    "uninstrument",
+]
 
 
 def report() -> dict:

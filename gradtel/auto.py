@@ -49,8 +49,13 @@ def _after_init(optimizer: Any) -> None:
             uninstrument(inner)
         instrument(optimizer, **_options)
     except Exception:
-        log_once(log, logging.WARNING, "gradtel: could not instrument %s; it trains without gradtel.",
-                 type(optimizer).__name__, exc_info=True)
+        log_once(
+            log,
+            logging.WARNING,
+            "gradtel: could not instrument %s; it trains without gradtel.",
+            type(optimizer).__name__,
+            exc_info=True,
+        )
 
 
 def _wrap_init(cls: type) -> None:
@@ -109,8 +114,9 @@ class _PatchingLoader(importlib.abc.Loader):
         try:
             _patch_module(module)
         except Exception:
-            log.warning("gradtel: patching %s failed; optimizers train without gradtel.", module.__name__,
-                        exc_info=True)
+            log.warning(
+                "gradtel: patching %s failed; optimizers train without gradtel.", module.__name__, exc_info=True
+            )
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):

@@ -87,8 +87,12 @@ class TelemetryMixin:
         super().__init__()
         PatternSet(expect_missing)  # a bad pattern is a ValueError here, not when fit has started
         self._name = name
-        self._options: _Options = {"expect_missing": expect_missing, "max_abs": max_abs,
-                                   "meter_provider": meter_provider, "start_exporter": start_exporter}
+        self._options: _Options = {
+            "expect_missing": expect_missing,
+            "max_abs": max_abs,
+            "meter_provider": meter_provider,
+            "start_exporter": start_exporter,
+        }
         self._watched: dict[str, _Watched] = {}
         self._batches = 0
         #: The phase an evaluation or prediction interrupted (restored by its end hook).

@@ -53,8 +53,10 @@ def _run_id(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-_RUN_ID_HELP = ("the run label, the same for every restart of this job (sets GRADTEL_RUN_ID; default: derived "
-                "from the job's own id, see the README)")
+_RUN_ID_HELP = (
+    "the run label, the same for every restart of this job (sets GRADTEL_RUN_ID; default: derived "
+    "from the job's own id, see the README)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,46 +67,90 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a small model with a disconnected head and serve its metrics")
-    demo.add_argument("--steps", type=_non_negative, default=10000,
-                      help="optimizer steps (default 10000, about 30 s on 2 CPU cores); 0 runs until Ctrl-C")
-    demo.add_argument("--port", type=_port, default=None,
-                      help="metrics port (default: $OTEL_EXPORTER_PROMETHEUS_PORT or 9464; 0: any free port)")
-    demo.add_argument("--host", default=None,
-                      help="metrics bind address (default: $OTEL_EXPORTER_PROMETHEUS_HOST or 127.0.0.1)")
+    demo.add_argument(
+        "--steps",
+        type=_non_negative,
+        default=10000,
+        help="optimizer steps (default 10000, about 30 s on 2 CPU cores); 0 runs until Ctrl-C",
+    )
+    demo.add_argument(
+        "--port",
+        type=_port,
+        default=None,
+        help="metrics port (default: $OTEL_EXPORTER_PROMETHEUS_PORT or 9464; 0: any free port)",
+    )
+    demo.add_argument(
+        "--host", default=None, help="metrics bind address (default: $OTEL_EXPORTER_PROMETHEUS_HOST or 127.0.0.1)"
+    )
     demo.add_argument("--batch-size", type=_non_negative, default=32)
-    demo.add_argument("--nan-at", type=_non_negative, default=None, metavar="STEP",
-                      help="make the 'calibration' variable's gradient NaN from STEP on")
-    demo.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
-                      help="keep serving the metrics this long after training ends")
+    demo.add_argument(
+        "--nan-at",
+        type=_non_negative,
+        default=None,
+        metavar="STEP",
+        help="make the 'calibration' variable's gradient NaN from STEP on",
+    )
+    demo.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep serving the metrics this long after training ends",
+    )
     demo.add_argument("--run-id", type=_run_id, default=None, help=_RUN_ID_HELP)
 
-    run = commands.add_parser("run", help="run an unmodified training script with every optimizer instrumented",
-                              usage="gradtel run [options] -- python SCRIPT.py [ARGS]")
-    check = commands.add_parser("check", help="pre-flight gate: run the script until N steps, print the diagnosis, "
-                                "exit 1 if any unexpected variable is unhealthy",
-                                usage="gradtel check [options] -- python SCRIPT.py [ARGS]")
+    run = commands.add_parser(
+        "run",
+        help="run an unmodified training script with every optimizer instrumented",
+        usage="gradtel run [options] -- python SCRIPT.py [ARGS]",
+    )
+    check = commands.add_parser(
+        "check",
+        help="pre-flight gate: run the script until N steps, print the diagnosis, "
+        "exit 1 if any unexpected variable is unhealthy",
+        usage="gradtel check [options] -- python SCRIPT.py [ARGS]",
+    )
     for sub in (run, check):
         sub.add_argument("--report", metavar="FILE", help="write the JSON report (gradtel.report/v1) at the end")
-        sub.add_argument("--expect-missing", action="append", default=[], metavar="PATTERN", type=_pattern,
-                         help="variable paths (glob, or re:REGEX) meant to get no gradient; repeatable")
+        sub.add_argument(
+            "--expect-missing",
+            action="append",
+            default=[],
+            metavar="PATTERN",
+            type=_pattern,
+            help="variable paths (glob, or re:REGEX) meant to get no gradient; repeatable",
+        )
         sub.add_argument("--port", type=_port, default=None, help="metrics port (OTEL_EXPORTER_PROMETHEUS_PORT)")
         sub.add_argument("--run-id", type=_run_id, default=None, help=_RUN_ID_HELP)
-        sub.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
-                         help="the command to run, e.g. -- python train.py --epochs 3")
+        sub.add_argument(
+            "argv",
+            nargs=argparse.REMAINDER,
+            metavar="-- COMMAND",
+            help="the command to run, e.g. -- python train.py --epochs 3",
+        )
     check.add_argument("--steps", type=_non_negative, default=1, help="optimizer steps to measure (default 1)")
     check.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
-    check.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
-                       help="once one optimizer has taken --steps steps, wait at most this long for the other "
-                            "optimizers the script created (a GAN's second one) before judging (default 30)")
+    check.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="once one optimizer has taken --steps steps, wait at most this long for the other "
+        "optimizers the script created (a GAN's second one) before judging (default 30)",
+    )
 
-    report = commands.add_parser("report", help="summarize a JSON report (gradtel run --report FILE) in the "
-                                 "terminal, or as one self-contained HTML page")
+    report = commands.add_parser(
+        "report",
+        help="summarize a JSON report (gradtel run --report FILE) in the terminal, or as one self-contained HTML page",
+    )
     report.add_argument("file", metavar="FILE", help="the JSON report (gradtel.report/v1)")
     report.add_argument("--html", metavar="OUT", help="also write one HTML page with the plots (no network needed)")
 
-    stack = commands.add_parser("stack", add_help=False,
-                                help="run Prometheus and Alertmanager on loopback with the shipped configs "
-                                     "(gradtel stack --help)")
+    stack = commands.add_parser(
+        "stack",
+        add_help=False,
+        help="run Prometheus and Alertmanager on loopback with the shipped configs (gradtel stack --help)",
+    )
     stack.add_argument("args", nargs=argparse.REMAINDER)  # handed to gradtel.localstack as they are
     assets.add_parser(commands)
     return parser
@@ -145,15 +191,20 @@ def _launch(args: argparse.Namespace) -> int:
 
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
-        print(f"gradtel {args.command}: expected a command after --, e.g. gradtel {args.command} -- python train.py",
-              file=sys.stderr)
+        print(
+            f"gradtel {args.command}: expected a command after --, e.g. gradtel {args.command} -- python train.py",
+            file=sys.stderr,
+        )
         return 2
     checking = args.command == "check"
-    options = runner.RunOptions(report=args.report, expect_missing=args.expect_missing,
-                                check_steps=max(1, args.steps) if checking else None,
-                                json_output=checking and args.json,
-                                check_timeout=args.timeout if checking else 0.0,
-                                launcher_version=_version())
+    options = runner.RunOptions(
+        report=args.report,
+        expect_missing=args.expect_missing,
+        check_steps=max(1, args.steps) if checking else None,
+        json_output=checking and args.json,
+        check_timeout=args.timeout if checking else 0.0,
+        launcher_version=_version(),
+    )
     env = dict(os.environ)
     bootstrap = str(pathlib.Path(__file__).resolve().parent / "_bootstrap")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap, env.get("PYTHONPATH")) if p)

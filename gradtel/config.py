@@ -195,8 +195,16 @@ class _Reader:
         value = self.env.get(name)
         return None if value is None or value.strip() == "" else value
 
-    def get(self, name: str, default: T, parse: Callable[[str], T], expected: str, consequence: str | None = None,
-            *, shown: Callable[[str], str | None] | None = None) -> T:
+    def get(
+        self,
+        name: str,
+        default: T,
+        parse: Callable[[str], T],
+        expected: str,
+        consequence: str | None = None,
+        *,
+        shown: Callable[[str], str | None] | None = None,
+    ) -> T:
         """``default`` when unset or blank; else the parsed value, or ``default`` and a problem saying
         ``consequence`` (by default: the default is used). ``shown`` hides a value that may hold a secret."""
         raw = self.raw(name)
@@ -206,8 +214,12 @@ class _Reader:
             return parse(raw)
         except (ValueError, OverflowError) as error:
             reason = str(error) if isinstance(error, Invalid) and str(error) else ""
-            self.fail(name, shown(raw) if shown is not None else raw, f"{expected} ({reason})" if reason else expected,
-                      consequence or f"using the default, {_show_default(default)}")
+            self.fail(
+                name,
+                shown(raw) if shown is not None else raw,
+                f"{expected} ({reason})" if reason else expected,
+                consequence or f"using the default, {_show_default(default)}",
+            )
             return default
 
     def fail(self, name: str, value: str | None, expected: str, consequence: str) -> None:
@@ -230,8 +242,13 @@ class _Reader:
 
 def _run_id(reader: _Reader, env: Mapping[str, str]) -> str:
     """``GRADTEL_RUN_ID``, else (or when it is malformed: a problem) the id derived from the job's own id."""
-    explicit = reader.get("GRADTEL_RUN_ID", "", lambda raw: identity.check_run_id(raw.strip()),
-                          identity.RUN_ID_EXPECTED, "the run id is derived from the job's own id instead")
+    explicit = reader.get(
+        "GRADTEL_RUN_ID",
+        "",
+        lambda raw: identity.check_run_id(raw.strip()),
+        identity.RUN_ID_EXPECTED,
+        "the run id is derived from the job's own id instead",
+    )
     return explicit or identity.derive_run_id(env, strict=False)
 
 
@@ -268,8 +285,11 @@ def _exporters(reader: _Reader) -> tuple[str, ...]:
     unknown = [k for k in kinds if k not in EXPORTERS]
     known = tuple(dict.fromkeys(k for k in kinds if k in EXPORTERS and k != "none"))
     if unknown:
-        consequence = (f"{', '.join(unknown)} ignored, exporting through {', '.join(known)}" if known
-                       else "no metrics are exported; training and the report go on")
+        consequence = (
+            f"{', '.join(unknown)} ignored, exporting through {', '.join(known)}"
+            if known
+            else "no metrics are exported; training and the report go on"
+        )
         reader.fail("OTEL_METRICS_EXPORTER", raw, f"a comma-separated list of {', '.join(EXPORTERS)}", consequence)
     return known
 
@@ -282,24 +302,47 @@ def _most_specific(env: Mapping[str, str], specific: str, general: str) -> str:
 def _otlp(reader: _Reader, env: Mapping[str, str]) -> tuple[str, bool]:
     """The OTLP protocol, and whether every OTLP setting the SDK's exporter will read is usable: it reads them
     itself, so a bad one (a wrong endpoint, a missing certificate) would fail every push, or (grpc) raise."""
-    names = {setting: _most_specific(env, "OTEL_EXPORTER_OTLP_METRICS_" + setting, "OTEL_EXPORTER_OTLP_" + setting)
-             for setting in ("PROTOCOL", "ENDPOINT", "HEADERS", "TIMEOUT", "COMPRESSION", "CERTIFICATE",
-                             "CLIENT_CERTIFICATE", "CLIENT_KEY", "INSECURE")}
+    names = {
+        setting: _most_specific(env, "OTEL_EXPORTER_OTLP_METRICS_" + setting, "OTEL_EXPORTER_OTLP_" + setting)
+        for setting in (
+            "PROTOCOL",
+            "ENDPOINT",
+            "HEADERS",
+            "TIMEOUT",
+            "COMPRESSION",
+            "CERTIFICATE",
+            "CLIENT_CERTIFICATE",
+            "CLIENT_KEY",
+            "INSECURE",
+        )
+    }
     before = len(reader.problems)
-    protocol = reader.get(names["PROTOCOL"], "http/protobuf", _choice(OTLP_PROTOCOLS),
-                          " or ".join(OTLP_PROTOCOLS), OTLP_OFF)
+    protocol = reader.get(
+        names["PROTOCOL"], "http/protobuf", _choice(OTLP_PROTOCOLS), " or ".join(OTLP_PROTOCOLS), OTLP_OFF
+    )
     grpc = protocol == "grpc"
-    reader.get(names["ENDPOINT"], "", _url(("http", "https"), bare_host_port=grpc),
-               "an http:// or https:// URL with a host" + (", or host:port" if grpc else ""), OTLP_OFF)
-    reader.get(names["HEADERS"], "", _headers, "comma-separated key=value pairs, values URL-encoded", OTLP_OFF,
-               shown=_hidden)
+    reader.get(
+        names["ENDPOINT"],
+        "",
+        _url(("http", "https"), bare_host_port=grpc),
+        "an http:// or https:// URL with a host" + (", or host:port" if grpc else ""),
+        OTLP_OFF,
+    )
+    reader.get(
+        names["HEADERS"], "", _headers, "comma-separated key=value pairs, values URL-encoded", OTLP_OFF, shown=_hidden
+    )
     reader.get(names["TIMEOUT"], 0.0, _number(lambda v: 0 < v < float("inf")), "a number of seconds > 0", OTLP_OFF)
     reader.get(names["COMPRESSION"], "", _choice(("gzip", "deflate", "none")), "gzip, deflate or none", OTLP_OFF)
     for setting in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
         reader.get(names[setting], "", _readable_file, "a readable file", OTLP_OFF)
     reader.get(names["INSECURE"], False, _flag, "true or false", OTLP_OFF)
-    reader.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "", _choice(("cumulative", "delta", "lowmemory")),
-               "cumulative, delta or lowmemory", OTLP_OFF)
+    reader.get(
+        "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+        "",
+        _choice(("cumulative", "delta", "lowmemory")),
+        "cumulative, delta or lowmemory",
+        OTLP_OFF,
+    )
     return protocol, not reader.turned_off(before, OTLP_OFF)
 
 
@@ -309,21 +352,35 @@ def _prometheus(reader: _Reader) -> dict[str, Any]:
     before = len(reader.problems)
     values: dict[str, Any] = {
         "prometheus_host": (reader.raw("OTEL_EXPORTER_PROMETHEUS_HOST") or DEFAULT_HOST).strip(),
-        "prometheus_port": reader.get("OTEL_EXPORTER_PROMETHEUS_PORT", DEFAULT_PORT, parse_port, PORT_EXPECTED,
-                                      PROMETHEUS_OFF),
-        "prometheus_min_interval_s": reader.get("GRADTEL_PROMETHEUS_MIN_INTERVAL", DEFAULT_MIN_INTERVAL_S,
-                                                _number(lambda v: 0 <= v < float("inf")), "a number of seconds >= 0"),
-        "prometheus_cpu_share": reader.get("GRADTEL_PROMETHEUS_CPU_SHARE", DEFAULT_CPU_SHARE,
-                                           _number(lambda v: 0 < v <= 1), "a fraction of one core, > 0 and <= 1"),
+        "prometheus_port": reader.get(
+            "OTEL_EXPORTER_PROMETHEUS_PORT", DEFAULT_PORT, parse_port, PORT_EXPECTED, PROMETHEUS_OFF
+        ),
+        "prometheus_min_interval_s": reader.get(
+            "GRADTEL_PROMETHEUS_MIN_INTERVAL",
+            DEFAULT_MIN_INTERVAL_S,
+            _number(lambda v: 0 <= v < float("inf")),
+            "a number of seconds >= 0",
+        ),
+        "prometheus_cpu_share": reader.get(
+            "GRADTEL_PROMETHEUS_CPU_SHARE",
+            DEFAULT_CPU_SHARE,
+            _number(lambda v: 0 < v <= 1),
+            "a fraction of one core, > 0 and <= 1",
+        ),
     }
     if reader.together("GRADTEL_TLS_CERT_FILE", "GRADTEL_TLS_KEY_FILE", PROMETHEUS_OFF):
         for name, key in (("GRADTEL_TLS_CERT_FILE", "tls_certfile"), ("GRADTEL_TLS_KEY_FILE", "tls_keyfile")):
             values[key] = reader.get(name, None, _readable_file, "a readable PEM file", PROMETHEUS_OFF)
-    values["tls_client_cafile"] = reader.get("GRADTEL_TLS_CLIENT_CA_FILE", None, _readable_file,
-                                             "a readable PEM file of CA certificates", PROMETHEUS_OFF)
+    values["tls_client_cafile"] = reader.get(
+        "GRADTEL_TLS_CLIENT_CA_FILE", None, _readable_file, "a readable PEM file of CA certificates", PROMETHEUS_OFF
+    )
     if reader.raw("GRADTEL_TLS_CLIENT_CA_FILE") and not reader.raw("GRADTEL_TLS_CERT_FILE"):
-        reader.fail("GRADTEL_TLS_CERT_FILE", None, "it set (client certificates need TLS) with "
-                    "GRADTEL_TLS_CLIENT_CA_FILE", PROMETHEUS_OFF)
+        reader.fail(
+            "GRADTEL_TLS_CERT_FILE",
+            None,
+            "it set (client certificates need TLS) with GRADTEL_TLS_CLIENT_CA_FILE",
+            PROMETHEUS_OFF,
+        )
     values.update(_basic_auth(reader))
     values["ok"] = not reader.turned_off(before, PROMETHEUS_OFF)
     return values
@@ -343,17 +400,25 @@ def _basic_auth(reader: _Reader) -> dict[str, str | None]:
     username = reader.raw("GRADTEL_BASIC_AUTH_USERNAME")
     password = reader.env.get("GRADTEL_BASIC_AUTH_PASSWORD") or None
     if reader.raw("GRADTEL_BASIC_AUTH_PASSWORD_FILE"):
-        password = reader.get("GRADTEL_BASIC_AUTH_PASSWORD_FILE", None, _password_file, "a readable UTF-8 file",
-                              PROMETHEUS_OFF)
+        password = reader.get(
+            "GRADTEL_BASIC_AUTH_PASSWORD_FILE", None, _password_file, "a readable UTF-8 file", PROMETHEUS_OFF
+        )
         if password is None:
             return {}
     if username is None and password is not None:
-        reader.fail("GRADTEL_BASIC_AUTH_USERNAME", None,
-                    "it set together with GRADTEL_BASIC_AUTH_PASSWORD (or _PASSWORD_FILE)", PROMETHEUS_OFF)
+        reader.fail(
+            "GRADTEL_BASIC_AUTH_USERNAME",
+            None,
+            "it set together with GRADTEL_BASIC_AUTH_PASSWORD (or _PASSWORD_FILE)",
+            PROMETHEUS_OFF,
+        )
     elif username is not None and password is None:
-        reader.fail("GRADTEL_BASIC_AUTH_PASSWORD", None,
-                    "it (or GRADTEL_BASIC_AUTH_PASSWORD_FILE) set together with GRADTEL_BASIC_AUTH_USERNAME",
-                    PROMETHEUS_OFF)
+        reader.fail(
+            "GRADTEL_BASIC_AUTH_PASSWORD",
+            None,
+            "it (or GRADTEL_BASIC_AUTH_PASSWORD_FILE) set together with GRADTEL_BASIC_AUTH_USERNAME",
+            PROMETHEUS_OFF,
+        )
     return {"basic_auth_username": username, "basic_auth_password": password}
 
 
@@ -398,10 +463,12 @@ def _series_policy(reader: _Reader, worker: Worker) -> SeriesPolicy:
         mode=mode,
         budget=reader.get("GRADTEL_SERIES_BUDGET", series.DEFAULT_BUDGET, _integer(1), "an integer >= 1"),
         top_k=reader.get("GRADTEL_TOPK", series.DEFAULT_TOP_K, _integer(1), "an integer >= 1"),
-        include=reader.get("GRADTEL_INCLUDE", empty, _patterns, "comma-separated globs or re:REGEX",
-                           "every variable is included"),
-        exclude=reader.get("GRADTEL_EXCLUDE", empty, _patterns, "comma-separated globs or re:REGEX",
-                           "no variable is excluded"),
+        include=reader.get(
+            "GRADTEL_INCLUDE", empty, _patterns, "comma-separated globs or re:REGEX", "every variable is included"
+        ),
+        exclude=reader.get(
+            "GRADTEL_EXCLUDE", empty, _patterns, "comma-separated globs or re:REGEX", "no variable is excluded"
+        ),
         exporting_worker=worker.is_chief or on == "all",
     )
 
@@ -450,13 +517,27 @@ class Config:
         periodic: dict[str, Any] = {}
         if {"otlp", "console"} & set(exporters):
             periodic = {
-                "export_interval_ms": reader.get("OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_EXPORT_INTERVAL_MS,
-                                                 _integer(1), "milliseconds, an integer >= 1"),
-                "export_timeout_ms": reader.get("OTEL_METRIC_EXPORT_TIMEOUT", DEFAULT_EXPORT_TIMEOUT_MS,
-                                                _integer(1), "milliseconds, an integer >= 1"),
+                "export_interval_ms": reader.get(
+                    "OTEL_METRIC_EXPORT_INTERVAL",
+                    DEFAULT_EXPORT_INTERVAL_MS,
+                    _integer(1),
+                    "milliseconds, an integer >= 1",
+                ),
+                "export_timeout_ms": reader.get(
+                    "OTEL_METRIC_EXPORT_TIMEOUT",
+                    DEFAULT_EXPORT_TIMEOUT_MS,
+                    _integer(1),
+                    "milliseconds, an integer >= 1",
+                ),
             }
-        worker = reader.get("TF_CONFIG", Worker(), _worker, TF_CONFIG_EXPECTED,
-                            "this process is taken as a single worker (no worker label)", shown=lambda raw: raw[:200])
+        worker = reader.get(
+            "TF_CONFIG",
+            Worker(),
+            _worker,
+            TF_CONFIG_EXPECTED,
+            "this process is taken as a single worker (no worker label)",
+            shown=lambda raw: raw[:200],
+        )
         policy = _series_policy(reader, worker)
         max_series = reader.get("GRADTEL_MAX_SERIES", DEFAULT_MAX_SERIES, _integer(1), "an integer >= 1")
         # instrument() reads it (max_abs_default); checked here too, so that a process whose optimizers all
@@ -488,8 +569,9 @@ class Config:
         if "service.instance.id=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
             attributes["service.instance.id"] = identity.INSTANCE_ID  # tells this process from its restarts
         if self.worker.task_type:
-            attributes.update({"gradtel.task.type": self.worker.task_type,
-                               "gradtel.task.index": self.worker.task_index})
+            attributes.update(
+                {"gradtel.task.type": self.worker.task_type, "gradtel.task.index": self.worker.task_index}
+            )
         resource = Resource.create(attributes)
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "gradtel"}))

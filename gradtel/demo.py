@@ -129,14 +129,19 @@ def run(steps: int, batch_size: int = 32, nan_at: int | None = None, out: TextIO
             self.last = now
             steps_done, global_norm = telemetry.handle.totals()
             loss = (logs or {}).get("loss", float("nan"))
-            print(f"step {steps_done:>6}  loss {float(loss):.4f}  global norm {global_norm:.4g}  "
-                  f"variables: {render.state_counts(telemetry.handle.records())}", file=out, flush=True)
+            print(
+                f"step {steps_done:>6}  loss {float(loss):.4f}  global norm {global_norm:.4g}  "
+                f"variables: {render.state_counts(telemetry.handle.records())}",
+                file=out,
+                flush=True,
+            )
 
     per_epoch = min(steps, 100) if steps > 0 else 100
     epochs = max(1, steps // per_epoch) if steps > 0 else 10**9
     with stop.installed():
-        model.fit(data, epochs=epochs, steps_per_epoch=per_epoch, verbose=0, shuffle=False,
-                  callbacks=[telemetry, Progress()])
+        model.fit(
+            data, epochs=epochs, steps_per_epoch=per_epoch, verbose=0, shuffle=False, callbacks=[telemetry, Progress()]
+        )
     if stop.received is not None:
         print(f"stopped by {signal.Signals(stop.received).name}", file=out)
     if telemetry.handle is not None:

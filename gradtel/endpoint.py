@@ -48,8 +48,13 @@ class Security:
 
 def security(config: Config) -> Security:
     """The TLS and basic-auth settings of ``config`` (checked there)."""
-    return Security(certfile=config.tls_certfile, keyfile=config.tls_keyfile, client_cafile=config.tls_client_cafile,
-                    username=config.basic_auth_username, password=config.basic_auth_password)
+    return Security(
+        certfile=config.tls_certfile,
+        keyfile=config.tls_keyfile,
+        client_cafile=config.tls_client_cafile,
+        username=config.basic_auth_username,
+        password=config.basic_auth_password,
+    )
 
 
 class _EndpointGone(Exception):
@@ -123,8 +128,9 @@ def _basic_auth(app: WSGIApp, username: str, password: str) -> WSGIApp:
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         given = environ.get("HTTP_AUTHORIZATION", "").encode()
         if not hmac.compare_digest(given, expected):
-            start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="gradtel"'),
-                                                ("Content-Type", "text/plain")])
+            start_response(
+                "401 Unauthorized", [("WWW-Authenticate", 'Basic realm="gradtel"'), ("Content-Type", "text/plain")]
+            )
             return [b"unauthorized\n"]
         return app(environ, start_response)
 
@@ -140,8 +146,9 @@ def _readable(path: str, what: str) -> None:
         with open(path, "rb"):
             pass
     except OSError as error:
-        raise EndpointError(f"cannot serve metrics: the {what} {path!r} cannot be read "
-                            f"({error.strerror or error})") from None
+        raise EndpointError(
+            f"cannot serve metrics: the {what} {path!r} cannot be read ({error.strerror or error})"
+        ) from None
 
 
 def _tls_context(security: Security) -> ssl.SSLContext:
@@ -154,17 +161,21 @@ def _tls_context(security: Security) -> ssl.SSLContext:
     try:
         context.load_cert_chain(certfile, keyfile)
     except (ssl.SSLError, OSError) as error:
-        raise EndpointError(f"cannot serve metrics: the TLS certificate {certfile!r} and key {keyfile!r} "
-                            f"(GRADTEL_TLS_CERT_FILE, GRADTEL_TLS_KEY_FILE) are not a matching PEM certificate "
-                            f"and private key ({error})") from None
+        raise EndpointError(
+            f"cannot serve metrics: the TLS certificate {certfile!r} and key {keyfile!r} "
+            f"(GRADTEL_TLS_CERT_FILE, GRADTEL_TLS_KEY_FILE) are not a matching PEM certificate "
+            f"and private key ({error})"
+        ) from None
     if security.client_cafile:
         _readable(security.client_cafile, "client CA file (GRADTEL_TLS_CLIENT_CA_FILE)")
         context.verify_mode = ssl.CERT_REQUIRED
         try:
             context.load_verify_locations(cafile=security.client_cafile)
         except (ssl.SSLError, OSError) as error:
-            raise EndpointError(f"cannot serve metrics: the client CA file {security.client_cafile!r} "
-                                f"(GRADTEL_TLS_CLIENT_CA_FILE) holds no usable PEM certificate ({error})") from None
+            raise EndpointError(
+                f"cannot serve metrics: the client CA file {security.client_cafile!r} "
+                f"(GRADTEL_TLS_CLIENT_CA_FILE) holds no usable PEM certificate ({error})"
+            ) from None
     return context
 
 
@@ -173,11 +184,14 @@ def _address_family(host: str, port: int) -> socket.AddressFamily:
     try:
         infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as error:
-        raise EndpointError(f"cannot serve metrics: the bind address {host!r} (OTEL_EXPORTER_PROMETHEUS_HOST) "
-                            f"does not resolve ({error.strerror or error})") from None
+        raise EndpointError(
+            f"cannot serve metrics: the bind address {host!r} (OTEL_EXPORTER_PROMETHEUS_HOST) "
+            f"does not resolve ({error.strerror or error})"
+        ) from None
     except OverflowError:
-        raise EndpointError(f"cannot serve metrics on {host}:{port}: the port must be 0-65535 "
-                            "(OTEL_EXPORTER_PROMETHEUS_PORT)") from None
+        raise EndpointError(
+            f"cannot serve metrics on {host}:{port}: the port must be 0-65535 (OTEL_EXPORTER_PROMETHEUS_PORT)"
+        ) from None
     families = [info[0] for info in infos]
     return socket.AF_INET if socket.AF_INET in families else families[0]
 
@@ -186,13 +200,15 @@ def _bind_error(host: str, port: int, error: OSError) -> EndpointError:
     """What a failed bind means, in the words of the setting to change."""
     where = f"cannot serve metrics on {host}:{port}"
     if error.errno == errno.EADDRINUSE:
-        return EndpointError(f"{where}: the port is in use (set OTEL_EXPORTER_PROMETHEUS_PORT to a free port, "
-                             "or 0 for any free one)")
+        return EndpointError(
+            f"{where}: the port is in use (set OTEL_EXPORTER_PROMETHEUS_PORT to a free port, or 0 for any free one)"
+        )
     if error.errno == errno.EADDRNOTAVAIL:
         return EndpointError(f"{where}: {host!r} is not an address of this machine (OTEL_EXPORTER_PROMETHEUS_HOST)")
     if error.errno in (errno.EACCES, errno.EPERM):
-        return EndpointError(f"{where}: permission denied (ports below 1024 need privileges; "
-                             "OTEL_EXPORTER_PROMETHEUS_PORT)")
+        return EndpointError(
+            f"{where}: permission denied (ports below 1024 need privileges; OTEL_EXPORTER_PROMETHEUS_PORT)"
+        )
     return EndpointError(f"{where}: {error.strerror or error}")
 
 
@@ -212,8 +228,9 @@ class Endpoint:
         except OSError as error:
             raise _bind_error(host, port, error) from None
         except OverflowError:
-            raise EndpointError(f"cannot serve metrics on {host}:{port}: the port must be 0-65535 "
-                                "(OTEL_EXPORTER_PROMETHEUS_PORT)") from None
+            raise EndpointError(
+                f"cannot serve metrics on {host}:{port}: the port must be 0-65535 (OTEL_EXPORTER_PROMETHEUS_PORT)"
+            ) from None
         self._server.tls = tls
         self.host = host
         self.port = self._server.server_address[1]
@@ -232,8 +249,12 @@ class Endpoint:
         try:
             self._server.serve_forever(poll_interval=0.5)
         except BaseException as error:
-            log.warning("gradtel: the metrics endpoint on %s:%d stopped (%r); training goes on without it.",
-                        self.host, self.port, error)
+            log.warning(
+                "gradtel: the metrics endpoint on %s:%d stopped (%r); training goes on without it.",
+                self.host,
+                self.port,
+                error,
+            )
             self._server.server_close()
 
     def close(self) -> None:

@@ -96,15 +96,26 @@ class SnapshotCache:
             summary, records = handle.read()
             return _OptimizerView(handle.name, summary, records, self._policy.select(records))
         except Exception:
-            self._log_once(log, logging.WARNING, "gradtel: reading the statistics of %r failed; its series are "
-                           "skipped.", handle.name, exc_info=True)
+            self._log_once(
+                log,
+                logging.WARNING,
+                "gradtel: reading the statistics of %r failed; its series are skipped.",
+                handle.name,
+                exc_info=True,
+            )
             return _OptimizerView(handle.name, OptimizerSummary(0, float("nan"), 0), [], Selection([], []))
 
 
 #: Metrics with a series per variable (or layer roll-up): the bulk of the series, which gradtel's own readers take
 #: from :class:`gradtel.producer.VariableProducer` instead of the SDK's instruments.
-PER_VARIABLE: tuple[metrics.Metric, ...] = (metrics.MISSING, metrics.ZERO, metrics.NONFINITE, metrics.NORM,
-                                            metrics.MAX_ABS)
+PER_VARIABLE: tuple[metrics.Metric, ...] = (
+    metrics.MISSING,
+    metrics.ZERO,
+    metrics.NONFINITE,
+    metrics.NORM,
+    metrics.MAX_ABS,
+)
+
 
 class Sources:
     """What gradtel exports, metric by metric, as (value, attributes) pairs read from the snapshot cache.
@@ -147,8 +158,11 @@ class Sources:
         key = (optimizer, *pairs)
         attrs = self._attrs_cache.get(key)
         if attrs is None:
-            attrs = self._attrs_cache[key] = {**self._common, "optimizer": optimizer,
-                                              **dict(zip(pairs[::2], pairs[1::2], strict=True))}
+            attrs = self._attrs_cache[key] = {
+                **self._common,
+                "optimizer": optimizer,
+                **dict(zip(pairs[::2], pairs[1::2], strict=True)),
+            }
         return attrs
 
     def _variable_attrs(self, record: VariableRecord, *pairs: str) -> dict[str, str]:
@@ -228,18 +242,29 @@ class Instruments:
     def __init__(self, meter: otel_metrics.Meter, sources: Sources, chosen: Iterable[metrics.Metric]) -> None:
         self._log_once = LogOnce()
         for metric in sorted(chosen, key=metrics.ALL.index):  # the table's order (the snapshot does not depend on it)
-            create = (meter.create_observable_counter if metric.kind is metrics.Kind.COUNTER
-                      else meter.create_observable_gauge)
-            create(metric.otel_name, callbacks=[self._guarded(sources.of(metric))], unit=metric.unit,
-                   description=metric.description)
+            create = (
+                meter.create_observable_counter
+                if metric.kind is metrics.Kind.COUNTER
+                else meter.create_observable_gauge
+            )
+            create(
+                metric.otel_name,
+                callbacks=[self._guarded(sources.of(metric))],
+                unit=metric.unit,
+                description=metric.description,
+            )
 
     def _guarded(self, points: Callable[[], Iterable[Point]]) -> Any:
         def safe(options: CallbackOptions) -> Iterable[Observation]:
             try:
                 return [Observation(value, attrs) for value, attrs in points()]
             except Exception:
-                self._log_once(log, logging.WARNING, "gradtel: an export callback failed; collections skip it "
-                               "(logged once).", exc_info=True)
+                self._log_once(
+                    log,
+                    logging.WARNING,
+                    "gradtel: an export callback failed; collections skip it (logged once).",
+                    exc_info=True,
+                )
                 return []
 
         return safe
@@ -278,11 +303,17 @@ class Exporter:
         # No exemplars: observable callbacks run at collection time, outside any span, so there is never one to
         # keep, yet the SDK's default reservoir locks, sorts and lists per series per collection (~15% of it).
         limit: dict[str, Any] = (
-            {"aggregation_cardinality_limit": self.config.max_series} if _view_takes_limit(View) else {})
+            {"aggregation_cardinality_limit": self.config.max_series} if _view_takes_limit(View) else {}
+        )
         view = View(instrument_name="gradtel*", exemplar_reservoir_factory=lambda aggregation: _NoExemplars, **limit)
         # shutdown_on_exit=False: gradtel shuts it down itself (runner, export.shutdown), once.
-        return MeterProvider(metric_readers=readers, resource=self.config.resource(), views=[view],
-                             exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
+        return MeterProvider(
+            metric_readers=readers,
+            resource=self.config.resource(),
+            views=[view],
+            exemplar_filter=AlwaysOffExemplarFilter(),
+            shutdown_on_exit=False,
+        )
 
     def _reader(self, kind: str) -> Any:
         """The reader of one exporter, or None (and one warning line) when it cannot be made: the others run."""
@@ -301,16 +332,21 @@ class Exporter:
 
     def _periodic_reader(self, exporter: Any) -> Any:
         assert self.producer is not None  # gradtel's own readers are made only with gradtel's own provider
-        return ProducingPeriodicReader(exporter, self.producer, self.config.export_interval_ms,
-                                       self.config.export_timeout_ms)
+        return ProducingPeriodicReader(
+            exporter, self.producer, self.config.export_interval_ms, self.config.export_timeout_ms
+        )
 
     def _prometheus_reader(self) -> Any:
         from gradtel.endpoint import Endpoint, EndpointError, security
         from gradtel.exposition import PrometheusReader
 
         host, port = self.config.prometheus_host, self.config.prometheus_port
-        reader = PrometheusReader(self.config.prometheus_min_interval_s, self.config.prometheus_cpu_share,
-                                  self.producer, before_collect=self.cache.refresh)
+        reader = PrometheusReader(
+            self.config.prometheus_min_interval_s,
+            self.config.prometheus_cpu_share,
+            self.producer,
+            before_collect=self.cache.refresh,
+        )
         try:
             self._server = Endpoint(reader.exposition, host, port, security(self.config))
         except EndpointError as error:
@@ -374,8 +410,10 @@ def _otlp_exporter(protocol: str) -> MetricExporter:
 
             exporter = HttpExporter
     except ImportError as error:
-        raise _Unavailable(f"OTEL_METRICS_EXPORTER=otlp ({protocol}) needs the OTLP exporter, which cannot be "
-                           f"imported ({error}): pip install 'gradtel[otlp]'; the OTLP push is off.") from None
+        raise _Unavailable(
+            f"OTEL_METRICS_EXPORTER=otlp ({protocol}) needs the OTLP exporter, which cannot be "
+            f"imported ({error}): pip install 'gradtel[otlp]'; the OTLP push is off."
+        ) from None
     return exporter()
 
 
@@ -406,8 +444,11 @@ def bind(meter_provider: Any) -> None:
     except Exception:
         if not _bind_failed:
             _bind_failed = True
-            log.warning("gradtel: registering gradtel's instruments on the given MeterProvider failed; those "
-                        "optimizers are not exported (logged once).", exc_info=True)
+            log.warning(
+                "gradtel: registering gradtel's instruments on the given MeterProvider failed; those "
+                "optimizers are not exported (logged once).",
+                exc_info=True,
+            )
 
 
 def _bind(meter_provider: Any, destination: Any, config: Config | None) -> SnapshotCache:
@@ -444,8 +485,7 @@ def ensure_started(config: Config | None = None) -> Exporter | None:
             atexit.register(shutdown)  # the final OTLP push at exit, once (gradtel run calls it earlier)
         except Exception:
             _failed = True
-            log.warning("gradtel: starting the metrics export failed; training goes on without it.",
-                        exc_info=True)
+            log.warning("gradtel: starting the metrics export failed; training goes on without it.", exc_info=True)
         return _exporter
 
 
@@ -460,4 +500,3 @@ def shutdown() -> None:
         exporter, _exporter, _failed = _exporter, None, False
     if exporter is not None:
         exporter.shutdown()
-

@@ -122,18 +122,27 @@ class Renderer:
         for resource_metrics in data.resource_metrics:
             attrs = sorted(resource_metrics.resource.attributes.items())
             if attrs:
-                out += ["# HELP target_info Target metadata\n", "# TYPE target_info gauge\n",
-                        f"target_info{_labels(attrs)} 1.0\n"]
+                out += [
+                    "# HELP target_info Target metadata\n",
+                    "# TYPE target_info gauge\n",
+                    f"target_info{_labels(attrs)} 1.0\n",
+                ]
             for scope_metrics in resource_metrics.scope_metrics:
                 scope = scope_metrics.scope
-                scope_pairs = [("otel_scope_name", scope.name or ""), ("otel_scope_version", scope.version or ""),
-                               ("otel_scope_schema_url", scope.schema_url or "")]
+                scope_pairs = [
+                    ("otel_scope_name", scope.name or ""),
+                    ("otel_scope_version", scope.version or ""),
+                    ("otel_scope_schema_url", scope.schema_url or ""),
+                ]
                 for metric in scope_metrics.metrics:
                     kind = self._kind(metric)
                     if kind is None:
                         continue
-                    name = metric.name + "_total" if kind == "counter" and not metric.name.endswith("_total") \
+                    name = (
+                        metric.name + "_total"
+                        if kind == "counter" and not metric.name.endswith("_total")
                         else metric.name
+                    )
                     _, _, lines = families.setdefault(name, (kind, metric.description or "", []))
                     key = (name, id(scope))
                     cached_scope, previous = self._cache.get(key, (None, {}))
@@ -162,8 +171,14 @@ class Renderer:
         if isinstance(data, Gauge):
             return "gauge"
         # gradtel's provider holds gradtel's instruments only, which are sums and gauges.
-        self._log_once(log, logging.WARNING, "gradtel: metric %r (%s) is not served on the Prometheus endpoint: "
-                       "only sums and gauges are.", metric.name, type(data).__name__, key=metric.name)
+        self._log_once(
+            log,
+            logging.WARNING,
+            "gradtel: metric %r (%s) is not served on the Prometheus endpoint: only sums and gauges are.",
+            metric.name,
+            type(data).__name__,
+            key=metric.name,
+        )
         return None
 
 
@@ -202,8 +217,14 @@ class PrometheusReader(MetricReader):
     training thread's GIL.
     """
 
-    def __init__(self, min_interval_s: float, cpu_share: float, producer: VariableProducer | None = None,
-                 before_collect: Callable[[], None] | None = None, **reader_options: Any) -> None:
+    def __init__(
+        self,
+        min_interval_s: float,
+        cpu_share: float,
+        producer: VariableProducer | None = None,
+        before_collect: Callable[[], None] | None = None,
+        **reader_options: Any,
+    ) -> None:
         """``before_collect`` runs as each collection begins (gradtel's exporter takes its snapshot there);
         ``reader_options`` go to the SDK's ``MetricReader`` (cumulative temporality by default: what Prometheus
         expects)."""
@@ -237,8 +258,12 @@ class PrometheusReader(MetricReader):
                         self._begin_collection()
                         self.collect()
                 except Exception:  # serve the previous collection; scrapers see it age, training never notices
-                    self._log_once(log, logging.WARNING, "gradtel: a metrics collection failed; the endpoint serves "
-                                   "the previous one (logged once).", exc_info=True)
+                    self._log_once(
+                        log,
+                        logging.WARNING,
+                        "gradtel: a metrics collection failed; the endpoint serves the previous one (logged once).",
+                        exc_info=True,
+                    )
                 self._space(time.thread_time() - started)
             return self._latest
 
@@ -256,11 +281,17 @@ class PrometheusReader(MetricReader):
         self._collected_once = True
         self._collected_at = time.monotonic()
         if self.interval_s > 30:
-            self._log_once(log, logging.WARNING, "gradtel: one metrics collection takes %.2f s of CPU, so the "
-                           "endpoint refreshes its values every %.0f s (GRADTEL_PROMETHEUS_CPU_SHARE=%g of a core). "
-                           "Fewer series (GRADTEL_VARIABLE_SERIES=auto/layer, GRADTEL_EXCLUDE) or a larger share "
-                           "refresh sooner.",
-                           self._typical_cost_s, self.interval_s, self.cpu_share)
+            self._log_once(
+                log,
+                logging.WARNING,
+                "gradtel: one metrics collection takes %.2f s of CPU, so the "
+                "endpoint refreshes its values every %.0f s (GRADTEL_PROMETHEUS_CPU_SHARE=%g of a core). "
+                "Fewer series (GRADTEL_VARIABLE_SERIES=auto/layer, GRADTEL_EXCLUDE) or a larger share "
+                "refresh sooner.",
+                self._typical_cost_s,
+                self.interval_s,
+                self.cpu_share,
+            )
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         """Collect afresh now (the report, the final flush), whatever the spacing."""

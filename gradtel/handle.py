@@ -103,7 +103,12 @@ class Handle:
     """What ``gradtel.instrument`` returns: the live link between one optimizer and gradtel's tables."""
 
     def __init__(
-        self, name: str, flavour: str, expect_missing: PatternSet, loss_scale: Any = None, diagnoser: Any = None,
+        self,
+        name: str,
+        flavour: str,
+        expect_missing: PatternSet,
+        loss_scale: Any = None,
+        diagnoser: Any = None,
         max_abs: bool = False,
     ) -> None:
         self.name = name
@@ -221,15 +226,19 @@ class Handle:
         import tensorflow as tf
 
         pending = not tf.inside_function() and any(
-            getattr(table.causes.get(i), "category", MissingCause.UNKNOWN) == MissingCause.UNKNOWN for i in unexpected)
+            getattr(table.causes.get(i), "category", MissingCause.UNKNOWN) == MissingCause.UNKNOWN for i in unexpected
+        )
         if pending and unexpected != table.pending:
             table.pending = unexpected
             return
         table.warned = unexpected
-        warnings.warn(MissingGradientWarning(
-            f"gradtel: gradients do not exist for {len(unexpected)} of {total} variables of optimizer "
-            f"{self.name!r}; they are not training:\n" + "\n".join(self._cause_lines(table, unexpected))),
-            stacklevel=2)
+        warnings.warn(
+            MissingGradientWarning(
+                f"gradtel: gradients do not exist for {len(unexpected)} of {total} variables of optimizer "
+                f"{self.name!r}; they are not training:\n" + "\n".join(self._cause_lines(table, unexpected))
+            ),
+            stacklevel=2,
+        )
 
     @staticmethod
     def _cause_lines(table: _Table, indices: Sequence[int]) -> list[str]:
@@ -299,14 +308,21 @@ class Handle:
                     layers=[layer_of(variable_path(v)) for v in variables],
                     expected=[self.expect_missing.matches(n) for n in names],
                 )
-                table.stats = stats.StatsTable(len(variables), f"{self.name}_{len(self._tables)}", self.max_abs,
-                                               table.layers, table.expected)
+                table.stats = stats.StatsTable(
+                    len(variables), f"{self.name}_{len(self._tables)}", self.max_abs, table.layers, table.expected
+                )
                 self._tables[key] = table
             return table
 
     def _log_failure_once(self, what: str) -> None:
-        self._log_once(log, logging.WARNING, "gradtel: %s failed for optimizer %r; training goes on without these "
-                       "statistics.", what, self.name, exc_info=True)
+        self._log_once(
+            log,
+            logging.WARNING,
+            "gradtel: %s failed for optimizer %r; training goes on without these statistics.",
+            what,
+            self.name,
+            exc_info=True,
+        )
 
     def variables(self) -> list[Any]:
         """The live variables this optimizer has been given (weak references: gradtel keeps none alive)."""
@@ -349,8 +365,8 @@ class Handle:
             missing, zero, nonfinite = rows[layout.MISSING], rows[layout.ZERO], rows[layout.NONFINITE]
             seen, norm, max_abs = rows[layout.STEPS_SEEN], rows[layout.NORM], rows[layout.MAX_ABS]
             states, touched = rows[layout.STATE], rows[layout.ROWS_TOUCHED]
-            first_missing, first_zero, first_nonfinite = rows[layout.FIRST_MISSING: layout.FIRST_NONFINITE + 1]
-            back_missing, back_zero, back_nonfinite = rows[layout.RECOVERED_MISSING: layout.RECOVERED_NONFINITE + 1]
+            first_missing, first_zero, first_nonfinite = rows[layout.FIRST_MISSING : layout.FIRST_NONFINITE + 1]
+            back_missing, back_zero, back_nonfinite = rows[layout.RECOVERED_MISSING : layout.RECOVERED_NONFINITE + 1]
             for i, name in enumerate(table.names):
                 if not seen[i] and table.raised is None:
                     continue
@@ -361,14 +377,28 @@ class Handle:
                 elif state == _MISSING and table.expected[i]:
                     state = _EXPECTED_MISSING
                 missing_cause = table.causes.get(i) if missing[i] or not seen[i] else None
-                cause = (missing_cause if state in _NO_GRADIENT
-                         else _zero_hint(table, i) if state == _ZERO else None)
+                cause = missing_cause if state in _NO_GRADIENT else _zero_hint(table, i) if state == _ZERO else None
                 record = VariableRecord(
-                    self.name, name, table.layers[i], table.expected[i], cause, missing_cause, int(seen[i]),
-                    int(missing[i]), int(zero[i]), int(nonfinite[i]), norm[i], max_abs[i], int(touched[i]), state,
-                    int(first_missing[i]), int(first_zero[i]), int(first_nonfinite[i]),
+                    self.name,
+                    name,
+                    table.layers[i],
+                    table.expected[i],
+                    cause,
+                    missing_cause,
+                    int(seen[i]),
+                    int(missing[i]),
+                    int(zero[i]),
+                    int(nonfinite[i]),
+                    norm[i],
+                    max_abs[i],
+                    int(touched[i]),
+                    state,
+                    int(first_missing[i]),
+                    int(first_zero[i]),
+                    int(first_nonfinite[i]),
                     # a recovery from a state never counted as bad (a loss-scale optimizer's skipped step) is none
-                    int(back_missing[i]) if first_missing[i] else 0, int(back_zero[i]) if first_zero[i] else 0,
+                    int(back_missing[i]) if first_missing[i] else 0,
+                    int(back_zero[i]) if first_zero[i] else 0,
                     int(back_nonfinite[i]) if first_nonfinite[i] else 0,
                 )
                 previous = out.get(name)
@@ -386,8 +416,10 @@ class Handle:
             return None
         table, snap = max(snapshots, key=lambda pair: pair[1].steps)
         global_buffer, layer_buffer = table.stats.read_history()
-        return {"global": history.decode_global(global_buffer, snap.history_width),
-                "layers": history.decode_layers(layer_buffer, snap.layer_history_width, table.stats.layers)}
+        return {
+            "global": history.decode_global(global_buffer, snap.history_width),
+            "layers": history.decode_layers(layer_buffer, snap.layer_history_width, table.stats.layers),
+        }
 
     def _snapshot_tables(self) -> list[tuple[_Table, layout.Snapshot]]:
         with self._lock:

@@ -49,8 +49,13 @@ GLOBAL_COLUMNS = 7
 #: with variables declared expected to be missing at 0.5).
 SEVERITY_NAMES: dict[float, str] = {
     severity: state.value
-    for severity, state in ((0.0, State.OK), (0.5, State.EXPECTED_MISSING), (1.0, State.MISSING), (2.0, State.ZERO),
-                            (3.0, State.NONFINITE))
+    for severity, state in (
+        (0.0, State.OK),
+        (0.5, State.EXPECTED_MISSING),
+        (1.0, State.MISSING),
+        (2.0, State.ZERO),
+        (3.0, State.NONFINITE),
+    )
 }
 _OK = State.OK.value
 

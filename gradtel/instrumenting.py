@@ -33,6 +33,7 @@ SUPPORTED = (
     "or a tf.compat.v1.train optimizer"
 )
 
+
 def _flavour(optimizer: Any) -> str:
     """'keras3', 'tf_keras' or 'tf_v1', from the optimizer's class hierarchy; TypeError for anything else."""
     modules = [klass.__module__ for klass in type(optimizer).__mro__]
@@ -42,8 +43,9 @@ def _flavour(optimizer: Any) -> str:
         return "tf_keras"
     if "tensorflow.python.training.optimizer" in modules and hasattr(optimizer, "apply_gradients"):
         return "tf_v1"  # tf.compat.v1.train.*Optimizer: still in TF 2 programs ported from TF 1 (minimize included)
-    raise TypeError(f"gradtel.instrument() expected {SUPPORTED}; got {type(optimizer).__module__}."
-                    f"{type(optimizer).__qualname__}")
+    raise TypeError(
+        f"gradtel.instrument() expected {SUPPORTED}; got {type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    )
 
 
 def _unique_optimizer_name(requested: str | None, optimizer: Any) -> str:

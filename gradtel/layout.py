@@ -34,7 +34,10 @@ GLOBAL_COUNTERS = (True, False, True, False, False)
 #: Values of the STATE row.
 STATE_OK, STATE_MISSING, STATE_ZERO, STATE_NONFINITE = 0.0, 1.0, 2.0, 3.0
 STATE_NAMES = {
-    STATE_OK: State.OK, STATE_MISSING: State.MISSING, STATE_ZERO: State.ZERO, STATE_NONFINITE: State.NONFINITE,
+    STATE_OK: State.OK,
+    STATE_MISSING: State.MISSING,
+    STATE_ZERO: State.ZERO,
+    STATE_NONFINITE: State.NONFINITE,
 }
 #: The rows of first bad steps and of recoveries, by state.
 FIRST_ROW_OF = {State.MISSING: FIRST_MISSING, State.ZERO: FIRST_ZERO, State.NONFINITE: FIRST_NONFINITE}

@@ -81,16 +81,17 @@ def _local(address: str, addresses: Mapping[str, str]) -> str:
     return addresses[role]
 
 
-def prometheus_config(
-    shipped: dict[str, Any], config_dir: Path, addresses: Mapping[str, str]
-) -> dict[str, Any]:
+def prometheus_config(shipped: dict[str, Any], config_dir: Path, addresses: Mapping[str, str]) -> dict[str, Any]:
     """The shipped Prometheus config with loopback targets and rule files resolved against ``config_dir``."""
     result = copy.deepcopy(shipped)
     result["rule_files"] = [str((config_dir / name).resolve()) for name in shipped.get("rule_files", [])]
     static_blocks = [
         *(static for job in result.get("scrape_configs", []) for static in job.get("static_configs", [])),
-        *(static for am in result.get("alerting", {}).get("alertmanagers", [])
-          for static in am.get("static_configs", [])),
+        *(
+            static
+            for am in result.get("alerting", {}).get("alertmanagers", [])
+            for static in am.get("static_configs", [])
+        ),
     ]
     for static in static_blocks:
         static["targets"] = [_local(address, addresses) for address in static["targets"]]
@@ -113,8 +114,9 @@ def _binary(*names: str) -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise StackError(f"{' or '.join(names)} not found on PATH "
-                     "(Debian/Ubuntu: apt-get install prometheus prometheus-alertmanager)")
+    raise StackError(
+        f"{' or '.join(names)} not found on PATH (Debian/Ubuntu: apt-get install prometheus prometheus-alertmanager)"
+    )
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -141,10 +143,12 @@ class Stack:
     def _write_configs(self) -> tuple[Path, Path]:
         deploy, data = self.config.deploy_dir, self.config.data_dir
         prom_dir = deploy / "prometheus"
-        prom = prometheus_config(yaml.safe_load((prom_dir / "prometheus.yml").read_text()), prom_dir,
-                                 self.config.addresses())
-        am = alertmanager_config(yaml.safe_load((deploy / "alertmanager" / "alertmanager.yml").read_text()),
-                                 self.config.webhook_url)
+        prom = prometheus_config(
+            yaml.safe_load((prom_dir / "prometheus.yml").read_text()), prom_dir, self.config.addresses()
+        )
+        am = alertmanager_config(
+            yaml.safe_load((deploy / "alertmanager" / "alertmanager.yml").read_text()), self.config.webhook_url
+        )
         prom_file, am_file = data / "prometheus.yml", data / "alertmanager.yml"
         prom_file.write_text(yaml.safe_dump(prom, sort_keys=False))
         am_file.write_text(yaml.safe_dump(am, sort_keys=False))
@@ -153,8 +157,7 @@ class Stack:
     def _spawn(self, name: str, command: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.config.data_dir / f"{name}.log"
         with log.open("wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self._processes.append(process)
         return process, log
 
@@ -164,19 +167,25 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         prom_file, am_file = self._write_configs()
         try:
-            am, am_log = self._spawn("alertmanager", [
-                _binary("prometheus-alertmanager", "alertmanager"),
-                f"--config.file={am_file}",
-                f"--storage.path={data / 'alertmanager-data'}",
-                f"--web.listen-address={LOOPBACK}:{self.config.alertmanager_port}",
-                "--cluster.listen-address=",  # no gossip port: a single local instance
-            ])
-            prom, prom_log = self._spawn("prometheus", [
-                _binary("prometheus"),
-                f"--config.file={prom_file}",
-                f"--storage.tsdb.path={data / 'prometheus-data'}",
-                f"--web.listen-address={LOOPBACK}:{self.config.prometheus_port}",
-            ])
+            am, am_log = self._spawn(
+                "alertmanager",
+                [
+                    _binary("prometheus-alertmanager", "alertmanager"),
+                    f"--config.file={am_file}",
+                    f"--storage.path={data / 'alertmanager-data'}",
+                    f"--web.listen-address={LOOPBACK}:{self.config.alertmanager_port}",
+                    "--cluster.listen-address=",  # no gossip port: a single local instance
+                ],
+            )
+            prom, prom_log = self._spawn(
+                "prometheus",
+                [
+                    _binary("prometheus"),
+                    f"--config.file={prom_file}",
+                    f"--storage.tsdb.path={data / 'prometheus-data'}",
+                    f"--web.listen-address={LOOPBACK}:{self.config.prometheus_port}",
+                ],
+            )
             _wait_ready(self.config.alertmanager_url, am, am_log)
             _wait_ready(self.config.prometheus_url, prom, prom_log)
         except BaseException:
@@ -213,16 +222,25 @@ def _parser() -> argparse.ArgumentParser:
         prog="gradtel stack",
         description="Run Prometheus and Alertmanager on loopback with gradtel's rules, scraping a local run.",
     )
-    parser.add_argument("--target", default=DEFAULT_TARGET,
-                        help=f"host:port of the training process's /metrics (default {DEFAULT_TARGET})")
+    parser.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"host:port of the training process's /metrics (default {DEFAULT_TARGET})",
+    )
     parser.add_argument("--prometheus-port", type=int, default=9090)
     parser.add_argument("--alertmanager-port", type=int, default=9093)
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="keep configs, logs and data here (default: a temporary directory, removed "
-                        "on exit)")
-    parser.add_argument("--deploy-dir", type=Path, default=DEFAULT_DEPLOY_DIR,
-                        help="directory holding the prometheus/ and alertmanager/ configs (default: the "
-                        "repository's deploy/)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="keep configs, logs and data here (default: a temporary directory, removed on exit)",
+    )
+    parser.add_argument(
+        "--deploy-dir",
+        type=Path,
+        default=DEFAULT_DEPLOY_DIR,
+        help="directory holding the prometheus/ and alertmanager/ configs (default: the repository's deploy/)",
+    )
     parser.add_argument("--webhook-url", default=None, help="also send notifications to this webhook")
     return parser
 
@@ -232,9 +250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     temporary = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="gradtel-stack-")) if temporary else args.data_dir
-    config = StackConfig(data_dir=data_dir, deploy_dir=args.deploy_dir, target=args.target,
-                         prometheus_port=args.prometheus_port, alertmanager_port=args.alertmanager_port,
-                         webhook_url=args.webhook_url)
+    config = StackConfig(
+        data_dir=data_dir,
+        deploy_dir=args.deploy_dir,
+        target=args.target,
+        prometheus_port=args.prometheus_port,
+        alertmanager_port=args.alertmanager_port,
+        webhook_url=args.webhook_url,
+    )
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:

@@ -52,47 +52,77 @@ class Metric:
 
 
 STEPS = Metric(
-    "gradtel_steps_total", Kind.COUNTER, COMMON_LABELS, "",
+    "gradtel_steps_total",
+    Kind.COUNTER,
+    COMMON_LABELS,
+    "",
     "Optimizer steps observed by gradtel.",
 )
 MISSING = Metric(
-    "gradtel_gradient_missing_total", Kind.COUNTER, (*VARIABLE_LABELS, "cause", "expected"), "",
+    "gradtel_gradient_missing_total",
+    Kind.COUNTER,
+    (*VARIABLE_LABELS, "cause", "expected"),
+    "",
     "Steps whose gradient for the variable was None. 'cause' is the diagnosed root cause category; "
     "'expected' is \"true\" for variables declared with expect_missing.",
 )
 ZERO = Metric(
-    "gradtel_gradient_zero_total", Kind.COUNTER, VARIABLE_LABELS, "",
+    "gradtel_gradient_zero_total",
+    Kind.COUNTER,
+    VARIABLE_LABELS,
+    "",
     "Steps whose gradient for the variable was all zeros.",
 )
 NONFINITE = Metric(
-    "gradtel_gradient_nonfinite_total", Kind.COUNTER, VARIABLE_LABELS, "",
+    "gradtel_gradient_nonfinite_total",
+    Kind.COUNTER,
+    VARIABLE_LABELS,
+    "",
     "Steps whose gradient for the variable held NaN or Inf.",
 )
 NORM = Metric(
-    "gradtel_gradient_norm", Kind.GAUGE, VARIABLE_LABELS, "",
+    "gradtel_gradient_norm",
+    Kind.GAUGE,
+    VARIABLE_LABELS,
+    "",
     "L2 norm of the variable's gradient at the latest step (absent while it is missing or non-finite).",
 )
 MAX_ABS = Metric(
-    "gradtel_gradient_max_abs", Kind.GAUGE, VARIABLE_LABELS, "",
+    "gradtel_gradient_max_abs",
+    Kind.GAUGE,
+    VARIABLE_LABELS,
+    "",
     "Largest absolute gradient element of the variable at the latest step (absent while missing or non-finite).",
 )
 GLOBAL_NORM = Metric(
-    "gradtel_gradient_global_norm", Kind.GAUGE, COMMON_LABELS, "",
+    "gradtel_gradient_global_norm",
+    Kind.GAUGE,
+    COMMON_LABELS,
+    "",
     "Global L2 norm over the finite gradients at the latest step (non-finite ones are counted apart).",
 )
 VARIABLES = Metric(
-    "gradtel_variables", Kind.GAUGE, (*COMMON_LABELS, "state"), "",
+    "gradtel_variables",
+    Kind.GAUGE,
+    (*COMMON_LABELS, "state"),
+    "",
     "Variables whose latest gradient was in each state: ok, missing, zero, nonfinite, expected_missing, "
     "replica_disagreement (a gradient on some replicas, None on others).",
 )
 
 NONFINITE_ORIGIN = Metric(
-    "gradtel_nonfinite_origin_step", Kind.GAUGE, VARIABLE_LABELS, "",
+    "gradtel_nonfinite_origin_step",
+    Kind.GAUGE,
+    VARIABLE_LABELS,
+    "",
     "The optimizer step at which the run's first non-finite gradient appeared, on the variable(s) where it "
     "began (the earliest first non-finite step of the optimizer); absent before any.",
 )
 SKIPPED = Metric(
-    "gradtel_loss_scale_skipped_steps_total", Kind.COUNTER, COMMON_LABELS, "",
+    "gradtel_loss_scale_skipped_steps_total",
+    Kind.COUNTER,
+    COMMON_LABELS,
+    "",
     "Steps a loss-scale optimizer skipped because a gradient overflowed (not counted as non-finite steps).",
 )
 
@@ -101,15 +131,33 @@ SKIPPED = Metric(
 PHASES: tuple[str, ...] = ("train", "evaluate", "predict", "epoch_end", "checkpoint", "idle")
 
 PROCESS_START = Metric(
-    "gradtel_process_start_time_seconds", Kind.GAUGE, PROCESS_LABELS, "",
+    "gradtel_process_start_time_seconds",
+    Kind.GAUGE,
+    PROCESS_LABELS,
+    "",
     "Start time of the training process (Unix seconds): a new value is a restart of the run.",
 )
 PHASE = Metric(
-    "gradtel_phase", Kind.GAUGE, (*PROCESS_LABELS, "phase"), "",
+    "gradtel_phase",
+    Kind.GAUGE,
+    (*PROCESS_LABELS, "phase"),
+    "",
     "1 for the phase the process is in (train, evaluate, predict, epoch_end, checkpoint, idle), 0 for the "
     "others; exported once a Keras callback or gradtel.phase() has set one.",
 )
 
 #: Every metric gradtel exports, in documentation order.
-ALL: tuple[Metric, ...] = (STEPS, MISSING, ZERO, NONFINITE, NORM, MAX_ABS, GLOBAL_NORM, VARIABLES, SKIPPED,
-                           PROCESS_START, PHASE, NONFINITE_ORIGIN)
+ALL: tuple[Metric, ...] = (
+    STEPS,
+    MISSING,
+    ZERO,
+    NONFINITE,
+    NORM,
+    MAX_ABS,
+    GLOBAL_NORM,
+    VARIABLES,
+    SKIPPED,
+    PROCESS_START,
+    PHASE,
+    NONFINITE_ORIGIN,
+)

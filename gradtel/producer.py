@@ -67,22 +67,37 @@ class VariableProducer:
         """``data`` with the per-variable metrics appended to gradtel's scope. Never raises: a failure is logged
         once and the collection goes on without them."""
         try:
-            return MetricsData([
-                ResourceMetrics(resource_metrics.resource, [
-                    self._extended(scope_metrics, reader) if scope_metrics.scope.name == self._scope_name
-                    else scope_metrics for scope_metrics in resource_metrics.scope_metrics],
-                    resource_metrics.schema_url)
-                for resource_metrics in data.resource_metrics])
+            return MetricsData(
+                [
+                    ResourceMetrics(
+                        resource_metrics.resource,
+                        [
+                            self._extended(scope_metrics, reader)
+                            if scope_metrics.scope.name == self._scope_name
+                            else scope_metrics
+                            for scope_metrics in resource_metrics.scope_metrics
+                        ],
+                        resource_metrics.schema_url,
+                    )
+                    for resource_metrics in data.resource_metrics
+                ]
+            )
         except Exception:
-            self._log_once(log, logging.WARNING, "gradtel: producing the per-variable series failed; collections "
-                           "leave them out (logged once).", exc_info=True)
+            self._log_once(
+                log,
+                logging.WARNING,
+                "gradtel: producing the per-variable series failed; collections leave them out (logged once).",
+                exc_info=True,
+            )
             return data
 
     def _extended(self, scope_metrics: ScopeMetrics, reader: MetricReader) -> ScopeMetrics:
         # The counters' temporality is the one the reader gave gradtel's own counters in this very collection
         # (gradtel_steps is always among them): cumulative unless its exporter prefers deltas.
-        delta = any(isinstance(m.data, Sum) and m.data.aggregation_temporality is AggregationTemporality.DELTA
-                    for m in scope_metrics.metrics)
+        delta = any(
+            isinstance(m.data, Sum) and m.data.aggregation_temporality is AggregationTemporality.DELTA
+            for m in scope_metrics.metrics
+        )
         produced = self._produce(id(reader), delta)
         return ScopeMetrics(scope_metrics.scope, [*scope_metrics.metrics, *produced], scope_metrics.schema_url)
 
@@ -97,31 +112,43 @@ class VariableProducer:
             if not pairs:
                 continue  # as the SDK: a metric without points is left out
             if not counter:
-                data: Sum | Gauge = Gauge([NumberDataPoint(attrs, self._started_ns, now, value, [])
-                                           for value, attrs in pairs])
+                data: Sum | Gauge = Gauge(
+                    [NumberDataPoint(attrs, self._started_ns, now, value, []) for value, attrs in pairs]
+                )
             elif delta:  # metrics share attribute dicts: the previous values are kept per metric
                 last = previous.get(metric.name, {})
                 current[metric.name] = {id(attrs): value for value, attrs in pairs}
-                data = Sum([NumberDataPoint(attrs, since, now, value - last.get(id(attrs), 0), [])
-                            for value, attrs in pairs], AggregationTemporality.DELTA, True)
+                data = Sum(
+                    [NumberDataPoint(attrs, since, now, value - last.get(id(attrs), 0), []) for value, attrs in pairs],
+                    AggregationTemporality.DELTA,
+                    True,
+                )
             else:
-                data = Sum([NumberDataPoint(attrs, self._started_ns, now, value, []) for value, attrs in pairs],
-                           AggregationTemporality.CUMULATIVE, True)
+                data = Sum(
+                    [NumberDataPoint(attrs, self._started_ns, now, value, []) for value, attrs in pairs],
+                    AggregationTemporality.CUMULATIVE,
+                    True,
+                )
             produced.append(OtelMetric(metric.otel_name, metric.description, metric.unit, data))
         if delta:
             self._previous[reader_id] = (now, current)
         return produced
 
-    def _bounded(self, metric: metrics.Metric, pairs: list[Point],
-                 counter: bool) -> list[tuple[float, dict[str, Any]]]:
+    def _bounded(self, metric: metrics.Metric, pairs: list[Point], counter: bool) -> list[tuple[float, dict[str, Any]]]:
         """At most ``max_series`` series, then one overflow series: the sum of the rest for a counter, the last
         value for a gauge (the SDK's aggregations of the same)."""
         if len(pairs) <= self._max_series:
             return pairs
-        self._log_once(log, logging.WARNING, "gradtel: %s has %d series, more than GRADTEL_MAX_SERIES=%d; the rest "
-                       "are folded into one series labelled otel_metric_overflow=\"true\" (logged once).",
-                       metric.name, len(pairs), self._max_series)
-        rest = pairs[self._max_series:]
+        self._log_once(
+            log,
+            logging.WARNING,
+            "gradtel: %s has %d series, more than GRADTEL_MAX_SERIES=%d; the rest "
+            'are folded into one series labelled otel_metric_overflow="true" (logged once).',
+            metric.name,
+            len(pairs),
+            self._max_series,
+        )
+        rest = pairs[self._max_series :]
         folded = sum(value for value, _ in rest) if counter else rest[-1][0]
         return [*pairs[: self._max_series], (folded, _OVERFLOW)]
 
@@ -136,8 +163,13 @@ class ProducingPeriodicReader(PeriodicExportingMetricReader):
     ``export.SnapshotCache``), and the producer's points come from the snapshot the callbacks just took.
     """
 
-    def __init__(self, exporter: MetricExporter, producer: VariableProducer, interval_ms: float | None = None,
-                 timeout_ms: float | None = None) -> None:
+    def __init__(
+        self,
+        exporter: MetricExporter,
+        producer: VariableProducer,
+        interval_ms: float | None = None,
+        timeout_ms: float | None = None,
+    ) -> None:
         """``interval_ms``/``timeout_ms``: None reads OTEL_METRIC_EXPORT_INTERVAL/_TIMEOUT as the SDK does;
         gradtel passes the values its configuration checked."""
         self._producer = producer  # set first: the reader's thread may collect before __init__ returns

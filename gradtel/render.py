@@ -24,8 +24,11 @@ def _columns(rows: Sequence[tuple[str, ...]]) -> list[str]:
 
 def _optimizers_line(report: dict[str, Any]) -> str:
     """Every optimizer the script created, with its steps: one that never stepped shows as 0."""
-    parts = [f"{o['name']} ({o['steps']} step{'s' if o['steps'] != 1 else ''}"
-             f"{', raised: ' + o['raised'] if o.get('raised') else ''})" for o in report["optimizers"]]
+    parts = [
+        f"{o['name']} ({o['steps']} step{'s' if o['steps'] != 1 else ''}"
+        f"{', raised: ' + o['raised'] if o.get('raised') else ''})"
+        for o in report["optimizers"]
+    ]
     return "optimizers: " + (", ".join(parts) if parts else "none instrumented")
 
 
@@ -85,8 +88,19 @@ def variables_table(records: Sequence[VariableRecord]) -> str:
         cause = r.cause.category if r.cause is not None else ""
         if cause and r.cause is not None and r.cause.location:
             cause += f" ({r.cause.location})"
-        rows.append((r.optimizer, r.name, r.state, _norm(r.norm), str(r.steps), str(r.missing_steps),
-                     str(r.zero_steps), str(r.nonfinite_steps), cause))
+        rows.append(
+            (
+                r.optimizer,
+                r.name,
+                r.state,
+                _norm(r.norm),
+                str(r.steps),
+                str(r.missing_steps),
+                str(r.zero_steps),
+                str(r.nonfinite_steps),
+                cause,
+            )
+        )
     return "\n".join(_columns(rows))
 
 
@@ -116,7 +130,7 @@ def sparkline(values: Sequence[float | None], width: int = 60) -> tuple[str, boo
     n = len(values)
     columns = min(width, n)
     for c in range(columns):
-        chunk = [v for v in values[c * n // columns: (c + 1) * n // columns] if v is not None and math.isfinite(v)]
+        chunk = [v for v in values[c * n // columns : (c + 1) * n // columns] if v is not None and math.isfinite(v)]
         cells.append(max(chunk) if chunk else None)
     scale = (lambda v: math.log10(v)) if log_scale else (lambda v: v)
     low, high = scale(min(finite)), scale(max(finite))
@@ -126,6 +140,7 @@ def sparkline(values: Sequence[float | None], width: int = 60) -> tuple[str, boo
 
 def worst_variables(report: dict[str, Any], shown: int) -> list[dict[str, Any]]:
     """Unhealthy variables first (non-finite, zero, missing), the earliest bad step first among them."""
+
     def first_bad(v: dict[str, Any]) -> int:
         steps = [v.get(f"first_{s}_step") for s in ("nonfinite", "zero", "missing")]
         return min((s for s in steps if s), default=1 << 62)
@@ -142,8 +157,11 @@ def _step_text(value: int | None) -> str:
 def report_summary(report: dict[str, Any], width: int = 60, shown: int = 10) -> str:
     """``gradtel report FILE``: the optimizers with a sparkline of the global norm and of the unhealthy variables,
     the findings (a NaN's origin first), and the worst variables with their first bad steps."""
-    lines = [f"gradtel report: run {report.get('run_id') or '-'}, generated {report.get('generated_at', '-')}",
-             _optimizers_line(report), ""]
+    lines = [
+        f"gradtel report: run {report.get('run_id') or '-'}, generated {report.get('generated_at', '-')}",
+        _optimizers_line(report),
+        "",
+    ]
     for optimizer in report["optimizers"]:
         history = (optimizer.get("history") or {}).get("global")
         if not history or not history["last_step"]:
@@ -151,23 +169,31 @@ def report_summary(report: dict[str, Any], width: int = 60, shown: int = 10) -> 
             continue
         line, log_scale = sparkline(history["global_norm_max"], width)
         norms = [v for v in history["global_norm_max"] if v is not None]
-        lines.append(f"{optimizer['name']}: steps {history['first_step'][0]}-{history['last_step'][-1]}, "
-                     f"{len(history['last_step'])} points of {history['steps_per_point']} step(s)")
-        lines.append(f"  global norm {line}  max {max(norms, default=float('nan')):.4g}"
-                     f"{', log scale' if log_scale else ''}, last {norm_text(optimizer.get('last_global_norm'))}")
+        lines.append(
+            f"{optimizer['name']}: steps {history['first_step'][0]}-{history['last_step'][-1]}, "
+            f"{len(history['last_step'])} points of {history['steps_per_point']} step(s)"
+        )
+        lines.append(
+            f"  global norm {line}  max {max(norms, default=float('nan')):.4g}"
+            f"{', log scale' if log_scale else ''}, last {norm_text(optimizer.get('last_global_norm'))}"
+        )
         for state in ("nonfinite", "zero", "missing"):
             counts = history[state]
             if any(counts):
-                lines.append(f"  {state:<11} {sparkline([float(c) for c in counts], width)[0]}  up to "
-                             f"{max(counts)} variable(s) at once")
+                lines.append(
+                    f"  {state:<11} {sparkline([float(c) for c in counts], width)[0]}  up to "
+                    f"{max(counts)} variable(s) at once"
+                )
     findings = sorted(report["findings"], key=lambda f: f["category"] != "nonfinite_origin")
     if findings:
         lines += ["", "findings:"]
     for finding in findings:
         if finding["category"] == "nonfinite_origin":
-            lines.append(f"  NaN/Inf began at step {finding['step']} of {finding['optimizer']} in "
-                         f"{_listed(finding['variables'], 4)}; {finding['followed']} other variable(s) followed. "
-                         f"Resume from a checkpoint before step {finding['resume_before_step']}.")
+            lines.append(
+                f"  NaN/Inf began at step {finding['step']} of {finding['optimizer']} in "
+                f"{_listed(finding['variables'], 4)}; {finding['followed']} other variable(s) followed. "
+                f"Resume from a checkpoint before step {finding['resume_before_step']}."
+            )
         else:
             lines.append(f"  {finding['category']}: {_listed(finding['variables'], 4)}")
     worst = worst_variables(report, shown)
@@ -175,9 +201,17 @@ def report_summary(report: dict[str, Any], width: int = 60, shown: int = 10) -> 
         rows = [("variable", "status", "first nonfinite", "first zero", "first missing", "recovered", "last norm")]
         for v in worst:
             recovered = max((v.get(f"recovered_{s}_step") or 0 for s in ("nonfinite", "zero", "missing")), default=0)
-            rows.append((v["name"], v["status"], _step_text(v.get("first_nonfinite_step")),
-                         _step_text(v.get("first_zero_step")), _step_text(v.get("first_missing_step")),
-                         _step_text(recovered or None), norm_text(v.get("last_norm"))))
+            rows.append(
+                (
+                    v["name"],
+                    v["status"],
+                    _step_text(v.get("first_nonfinite_step")),
+                    _step_text(v.get("first_zero_step")),
+                    _step_text(v.get("first_missing_step")),
+                    _step_text(recovered or None),
+                    norm_text(v.get("last_norm")),
+                )
+            )
         lines += ["", "worst variables:", *("  " + line for line in _columns(rows))]
     else:
         lines += ["", f"every one of the {len(report['variables'])} variables is healthy"]

@@ -79,18 +79,18 @@ def _variable(record: VariableRecord) -> dict[str, Any]:
 #: Explanations of the finding categories that are not causes.
 _FINDING_TEXT: dict[str, str] = {
     Finding.NONFINITE: "These gradients held NaN or Inf at the latest step: lower the learning rate, clip gradients, "
-                 "check the loss for log(0) or division by zero.",
+    "check the loss for log(0) or division by zero.",
     Finding.EXPECTED_MISSING: "Declared with expect_missing: intended to get no gradient.",
     Finding.REPLICA_DISAGREEMENT: "These variables get a gradient on some replicas and None on others, so the replicas "
-                            "disagree on what trains: make the forward pass the same on every replica (no branch "
-                            "on the replica id or on per-replica data shapes).",
+    "disagree on what trains: make the forward pass the same on every replica (no branch "
+    "on the replica id or on per-replica data shapes).",
     Finding.UNTRACKED_VARIABLE: "These plain tf.Variables are read in the training step and influence the loss, but "
-                          "Keras 3 does not track them (a tf.Variable set on a Keras 3 layer or kept in a Python "
-                          "list is not a Keras variable), so they are not in model.trainable_variables and never "
-                          "train: create them with self.add_weight(...) or keras.Variable(...).",
+    "Keras 3 does not track them (a tf.Variable set on a Keras 3 layer or kept in a Python "
+    "list is not a Keras variable), so they are not in model.trainable_variables and never "
+    "train: create them with self.add_weight(...) or keras.Variable(...).",
     Finding.NOT_OPTIMIZED: "These trainable variables influence the loss but the program gave them to no optimizer, as "
-                     "a frozen feature extractor or a target network updated by assign is meant to be. If they "
-                     "should train, pass them to an optimizer; if not, trainable=False says so.",
+    "a frozen feature extractor or a target network updated by assign is meant to be. If they "
+    "should train, pass them to an optimizer; if not, trainable=False says so.",
 }
 
 
@@ -98,27 +98,38 @@ def _origin_findings(records: list[VariableRecord]) -> list[dict[str, Any]]:
     findings = []
     for optimizer, (step, origin) in nonfinite_origins(records).items():
         names = {r.name for r in origin}
-        later = [r.first_nonfinite_step for r in records
-                 if r.optimizer == optimizer and r.first_nonfinite_step and r.name not in names]
+        later = [
+            r.first_nonfinite_step
+            for r in records
+            if r.optimizer == optimizer and r.first_nonfinite_step and r.name not in names
+        ]
         layers = sorted({r.layer for r in origin})
         where = ", ".join(f"'{layer}'" for layer in layers if layer) or "the top level"
-        spread = (f" {len(later)} other variable{'s' if len(later) != 1 else ''} followed from step {min(later)} on "
-                  "(the NaN spreading through the updated values)." if later else "")
-        findings.append({
-            "category": str(Finding.NONFINITE_ORIGIN),
-            "optimizer": optimizer,
-            "step": step,
-            "variables": sorted(names),
-            "layers": layers,
-            "followed": len(later),
-            "resume_before_step": step,
-            "explanation": (
-                f"The first non-finite (NaN/Inf) gradient of optimizer '{optimizer}' was at its step {step}, in "
-                f"{', '.join(sorted(names))} (layer {where}).{spread} Check the ops of that layer and what feeds it "
-                "at that step: log or sqrt of a value <= 0, a division by ~0, exp or pow overflowing, a custom loss "
-                "term, an input batch holding NaN; and the learning rate (an exploding norm in the history just "
-                f"before step {step} points there). Resume from a checkpoint saved before step {step}."),
-        })
+        spread = (
+            f" {len(later)} other variable{'s' if len(later) != 1 else ''} followed from step {min(later)} on "
+            "(the NaN spreading through the updated values)."
+            if later
+            else ""
+        )
+        findings.append(
+            {
+                "category": str(Finding.NONFINITE_ORIGIN),
+                "optimizer": optimizer,
+                "step": step,
+                "variables": sorted(names),
+                "layers": layers,
+                "followed": len(later),
+                "resume_before_step": step,
+                "explanation": (
+                    f"The first non-finite (NaN/Inf) gradient of optimizer '{optimizer}' was at its step {step}, in "
+                    f"{', '.join(sorted(names))} (layer {where}).{spread} Check the ops of that layer and what "
+                    "feeds it at that step: log or sqrt of a value <= 0, a division by ~0, exp or pow overflowing, a "
+                    "custom loss term, an input batch holding NaN; and the learning rate (an exploding norm in the "
+                    "history just "
+                    f"before step {step} points there). Resume from a checkpoint saved before step {step}."
+                ),
+            }
+        )
     return findings
 
 
@@ -135,12 +146,15 @@ def _finding_category(record: VariableRecord) -> str | None:
 
 
 def _grouped(groups: dict[str, list[str]]) -> list[dict[str, Any]]:
-    return [{"category": str(c), "variables": names, "explanation": _FINDING_TEXT.get(c) or fix_for(c)}
-            for c, names in groups.items()]
+    return [
+        {"category": str(c), "variables": names, "explanation": _FINDING_TEXT.get(c) or fix_for(c)}
+        for c, names in groups.items()
+    ]
 
 
-def _findings_and_notes(records: list[VariableRecord],
-                        not_optimized: list[tuple[str, bool]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _findings_and_notes(
+    records: list[VariableRecord], not_optimized: list[tuple[str, bool]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Findings: what is wrong (unhealthy variables grouped by cause, untracked variables) and what was declared
     expected. Notes: what is worth knowing but intended (tracked variables no optimizer received)."""
     groups: dict[str, list[str]] = defaultdict(list)
@@ -178,8 +192,12 @@ def build() -> dict[str, Any]:
     optimizers, records = [], []
     for handle in registry.handles():
         summary, handle_records = handle.read()
-        entry = {"name": handle.name, "steps": summary.steps, "skipped_steps": summary.skipped_steps,
-                 "last_global_norm": _number(summary.global_norm)}
+        entry = {
+            "name": handle.name,
+            "steps": summary.steps,
+            "skipped_steps": summary.skipped_steps,
+            "last_global_norm": _number(summary.global_norm),
+        }
         if summary.raised:
             entry["raised"] = summary.raised
         history = handle.history()
@@ -208,8 +226,10 @@ def dumps(report: dict[str, Any]) -> str:
     """The report's text: indented for people, but each array of scalars (the history's series) on one line, so
     512-point series keep the file a few times smaller."""
     text = json.dumps(report, indent=2)
-    return _SCALAR_ARRAY.sub(lambda m: "[" + ", ".join(part.strip() for part in m.group(0)[1:-1].split(",")) + "]",
-                             text) + "\n"
+    return (
+        _SCALAR_ARRAY.sub(lambda m: "[" + ", ".join(part.strip() for part in m.group(0)[1:-1].split(",")) + "]", text)
+        + "\n"
+    )
 
 
 def load(path: str) -> dict[str, Any]:
@@ -218,8 +238,9 @@ def load(path: str) -> dict[str, Any]:
         try:
             report = json.load(f)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not JSON ({error}); expected a gradtel.report/v1 file "
-                             "(gradtel run --report FILE)") from None
+            raise ValueError(
+                f"{path} is not JSON ({error}); expected a gradtel.report/v1 file (gradtel run --report FILE)"
+            ) from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         found = report.get("schema") if isinstance(report, dict) else type(report).__name__
         raise ValueError(f"{path} is not a gradtel report: expected schema {SCHEMA!r}, found {found!r}")

@@ -102,8 +102,9 @@ def _finish() -> dict[str, Any] | None:
             if _options.report:
                 reporting.write(_options.report, report)
         except OSError as error:  # a --report path that cannot be written: a mistake to name, not a traceback
-            log.warning("gradtel: cannot write the report to %r (--report): %s", _options.report,
-                        error.strerror or error)
+            log.warning(
+                "gradtel: cannot write the report to %r (--report): %s", _options.report, error.strerror or error
+            )
         except Exception:
             log.warning("gradtel: writing the report failed", exc_info=True)
         try:
@@ -132,8 +133,10 @@ def _judge_at_exit(report: dict[str, Any] | None) -> None:
     judged = verdict(report)
     enough = sum(o["steps"] for o in report["optimizers"]) >= _options.check_steps or judged == EXIT_UNHEALTHY
     if not enough:
-        print(f"gradtel check: the script ended before {_options.check_steps} optimizer step(s) were "
-              "measured", file=sys.stderr)
+        print(
+            f"gradtel check: the script ended before {_options.check_steps} optimizer step(s) were measured",
+            file=sys.stderr,
+        )
     _print(report)
     sys.stdout.flush()
     os._exit(judged if enough else EXIT_TOO_FEW_STEPS)
@@ -175,9 +178,12 @@ def _watch_steps() -> None:
                 expired = first_done + _options.check_timeout
                 if time.monotonic() >= expired and _between_steps(expired):
                     waiting = ", ".join(h.name for h, d in zip(handles, done, strict=True) if not d)
-                    print(f"gradtel check: optimizer(s) {waiting} took fewer than {need} step(s) in the "
-                          f"{_options.check_timeout:g} s after the first was done; judging what was measured",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"gradtel check: optimizer(s) {waiting} took fewer than {need} step(s) in the "
+                        f"{_options.check_timeout:g} s after the first was done; judging what was measured",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     _stop_and_judge()
                     return
         except Exception:

@@ -52,8 +52,11 @@ class SeriesPolicy:
         """The records to export as series: real variables and, in roll-up modes, records per layer."""
         if not self.exporting_worker or self.mode == "none":
             return Selection([], [])
-        chosen = [r for r in records if (not self.include or self.include.matches(r.name))
-                  and not self.exclude.matches(r.name)]
+        chosen = [
+            r
+            for r in records
+            if (not self.include or self.include.matches(r.name)) and not self.exclude.matches(r.name)
+        ]
         mode = self.mode
         if mode == "auto":
             mode = "variable" if len(chosen) <= self.budget else "layer"
@@ -61,8 +64,9 @@ class SeriesPolicy:
             return Selection(chosen, chosen)
         unhealthy = [r for r in chosen if r.state != _OK]
         if mode == "topk":
-            finite = sorted((r for r in chosen if r.state == _OK and math.isfinite(r.norm)),
-                            key=lambda r: r.norm, reverse=True)
+            finite = sorted(
+                (r for r in chosen if r.state == _OK and math.isfinite(r.norm)), key=lambda r: r.norm, reverse=True
+            )
             picked = finite[: self.top_k] + unhealthy
             return Selection(picked, picked)
         by_layer, by_cause = _layer_roll_ups(chosen)
@@ -101,11 +105,20 @@ def _roll_up(layer: str, members: Sequence[VariableRecord]) -> VariableRecord:
             if r.max_abs > max_abs:  # False for NaN (max |g| not measured)
                 max_abs = r.max_abs
     return VariableRecord(
-        optimizer=first.optimizer, name=f"{layer}/*" if layer else "*", layer=first.layer,
-        expected_missing=expected, cause=None, missing_cause=first.missing_cause, steps=steps,
-        missing_steps=missing, zero_steps=zero, nonfinite_steps=nonfinite,
+        optimizer=first.optimizer,
+        name=f"{layer}/*" if layer else "*",
+        layer=first.layer,
+        expected_missing=expected,
+        cause=None,
+        missing_cause=first.missing_cause,
+        steps=steps,
+        missing_steps=missing,
+        zero_steps=zero,
+        nonfinite_steps=nonfinite,
         norm=math.sqrt(sumsq) if finite else math.nan,
-        max_abs=max_abs if max_abs >= 0.0 else math.nan, rows_touched=touched, state=_OK if ok else "mixed",
+        max_abs=max_abs if max_abs >= 0.0 else math.nan,
+        rows_touched=touched,
+        state=_OK if ok else "mixed",
     )
 
 

@@ -188,8 +188,11 @@ def _exact_reduce(measured: Sequence[tf.Tensor | None]) -> tuple[tf.Tensor, tf.T
 def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None] | None]) -> tf.Tensor:
     """Elements (dense) or distinct rows (IndexedSlices) per gradient; static wherever the shape is known."""
     static = np.array([0 if m is None else m[0].shape.num_elements() or 0 for m in measured], np.float64)
-    dynamic = [(i, m[1] if m[1] is not None else tf.size(m[0])) for i, m in enumerate(measured)
-               if m is not None and (m[1] is not None or m[0].shape.num_elements() is None)]
+    dynamic = [
+        (i, m[1] if m[1] is not None else tf.size(m[0]))
+        for i, m in enumerate(measured)
+        if m is not None and (m[1] is not None or m[0].shape.num_elements() is None)
+    ]
     if not dynamic:
         return tf.constant(static)
     indices = tf.constant([[i] for i, _ in dynamic])
@@ -217,8 +220,11 @@ class _History:
         self.points = points
         with tf.init_scope():
             self.variable = _new_variable(
-                tf.fill([points, columns], tf.constant(-np.inf, tf.float64)), trainable=False, name=name,
-                dtype=tf.float64, synchronization=tf.VariableSynchronization.ON_READ,
+                tf.fill([points, columns], tf.constant(-np.inf, tf.float64)),
+                trainable=False,
+                name=name,
+                dtype=tf.float64,
+                synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
 
@@ -258,8 +264,14 @@ class StatsTable:
     series and ``expected`` (declared expected to be missing) keeps those out of the unhealthy counts.
     """
 
-    def __init__(self, n_variables: int, name: str, max_abs: bool = False, layers: Sequence[str] | None = None,
-                 expected: Sequence[bool] | None = None) -> None:
+    def __init__(
+        self,
+        n_variables: int,
+        name: str,
+        max_abs: bool = False,
+        layers: Sequence[str] | None = None,
+        expected: Sequence[bool] | None = None,
+    ) -> None:
         self.n = n_variables
         self.max_abs = max_abs
         # ON_READ: under a strategy every replica updates its own copy (no cross-replica traffic in the step);
@@ -268,7 +280,10 @@ class StatsTable:
             initial = np.zeros([N_GLOBALS + N_ROWS * n_variables])
             initial[[G_HISTORY_WIDTH, G_LAYER_HISTORY_WIDTH]] = 1.0  # steps per point of the histories
             self.variable = _new_variable(
-                initial, trainable=False, name=f"gradtel_{name}", dtype=tf.float64,
+                initial,
+                trainable=False,
+                name=f"gradtel_{name}",
+                dtype=tf.float64,
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
@@ -276,8 +291,9 @@ class StatsTable:
         keep[list(COUNTER_ROWS)] = True
         self._accumulate = np.concatenate([GLOBAL_COUNTERS, keep.reshape(-1)])
         index: dict[str, int] = {}
-        self._layer_ids = np.array([index.setdefault(layer, len(index)) for layer in layers or [""] * n_variables],
-                                   np.int32)
+        self._layer_ids = np.array(
+            [index.setdefault(layer, len(index)) for layer in layers or [""] * n_variables], np.int32
+        )
         #: The layers in the order of the per-layer history's series.
         self.layers = list(index)
         self._expected = np.array(expected if expected is not None else [False] * n_variables, bool)
@@ -285,11 +301,13 @@ class StatsTable:
         # layers): one scatter and one cond per step instead of two.
         layer_points = history.layer_points(len(index))
         self.shared_history = layer_points == history.GLOBAL_POINTS
-        global_columns = history.GLOBAL_COLUMNS + (history.layer_columns(len(index)) - 2 if self.shared_history
-                                                   else 0)
+        global_columns = history.GLOBAL_COLUMNS + (history.layer_columns(len(index)) - 2 if self.shared_history else 0)
         self.history = _History(history.GLOBAL_POINTS, global_columns, f"gradtel_{name}_history")
-        self.layer_history = None if self.shared_history else _History(
-            layer_points, history.layer_columns(len(index)), f"gradtel_{name}_layer_history")
+        self.layer_history = (
+            None
+            if self.shared_history
+            else _History(layer_points, history.layer_columns(len(index)), f"gradtel_{name}_layer_history")
+        )
 
     def update(self, grads: Sequence[tf.Tensor | tf.IndexedSlices | None], loss_scaled: bool = False) -> None:
         """Build (graph) or run (eager) the ops that fold one step's gradients into the table.
@@ -338,14 +356,22 @@ class StatsTable:
         rows[STATE] = state
         rows[ROWS_TOUCHED] = _rows_touched(measured)
         first_and_recovered = self._first_and_recovered(old, step, state, zero, counted_nonfinite, present)
-        widths = self._record_history(before, width, layer_width, global_norm, finite_sumsq, state, zero,
-                                      nonfinite, present)
+        widths = self._record_history(
+            before, width, layer_width, global_norm, finite_sumsq, state, zero, nonfinite, present
+        )
         globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, skipped, *widths])
         delta = tf.concat([globals_, *rows, first_and_recovered], 0)
         self.variable.assign(tf.where(self._accumulate, old + delta, delta), read_value=False)
 
-    def _first_and_recovered(self, old: tf.Tensor, step: tf.Tensor, state: tf.Tensor, zero: tf.Tensor,
-                             nonfinite: tf.Tensor, present: np.ndarray) -> tf.Tensor:
+    def _first_and_recovered(
+        self,
+        old: tf.Tensor,
+        step: tf.Tensor,
+        state: tf.Tensor,
+        zero: tf.Tensor,
+        nonfinite: tf.Tensor,
+        present: np.ndarray,
+    ) -> tf.Tensor:
         """The six rows FIRST_MISSING..RECOVERED_NONFINITE, flattened (about 14 ops on [3, n] blocks).
 
         A first bad step is kept once set. A recovery is a step whose state is ok right after a step in that state
@@ -354,17 +380,26 @@ class StatsTable:
         from a state whose first step was never set.
         """
         start = N_GLOBALS + FIRST_MISSING * self.n
-        first_old, recovered_old = tf.unstack(tf.reshape(old[start: start + 6 * self.n], [2, 3, self.n]))
+        first_old, recovered_old = tf.unstack(tf.reshape(old[start : start + 6 * self.n], [2, 3, self.n]))
         bad = tf.stack([tf.constant((~present).astype(np.float64)), zero, nonfinite])  # 1.0 where bad
         first = tf.where(first_old > 0.0, first_old, bad * step)
-        previous = old[N_GLOBALS + STATE * self.n: N_GLOBALS + (STATE + 1) * self.n]
+        previous = old[N_GLOBALS + STATE * self.n : N_GLOBALS + (STATE + 1) * self.n]
         was = tf.equal(previous, np.array([[STATE_MISSING], [STATE_ZERO], [STATE_NONFINITE]]))
         recovered = tf.where(tf.logical_and(was, tf.equal(state, STATE_OK)), step, recovered_old)
         return tf.reshape(tf.concat([first, recovered], 0), [-1])
 
-    def _record_history(self, before: tf.Tensor, width: tf.Tensor, layer_width: tf.Tensor, global_norm: tf.Tensor,
-                        finite_sumsq: tf.Tensor, state: tf.Tensor, zero: tf.Tensor, nonfinite: tf.Tensor,
-                        present: np.ndarray) -> list[tf.Tensor]:
+    def _record_history(
+        self,
+        before: tf.Tensor,
+        width: tf.Tensor,
+        layer_width: tf.Tensor,
+        global_norm: tf.Tensor,
+        finite_sumsq: tf.Tensor,
+        state: tf.Tensor,
+        zero: tf.Tensor,
+        nonfinite: tf.Tensor,
+        present: np.ndarray,
+    ) -> list[tf.Tensor]:
         """Fold this step into the histories (a fixed number of vector ops, whatever the number of variables);
         returns their steps per point, kept in the table's global slots."""
         step = before + 1.0
@@ -374,9 +409,17 @@ class StatsTable:
         n_nonfinite = tf.reduce_sum(nonfinite)
         no_global = tf.where(tf.equal(n_nonfinite, float(present.sum())), none, some)
         global_norm = global_norm if present.any() else some  # NaN without gradients: no value either way
-        global_values = tf.stack([
-            -step, step, no_global - global_norm, global_norm + no_global,
-            tf.constant(float(np.sum(~present & ~self._expected)), tf.float64), tf.reduce_sum(zero), n_nonfinite])
+        global_values = tf.stack(
+            [
+                -step,
+                step,
+                no_global - global_norm,
+                global_norm + no_global,
+                tf.constant(float(np.sum(~present & ~self._expected)), tf.float64),
+                tf.reduce_sum(zero),
+                n_nonfinite,
+            ]
+        )
         n_layers = len(self.layers)
         present_per_layer = np.bincount(self._layer_ids[present], minlength=n_layers).astype(np.float64)
         layer_nonfinite = tf.math.unsorted_segment_sum(nonfinite, self._layer_ids, n_layers)
@@ -384,13 +427,18 @@ class StatsTable:
         layer_norm = tf.sqrt(tf.math.unsorted_segment_sum(finite_sumsq, self._layer_ids, n_layers))
         expected_missing = ~present & self._expected
         severity = state - 0.5 * expected_missing.astype(np.float64) if expected_missing.any() else state
-        layer_values = [no_layer - layer_norm, layer_norm + no_layer,
-                        tf.math.unsorted_segment_max(severity, self._layer_ids, n_layers)]
+        layer_values = [
+            no_layer - layer_norm,
+            layer_norm + no_layer,
+            tf.math.unsorted_segment_max(severity, self._layer_ids, n_layers),
+        ]
         if self.layer_history is None:  # one buffer: the layers' columns follow the global ones, steps shared
             width = self.history.record(before, width, tf.concat([global_values, *layer_values], 0))
             return [width, width]
-        return [self.history.record(before, width, global_values),
-                self.layer_history.record(before, layer_width, tf.concat([global_values[:2], *layer_values], 0))]
+        return [
+            self.history.record(before, width, global_values),
+            self.layer_history.record(before, layer_width, tf.concat([global_values[:2], *layer_values], 0)),
+        ]
 
     def snapshot(self) -> Snapshot:
         """One read of the packed variable (safe from any thread while the step runs)."""
@@ -410,6 +458,6 @@ class StatsTable:
         steps, so a read racing a step misplaces nothing)."""
         buffer = self.history.read()
         if self.layer_history is None:  # the step columns are the global ones
-            layers = np.concatenate([buffer[:, :2], buffer[:, history.GLOBAL_COLUMNS:]], axis=1)
-            return buffer[:, :history.GLOBAL_COLUMNS], layers
+            layers = np.concatenate([buffer[:, :2], buffer[:, history.GLOBAL_COLUMNS :]], axis=1)
+            return buffer[:, : history.GLOBAL_COLUMNS], layers
         return buffer, self.layer_history.read()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian 12 / Python 3.11 machine: installs what the tests need (the Debian
-# prometheus and prometheus-alertmanager packages, a virtualenv with gradtel[tensorflow,dev]), runs ruff, mypy, pytest
+# prometheus and prometheus-alertmanager packages, a virtualenv with gradtel[tensorflow,dev]), runs ruff (lint and format check), mypy, pytest
 # on the latest versions, then the suite's fast part on the declared minimum versions (`nox -s minimum`, on the
 # oldest Python here). Extra arguments go to pytest and skip the minimum-versions run (e.g. scripts/test.sh -m
 # "not slow" for the quick loop).
@@ -19,6 +19,7 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[tensorflow,dev]'
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy  # gradtel/, as configured in pyproject.toml's [tool.mypy]
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

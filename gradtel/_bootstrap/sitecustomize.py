@@ -45,8 +45,7 @@ if os.environ.get("GRADTEL_RUN_OPTIONS") is not None:  # else: a process the lau
         _refuse(f"cannot import gradtel ({type(error).__name__}: {error})")
     wanted, found = _launcher_version(), getattr(gradtel, "__version__", "?")
     if wanted and found != wanted:
-        _refuse(f"imports gradtel {found} from {os.path.dirname(gradtel.__file__)}, not the launching gradtel "
-                f"{wanted}")
+        _refuse(f"imports gradtel {found} from {os.path.dirname(gradtel.__file__)}, not the launching gradtel {wanted}")
     try:
         runner.bootstrap_from_env()
     except Exception as error:  # the script must run even if gradtel cannot

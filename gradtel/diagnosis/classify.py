@@ -108,8 +108,11 @@ class Analysis:
     def imports_into_loss(self) -> list[tuple[int, bool]]:
         """(clock, from NumPy) of each tensor created from a NumPy value or a Python float inside the tape that
         entered the loss's ancestry."""
-        return [(c.seq, c.numpy) for c in self.flow.imports if c.tensor in self.loss_ancestors
-                and c.seq > self.step_start and self.in_tape(c.seq)]
+        return [
+            (c.seq, c.numpy)
+            for c in self.flow.imports
+            if c.tensor in self.loss_ancestors and c.seq > self.step_start and self.in_tape(c.seq)
+        ]
 
     def zero_passes(self, node: Node) -> bool:
         """Whether a (possibly zero) gradient crosses this node: as ``passes``, and also an op without a gradient
@@ -200,9 +203,14 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
     that is simply unused, is not one.
     """
     returns = analysis.imports_into_loss
-    in_tape = [e for e in analysis.flow.escapes
-               if e.tensor in reach_from_var and e.seq > analysis.step_start and analysis.in_tape(e.seq)
-               and any(seq >= e.seq for seq, _ in returns)]
+    in_tape = [
+        e
+        for e in analysis.flow.escapes
+        if e.tensor in reach_from_var
+        and e.seq > analysis.step_start
+        and analysis.in_tape(e.seq)
+        and any(seq >= e.seq for seq, _ in returns)
+    ]
     if in_tape:
         return make_cause(
             "left_tensorflow",
@@ -261,8 +269,11 @@ def _stale_capture(analysis: Analysis, variable: Any) -> Node | None:
     if earlier is None or not analysis.captured or resource is None or not hasattr(resource, "_id"):
         return None
     derived = earlier.descendants({resource._id})
-    stale = [external for internal, external in analysis.captured.items()
-             if internal in analysis.loss_ancestors and external in derived and external in earlier.producer]
+    stale = [
+        external
+        for internal, external in analysis.captured.items()
+        if internal in analysis.loss_ancestors and external in derived and external in earlier.producer
+    ]
     return max((earlier.producer[key] for key in stale), key=lambda n: n.seq) if stale else None
 
 
@@ -279,8 +290,7 @@ def _numpy_reentry(analysis: Analysis, reach_from_var: set[int]) -> Node | None:
     return max(before, key=lambda n: n.seq) if before else None
 
 
-def _unexplained(analysis: Analysis, variable: Any, keys: set[int], name: str,
-                 reach_from_var: set[int]) -> Cause:
+def _unexplained(analysis: Analysis, variable: Any, keys: set[int], name: str, reach_from_var: set[int]) -> Cause:
     """The gradient could reach the variable by the static rules, yet it is None: the tape did not watch
     it, or an op whose gradient is user code (custom_gradient, py_function, a function) returned None."""
     reads = [n for n in analysis.step_reads(keys) if analysis.recorded(n)]
@@ -292,10 +302,13 @@ def _unexplained(analysis: Analysis, variable: Any, keys: set[int], name: str,
             "(watch_accessed_variables=False without tape.watch)",
             location=analysis.call.tape_location or reads[0].location(),
         )
-    on_path = [n for n in analysis.flow.nodes
-               if (n.kind in (CUSTOM_GRADIENT, FUNCTION) or n.op_type in USER_GRADIENT_OPS)
-               and any(k in reach_from_var for k in n.inputs)
-               and any(k in analysis.loss_ancestors for k in n.outputs)]
+    on_path = [
+        n
+        for n in analysis.flow.nodes
+        if (n.kind in (CUSTOM_GRADIENT, FUNCTION) or n.op_type in USER_GRADIENT_OPS)
+        and any(k in reach_from_var for k in n.inputs)
+        and any(k in analysis.loss_ancestors for k in n.outputs)
+    ]
     if on_path:
         node = min(on_path, key=lambda n: (n.kind != CUSTOM_GRADIENT, -n.seq))
         if node.kind == CUSTOM_GRADIENT:
@@ -303,19 +316,22 @@ def _unexplained(analysis: Analysis, variable: Any, keys: set[int], name: str,
             return make_cause(
                 "non_differentiable_op",
                 f"The gradient function of {label} returns None for `{name}`",
-                op="custom_gradient", location=node.location(),
+                op="custom_gradient",
+                location=node.location(),
             )
         inner = _blocking_inside(analysis, node) if node.kind == FUNCTION else None
         if inner is not None:
             return make_cause(
                 "non_differentiable_op",
                 f"`{name}` reaches the loss through a tf.function whose {describe_op(inner.op_type)} has no gradient",
-                op=inner.op_type, location=inner.location() or node.location(),
+                op=inner.op_type,
+                location=inner.location() or node.location(),
             )
         return make_cause(
             "non_differentiable_op",
             f"The gradient of {describe_op(node.op_type)} on the path from `{name}` to the loss is None",
-            op=node.op_type, location=node.location(),
+            op=node.op_type,
+            location=node.location(),
         )
     return make_cause(UNKNOWN, f"No cut was found on the paths from `{name}` to the loss")
 
@@ -329,8 +345,14 @@ def _blocking_inside(analysis: Analysis, node: Node) -> Node | None:
     body = graph_source.build(graph)
     downstream = body.descendants(t._id for t in graph.inputs)
     upstream = body.ancestors(t._id for t in graph.outputs)
-    blocking = [n for n in body.nodes if n.kind == OP and blocking_category(n.op_type) is not None
-                and any(k in downstream for k in n.inputs) and any(k in upstream for k in n.outputs)]
+    blocking = [
+        n
+        for n in body.nodes
+        if n.kind == OP
+        and blocking_category(n.op_type) is not None
+        and any(k in downstream for k in n.inputs)
+        and any(k in upstream for k in n.outputs)
+    ]
     return max(blocking, key=lambda n: n.seq) if blocking else None
 
 
@@ -349,7 +371,8 @@ def _cut_cause(analysis: Analysis, node: Node, key: int, name: str, reach_from_v
             "non_differentiable_op",
             f"The path from `{name}` to the loss becomes integer/bool at {describe_op(source.op_type)}, "
             "which has no gradient",
-            op=source.op_type, location=source.location(),
+            op=source.op_type,
+            location=source.location(),
         )
     category = blocking_category(node.op_type) or UNKNOWN
     details = {
@@ -366,7 +389,8 @@ def _cut_cause(analysis: Analysis, node: Node, key: int, name: str, reach_from_v
 def _zero_op(node: Node) -> bool:
     """An op whose gradient is zero: zero almost everywhere (Sign), or none at all inside control flow (zero-filled)."""
     return node.op_type in ZERO_GRADIENT_OPS or (
-        node.zero_filled and node.kind == OP and blocking_category(node.op_type) is not None)
+        node.zero_filled and node.kind == OP and blocking_category(node.op_type) is not None
+    )
 
 
 #: (category, nodes every path must cross, nodes to blame), in order. The second rule: every path crosses a branch or
@@ -393,7 +417,9 @@ def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> C
         return make_cause(
             "underflow",
             f"The gradient of `{name}` flows back through float16 ops ({half.op_type})",
-            op=half.op_type, location=half.location())
+            op=half.op_type,
+            location=half.location(),
+        )
     for category, avoiding, culprits in analysis.zero_rules:
         if keys & avoiding:
             continue
@@ -402,11 +428,16 @@ def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> C
             continue  # the second rule holds only with a zero op to blame
         if category == "untaken_branch":
             location = culprit.branch_location() if culprit is not None else None
-            return make_cause(category, f"Every path from `{name}` to the loss runs inside a tf.cond branch",
-                              location=location)
+            return make_cause(
+                category, f"Every path from `{name}` to the loss runs inside a tf.cond branch", location=location
+            )
         op = culprit.op_type if culprit is not None else None
-        return make_cause(category, f"Every path from `{name}` to the loss goes through {op}", op=op,
-                          location=culprit.location() if culprit is not None else None)
+        return make_cause(
+            category,
+            f"Every path from `{name}` to the loss goes through {op}",
+            op=op,
+            location=culprit.location() if culprit is not None else None,
+        )
     return None
 
 

@@ -140,8 +140,9 @@ class DataflowGraph:
             found.extend(node for node in self.consumers.get(key, ()) if node.outputs)
         return found
 
-    def descendants(self, keys: Iterable[int], stop: set[int] | None = None,
-                    crosses: Callable[[Node], bool] | None = None) -> set[int]:
+    def descendants(
+        self, keys: Iterable[int], stop: set[int] | None = None, crosses: Callable[[Node], bool] | None = None
+    ) -> set[int]:
         """Every tensor computed from these tensors, over all edges (not beyond the tensors in ``stop``, which are
         included but not followed; only through nodes ``crosses`` accepts)."""
         seen = set(keys)
@@ -219,7 +220,7 @@ class DataflowGraph:
         """Keep only the newest half of ``max_nodes`` nodes once there are more than ``max_nodes``."""
         if len(self.nodes) <= max_nodes:
             return
-        keep = self.nodes[-(max_nodes // 2):]
+        keep = self.nodes[-(max_nodes // 2) :]
         self.nodes, self.producer, self.consumers = [], {}, {}
         for node in keep:
             self.nodes.append(node)

@@ -199,15 +199,18 @@ class Diagnoser:
             else:
                 flow = None
             if flow is not None:
-                analysis = Analysis(flow, call, step_start if call.graph is None else -1,
-                                    read_in_pipeline=self._pipeline.read_in_pipeline,
-                                    function_graph=self._recorder.function_graph)
+                analysis = Analysis(
+                    flow,
+                    call,
+                    step_start if call.graph is None else -1,
+                    read_in_pipeline=self._pipeline.read_in_pipeline,
+                    function_graph=self._recorder.function_graph,
+                )
                 if call_graph is not None:
                     analysis.earlier = self._recorder.graph
                     analysis.captured = graph_source.captured_values(call_graph)
                 analysis.trainable_keys = {
-                    k for v in (*variables, *call.watched) if is_trainable(v)
-                    for k in _keys(v, keys_of)
+                    k for v in (*variables, *call.watched) if is_trainable(v) for k in _keys(v, keys_of)
                 }
         for index, (grad, variable) in enumerate(zip(grads, variables, strict=False)):
             try:
@@ -216,14 +219,16 @@ class Diagnoser:
                     cause = _cheap(variable, name) or _walked(analysis, variable, name, keys_of)
                     result.causes[index] = cause
                 elif analysis is not None:
-                    hint = zero_hint(analysis, _keys(variable, keys_of), variable_path(variable),
-                                     _is_float16(grad, variable))
+                    hint = zero_hint(
+                        analysis, _keys(variable, keys_of), variable_path(variable), _is_float16(grad, variable)
+                    )
                     if hint is not None:
                         result.zero_hints[index] = hint
             except Exception as error:
                 if grad is None:
                     result.causes[index] = make_cause(
-                        UNKNOWN, f"Diagnosing `{variable_path(variable)}` failed ({error!r})")
+                        UNKNOWN, f"Diagnosing `{variable_path(variable)}` failed ({error!r})"
+                    )
         if analysis is not None:
             self._note_influencers(analysis, keys_of)
         return result
@@ -244,10 +249,15 @@ class Diagnoser:
         variables weakly. Start-up then pays nothing per variable for the diagnosis of a healthy model."""
         graph_ref = weakref.ref(call_graph)
         light = dataclasses.replace(call, watched=())
-        hinted = [(i, _keys(v, keys_of), variable_path(v), _is_float16(g, v))
-                  for i, (g, v) in enumerate(zip(grads, variables, strict=False))]
-        watched = [(weakref.ref(underlying(v)), variable_path(v), _keys(v, keys_of)) for v in call.watched
-                   if is_trainable(v) and graph_source.carries_gradient(dtype_of(v))]
+        hinted = [
+            (i, _keys(v, keys_of), variable_path(v), _is_float16(g, v))
+            for i, (g, v) in enumerate(zip(grads, variables, strict=False))
+        ]
+        watched = [
+            (weakref.ref(underlying(v)), variable_path(v), _keys(v, keys_of))
+            for v in call.watched
+            if is_trainable(v) and graph_source.carries_gradient(dtype_of(v))
+        ]
 
         def analysis() -> Analysis | None:
             graph = graph_ref()
@@ -318,8 +328,11 @@ def _untracked_by_keras3(variables: list) -> set[int]:
     if not variables or tracking is None:
         return set()
     # TrackedOrderedDict is Keras 3.14's; older Keras 3 releases have the others only.
-    containers = tuple(getattr(tracking, name) for name in ("TrackedList", "TrackedDict", "TrackedOrderedDict",
-                                                            "TrackedSet") if hasattr(tracking, name))
+    containers = tuple(
+        getattr(tracking, name)
+        for name in ("TrackedList", "TrackedDict", "TrackedOrderedDict", "TrackedSet")
+        if hasattr(tracking, name)
+    )
     wrapped: set[int] = set()
     held: set[int] = set()
     for holder in gc.get_referrers(*variables):
@@ -396,8 +409,10 @@ def _pending(grads: list, variables: list) -> Diagnosis:
         if grad is None:
             name = variable_path(variable)
             causes[index] = _cheap(variable, name) or make_cause(
-                UNKNOWN, f"`{name}` started missing its gradient in an unrecorded eager step; the next step "
-                "is recorded and diagnosed")
+                UNKNOWN,
+                f"`{name}` started missing its gradient in an unrecorded eager step; the next step "
+                "is recorded and diagnosed",
+            )
     return Diagnosis(causes)
 
 

@@ -138,8 +138,9 @@ class EagerRecorder:
 
     # -- sources of facts ------------------------------------------------------------------------------
 
-    def _on_op(self, op_type: str | bytes, inputs: Any, attrs: Any, outputs: Any, op_name: Any = None,
-               graph: Any = None) -> None:
+    def _on_op(
+        self, op_type: str | bytes, inputs: Any, attrs: Any, outputs: Any, op_name: Any = None, graph: Any = None
+    ) -> None:
         """Op callback: add one executed op (graph construction is seen by graph_source instead)."""
         if graph is not None or not self._recording():
             return None
@@ -152,8 +153,19 @@ class EagerRecorder:
             if self._pending_reads:
                 self._add_fast_path_reads(inputs, location)
             kind = FUNCTION if op_type.startswith("__") else OP
-            self.graph.add(Node(op_type, _keys(inputs), _keys(outputs), self.seq, _flags(inputs),
-                                _flags(outputs), location, kind, half=has_half(outputs)))
+            self.graph.add(
+                Node(
+                    op_type,
+                    _keys(inputs),
+                    _keys(outputs),
+                    self.seq,
+                    _flags(inputs),
+                    _flags(outputs),
+                    location,
+                    kind,
+                    half=has_half(outputs),
+                )
+            )
             self.graph.trim(self.max_nodes)
             if self.seq - self._armed_at > self.max_armed_ops:
                 self.disarm()
@@ -173,8 +185,17 @@ class EagerRecorder:
             for tensor in orphans:
                 if tensor.dtype == dtype and tensor.shape == shape:
                     orphans.remove(tensor)
-                    self.graph.add(Node("ReadVariableOp", (handle_key,), (tensor._id,), self.seq, (True,),
-                                        (carries_gradient(dtype),), location))
+                    self.graph.add(
+                        Node(
+                            "ReadVariableOp",
+                            (handle_key,),
+                            (tensor._id,),
+                            self.seq,
+                            (True,),
+                            (carries_gradient(dtype),),
+                            location,
+                        )
+                    )
                     break
 
     def _fast_path_read_hook(self) -> Any:
@@ -188,7 +209,8 @@ class EagerRecorder:
                 if os.path.basename(caller).startswith("gen_"):
                     with contextlib.suppress(Exception):
                         recorder._pending_reads.append(
-                            (value._id, generic(variable, "_dtype"), generic(variable, "_shape")))
+                            (value._id, generic(variable, "_dtype"), generic(variable, "_shape"))
+                        )
             return value
 
         return __getattribute__
@@ -209,16 +231,23 @@ class EagerRecorder:
     def _record_operation_wrapper(self, original: Any) -> Any:
         recorder = self
 
-        def record_operation(op_type: str, output_tensors: Any, input_tensors: Any, *args: Any,
-                             **kwargs: Any) -> Any:
+        def record_operation(op_type: str, output_tensors: Any, input_tensors: Any, *args: Any, **kwargs: Any) -> Any:
             if recorder._recording() and context.executing_eagerly() and not op_type.startswith("__"):
                 with contextlib.suppress(Exception):
                     recorder.seq += 1
-                    recorder.graph.add(Node(
-                        op_type, _keys(input_tensors), _keys(output_tensors), recorder.seq,
-                        _flags(input_tensors), _flags(output_tensors), location_of_stack(2),
-                        CUSTOM_GRADIENT, label=op_type,
-                    ))
+                    recorder.graph.add(
+                        Node(
+                            op_type,
+                            _keys(input_tensors),
+                            _keys(output_tensors),
+                            recorder.seq,
+                            _flags(input_tensors),
+                            _flags(output_tensors),
+                            location_of_stack(2),
+                            CUSTOM_GRADIENT,
+                            label=op_type,
+                        )
+                    )
             return original(op_type, output_tensors, input_tensors, *args, **kwargs)
 
         return record_operation
@@ -233,8 +262,17 @@ class EagerRecorder:
                     inputs = [t for t in nest.flatten(inp) if hasattr(t, "_id")]
                     outputs = [t for t in nest.flatten(result) if hasattr(t, "_id")]
                     recorder.seq += 1
-                    recorder.graph.add(Node("PyFunc", _keys(inputs), _keys(outputs), recorder.seq,
-                                            _flags(inputs), _flags(outputs), location_of_stack(2)))
+                    recorder.graph.add(
+                        Node(
+                            "PyFunc",
+                            _keys(inputs),
+                            _keys(outputs),
+                            recorder.seq,
+                            _flags(inputs),
+                            _flags(outputs),
+                            location_of_stack(2),
+                        )
+                    )
             return result
 
         return py_func_common

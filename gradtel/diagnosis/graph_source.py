@@ -75,11 +75,22 @@ def _add_graph(flow: DataflowGraph, graph: Any, seq: int | None, branch: Where, 
         if depth < _MAX_DEPTH and _inline(flow, graph, op, op_seq, branch, depth, filled):
             continue
         kind = CUSTOM_GRADIENT if "_gradient_op_type" in op.node_def.attr else _kind_of(op)
-        flow.add(Node(
-            op.type, tuple(t._id for t in op.inputs), tuple(t._id for t in op.outputs), op_seq,
-            _flags(op.inputs), _flags(op.outputs), functools.partial(_op_location, op), kind,
-            branch=branch, in_branch=branch is not None, half=has_half(op.outputs), zero_filled=filled,
-        ))
+        flow.add(
+            Node(
+                op.type,
+                tuple(t._id for t in op.inputs),
+                tuple(t._id for t in op.outputs),
+                op_seq,
+                _flags(op.inputs),
+                _flags(op.outputs),
+                functools.partial(_op_location, op),
+                kind,
+                branch=branch,
+                in_branch=branch is not None,
+                half=has_half(op.outputs),
+                zero_filled=filled,
+            )
+        )
 
 
 def _kind_of(op: Any) -> str:
@@ -87,11 +98,20 @@ def _kind_of(op: Any) -> str:
 
 
 def _link(flow: DataflowGraph, sources: list[Any], target: Any, seq: int, op: Any, branch: Where) -> None:
-    flow.add(Node(
-        "Identity", tuple(t._id for t in sources), (target._id,), seq, _flags(sources),
-        (carries_gradient(target.dtype),), functools.partial(_op_location, op), LINK,
-        branch=branch, in_branch=branch is not None,
-    ))
+    flow.add(
+        Node(
+            "Identity",
+            tuple(t._id for t in sources),
+            (target._id,),
+            seq,
+            _flags(sources),
+            (carries_gradient(target.dtype),),
+            functools.partial(_op_location, op),
+            LINK,
+            branch=branch,
+            in_branch=branch is not None,
+        )
+    )
 
 
 def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, depth: int, filled: bool) -> bool:
@@ -178,8 +198,11 @@ def captured_values(graph: Any) -> dict[int, int]:
     Such a value was computed before the step was traced (in ``build()``, before the tape): when the eager
     recorder saw it computed from a variable, the variable's gradient is cut there.
     """
-    return {internal._id: external._id for external, internal in graph.captures
-            if isinstance(external, EagerTensor) and external.dtype != tf.resource}
+    return {
+        internal._id: external._id
+        for external, internal in graph.captures
+        if isinstance(external, EagerTensor) and external.dtype != tf.resource
+    }
 
 
 class VariableKeys:

@@ -30,8 +30,12 @@ def wait_for_missing(port: int, proc: subprocess.Popen, timeout: float = 90) -> 
         except OSError:
             time.sleep(0.5)
             continue
-        missing = {s.labels["variable"]: s.value for f in text_string_to_metric_families(body)
-                   if f.name == "gradtel_gradient_missing" for s in f.samples}
+        missing = {
+            s.labels["variable"]: s.value
+            for f in text_string_to_metric_families(body)
+            if f.name == "gradtel_gradient_missing"
+            for s in f.samples
+        }
         if missing:
             return missing
         time.sleep(0.5)
@@ -42,8 +46,13 @@ def wait_for_missing(port: int, proc: subprocess.Popen, timeout: float = 90) -> 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_demo_serves_the_disconnected_head_while_training_and_prints_the_table(sig):
     port = free_port()
-    proc = subprocess.Popen([BIN / "gradtel", "demo", "--steps", "0", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [BIN / "gradtel", "demo", "--steps", "0", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         missing = wait_for_missing(port, proc)
         assert set(missing) == {"aux_head/kernel", "aux_head/bias"}
@@ -66,16 +75,23 @@ def test_demo_serves_the_disconnected_head_while_training_and_prints_the_table(s
 @pytest.mark.slow
 def test_opentelemetry_instrument_turns_gradtel_on_without_code_changes(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import keras, numpy as np
         from gradtel import instrumenting
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()), loss="mse")
         model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, epochs=2, verbose=0)
         print([(h.name, h.active, h.totals()[0]) for h in instrumenting.handles()])
-    """))
-    result = subprocess.run([BIN / "opentelemetry-instrument", sys.executable, script], capture_output=True,
-                            text=True, timeout=120, env={**ENV, "OTEL_METRICS_EXPORTER": "none"})
+    """)
+    )
+    result = subprocess.run(
+        [BIN / "opentelemetry-instrument", sys.executable, script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**ENV, "OTEL_METRICS_EXPORTER": "none"},
+    )
     assert result.returncode == 0, result.stderr
     handles = eval(result.stdout.strip().splitlines()[-1])  # a list literal printed by the script above
     # The loss-scale wrapper took over from its inner SGD: 4 steps counted once, by the outer optimizer only.

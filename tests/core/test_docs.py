@@ -11,8 +11,10 @@ README = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
 
 
 def test_every_metric_is_in_the_readme_table_with_its_type_and_labels():
-    rows = {m.group(1): (m.group(2), m.group(3)) for m in
-            re.finditer(r"^\| `(gradtel_\w+)` \| (\w+) \| ([\w, ]+) \|", README, re.M)}
+    rows = {
+        m.group(1): (m.group(2), m.group(3))
+        for m in re.finditer(r"^\| `(gradtel_\w+)` \| (\w+) \| ([\w, ]+) \|", README, re.M)
+    }
     assert set(rows) == {m.name for m in metrics.ALL}
     for metric in metrics.ALL:
         kind, labels = rows[metric.name]

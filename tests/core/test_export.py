@@ -51,9 +51,11 @@ def exporter(request):
 
 
 def test_scrape_values_equal_independently_computed_ones(exporter):
-    variables = [keras.Variable(np.zeros((2, 3), "float32"), name="a"),
-                 keras.Variable(np.zeros((3,), "float32"), name="z"),
-                 keras.Variable(np.zeros((1,), "float32"), name="gone")]
+    variables = [
+        keras.Variable(np.zeros((2, 3), "float32"), name="a"),
+        keras.Variable(np.zeros((3,), "float32"), name="z"),
+        keras.Variable(np.zeros((1,), "float32"), name="gone"),
+    ]
     opt, lean = keras.optimizers.SGD(0.0), keras.optimizers.SGD(0.0)
     gradtel.instrument(opt, name="scraped", max_abs=True)
     gradtel.instrument(lean, name="lean")  # the default statistics: no max |g|
@@ -68,7 +70,8 @@ def test_scrape_values_equal_independently_computed_ones(exporter):
     assert sample(metrics["gradtel_gradient_norm"], variable="a", layer="", **base) == pytest.approx(numpy_norm(g_a))
     assert sample(metrics["gradtel_gradient_max_abs"], variable="a", **base) == 4.0
     assert sample(metrics["gradtel_gradient_norm"], variable="a", run="test-run", optimizer="lean") == pytest.approx(
-        numpy_norm(g_a))
+        numpy_norm(g_a)
+    )
     assert not [s for s in metrics["gradtel_gradient_max_abs"] if s.labels["optimizer"] == "lean"]
     assert sample(metrics["gradtel_gradient_zero"], variable="z", **base) == 3
     assert sample(metrics["gradtel_gradient_zero"], variable="a", **base) == 0
@@ -76,8 +79,14 @@ def test_scrape_values_equal_independently_computed_ones(exporter):
     assert sample(metrics["gradtel_gradient_missing"], variable="gone", expected="false", **base) == 3
     assert sample(metrics["gradtel_gradient_global_norm"], **base) == pytest.approx(numpy_norm(g_a))
     states = {s.labels["state"]: s.value for s in metrics["gradtel_variables"] if s.labels["optimizer"] == "scraped"}
-    assert states == {"ok": 1, "zero": 1, "missing": 1, "nonfinite": 0, "expected_missing": 0,
-                      "replica_disagreement": 0}
+    assert states == {
+        "ok": 1,
+        "zero": 1,
+        "missing": 1,
+        "nonfinite": 0,
+        "expected_missing": 0,
+        "replica_disagreement": 0,
+    }
     # prometheus_client's parser strips _total from counter family names; the exposition has it.
     body = urllib.request.urlopen(f"http://127.0.0.1:{exporter.endpoint[1]}/metrics").read().decode()
     assert "# TYPE gradtel_gradient_missing_total counter" in body
@@ -113,22 +122,38 @@ def test_port_in_use_warns_once_and_training_goes_on(caplog):
             opt.apply_gradients([(tf.ones(2), var)])
     assert started is not None and started.endpoint is None
     assert [r.message for r in caplog.records].count(
-        next(r.message for r in caplog.records if "cannot serve metrics" in r.message)) == 1
+        next(r.message for r in caplog.records if "cannot serve metrics" in r.message)
+    ) == 1
     np.testing.assert_allclose(var.numpy(), [0.0, 0.0])
     export.shutdown()
 
 
-@pytest.mark.parametrize(("env", "message", "exporters"), [
-    ({"OTEL_EXPORTER_PROMETHEUS_PORT": "http"},
-     "OTEL_EXPORTER_PROMETHEUS_PORT='http': expected a TCP port 0-65535; the Prometheus pull endpoint is off", ()),
-    ({"OTEL_METRICS_EXPORTER": "zipkin"}, "OTEL_METRICS_EXPORTER='zipkin': expected a comma-separated list", ()),
-    ({"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
-     "OTEL_EXPORTER_OTLP_PROTOCOL='http/json': expected http/protobuf or grpc; the OTLP push is off", ()),
-    ({"GRADTEL_MAX_SERIES": "0"}, "GRADTEL_MAX_SERIES='0': expected an integer >= 1; using the default, 100000",
-     ("prometheus",)),
-    ({"GRADTEL_TLS_CERT_FILE": "/c.pem"}, "GRADTEL_TLS_KEY_FILE is not set: expected it set together with "
-     "GRADTEL_TLS_CERT_FILE", ()),
-])
+@pytest.mark.parametrize(
+    ("env", "message", "exporters"),
+    [
+        (
+            {"OTEL_EXPORTER_PROMETHEUS_PORT": "http"},
+            "OTEL_EXPORTER_PROMETHEUS_PORT='http': expected a TCP port 0-65535; the Prometheus pull endpoint is off",
+            (),
+        ),
+        ({"OTEL_METRICS_EXPORTER": "zipkin"}, "OTEL_METRICS_EXPORTER='zipkin': expected a comma-separated list", ()),
+        (
+            {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL='http/json': expected http/protobuf or grpc; the OTLP push is off",
+            (),
+        ),
+        (
+            {"GRADTEL_MAX_SERIES": "0"},
+            "GRADTEL_MAX_SERIES='0': expected an integer >= 1; using the default, 100000",
+            ("prometheus",),
+        ),
+        (
+            {"GRADTEL_TLS_CERT_FILE": "/c.pem"},
+            "GRADTEL_TLS_KEY_FILE is not set: expected it set together with GRADTEL_TLS_CERT_FILE",
+            (),
+        ),
+    ],
+)
 def test_bad_configuration_says_what_was_expected(env, message, exporters):
     config = Config.from_env(env)
     assert [str(p) for p in config.problems] == [next(str(p) for p in config.problems if message in str(p))]
@@ -179,13 +204,16 @@ def test_otlp_push_reaches_a_receiver_with_resource_attributes():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _OtlpReceiver.received = []
     try:
-        result = run_script(TRAIN + "export.shutdown()\n", {
-            "OTEL_METRICS_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
-            "OTEL_SERVICE_NAME": "trainer-x",
-            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
-            "GRADTEL_RUN_ID": "otlp-run",
-        })
+        result = run_script(
+            TRAIN + "export.shutdown()\n",
+            {
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+                "OTEL_SERVICE_NAME": "trainer-x",
+                "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
+                "GRADTEL_RUN_ID": "otlp-run",
+            },
+        )
     finally:
         server.shutdown()
     assert result.returncode == 0, result.stderr
@@ -218,13 +246,16 @@ def test_console_exporter_prints_the_metrics():
 
 @pytest.mark.slow
 def test_the_applications_global_meter_provider_is_used():
-    code = textwrap.dedent("""
+    code = (
+        textwrap.dedent("""
         from opentelemetry import metrics
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
         reader = InMemoryMetricReader()
         metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    """) + TRAIN + textwrap.dedent("""
+    """)
+        + TRAIN
+        + textwrap.dedent("""
         import json
         out = {}
         for rm in reader.get_metrics_data().resource_metrics:
@@ -234,6 +265,7 @@ def test_the_applications_global_meter_provider_is_used():
                         out[m.name + "/" + str(p.attributes.get("variable"))] = p.value
         print(json.dumps(out))
     """)
+    )
     result = run_script(code, {"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_PORT": "1"})
     assert result.returncode == 0, result.stderr
     values = json.loads(result.stdout.strip().splitlines()[-1])
@@ -271,4 +303,5 @@ def test_a_histogram_under_gradtels_view_records_and_is_collected(exporter, capl
     assert "gradtel_test_seconds" not in metrics and "gradtel_process_start_time_seconds" in metrics
     assert [r.getMessage() for r in caplog.records if "gradtel_test_seconds" in r.getMessage()] == [
         "gradtel: metric 'gradtel_test_seconds' (Histogram) is not served on the Prometheus endpoint: only sums and "
-        "gauges are."]
+        "gauges are."
+    ]

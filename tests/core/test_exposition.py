@@ -20,13 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from gradtel.endpoint import Endpoint, Security
 from gradtel.exposition import CONTENT_TYPE, PrometheusReader, cyclic_gc_paused
 
-ODD_VALUES = ['plain', 'with "quotes"', "back\\slash", "new\nline", "ünïcødé ∇", "", "a,b=c}"]
+ODD_VALUES = ["plain", 'with "quotes"', "back\\slash", "new\nline", "ünïcødé ∇", "", "a,b=c}"]
 
 
 def families(text: str) -> dict[str, tuple[str, str, set]]:
     """name -> (type, help, {(sample name, labels, value)}), as prometheus_client's parser reads the text."""
-    return {f.name: (f.type, f.documentation, {(s.name, frozenset(s.labels.items()), s.value) for s in f.samples})
-            for f in text_string_to_metric_families(text)}
+    return {
+        f.name: (f.type, f.documentation, {(s.name, frozenset(s.labels.items()), s.value) for s in f.samples})
+        for f in text_string_to_metric_families(text)
+    }
 
 
 @pytest.fixture
@@ -50,8 +52,10 @@ def test_series_equal_the_official_exporters_series_by_series(provider):
         return [Observation(steps["n"] * (i + 1), {"variable": v, "layer": "l"}) for i, v in enumerate(ODD_VALUES)]
 
     def gauge(options: CallbackOptions):
-        return [Observation(0.1 * (i + 1) - 1e-300, {"variable": v, "n": i, "flag": i % 2 == 0, "x": 1.5})
-                for i, v in enumerate(ODD_VALUES)]
+        return [
+            Observation(0.1 * (i + 1) - 1e-300, {"variable": v, "n": i, "flag": i % 2 == 0, "x": 1.5})
+            for i, v in enumerate(ODD_VALUES)
+        ]
 
     meter.create_observable_counter("gradtel_things", callbacks=[counter], description='Things\\ "counted"\nhere.')
     meter.create_observable_gauge("gradtel_level", callbacks=[gauge], description="A level.")
@@ -66,8 +70,19 @@ def test_series_equal_the_official_exporters_series_by_series(provider):
         mine = families(ours.exposition().text.decode())
         assert mine == official
     assert mine["gradtel_things"][0] == "counter" and mine["gradtel_balance"][0] == "gauge"
-    assert ("gradtel_things_total", frozenset({"variable": 'with "quotes"', "layer": "l", "otel_scope_name": "gradtel",
-            "otel_scope_version": "9.9.9", "otel_scope_schema_url": ""}.items()), 2 * 2) in mine["gradtel_things"][2]
+    assert (
+        "gradtel_things_total",
+        frozenset(
+            {
+                "variable": 'with "quotes"',
+                "layer": "l",
+                "otel_scope_name": "gradtel",
+                "otel_scope_version": "9.9.9",
+                "otel_scope_schema_url": "",
+            }.items()
+        ),
+        2 * 2,
+    ) in mine["gradtel_things"][2]
 
 
 def test_other_kinds_are_left_out_with_one_warning(provider, caplog):
@@ -134,7 +149,8 @@ def test_collections_run_with_the_cyclic_collector_paused_and_leave_it_as_found(
     reader = PrometheusReader(0.0, 1.0)
     mp = MeterProvider(metric_readers=[reader])
     mp.get_meter("gradtel").create_observable_gauge(
-        "gradtel_gc", callbacks=[lambda options: seen.append(gc.isenabled()) or [Observation(1)]])
+        "gradtel_gc", callbacks=[lambda options: seen.append(gc.isenabled()) or [Observation(1)]]
+    )
     assert gc.isenabled()
     reader.exposition()
     assert seen == [False] and gc.isenabled()
@@ -193,8 +209,15 @@ def test_the_endpoint_serves_gzip_head_and_refuses_other_methods():
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url, data=b"x", method="POST"), timeout=10)
         assert refused.value.code == 405
-        assert families(text.decode())["gradtel_ticks"][2] == {("gradtel_ticks_total", frozenset(
-            {"otel_scope_name": "gradtel", "otel_scope_version": "", "otel_scope_schema_url": ""}.items()), 4.0)}
+        assert families(text.decode())["gradtel_ticks"][2] == {
+            (
+                "gradtel_ticks_total",
+                frozenset(
+                    {"otel_scope_name": "gradtel", "otel_scope_version": "", "otel_scope_schema_url": ""}.items()
+                ),
+                4.0,
+            )
+        }
     finally:
         endpoint.close()
         mp.shutdown()

@@ -47,8 +47,14 @@ def _run(tmp_path, *args: str, mode: str) -> subprocess.CompletedProcess:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     env = {**ENV, "OTEL_METRICS_EXPORTER": "none"}
-    return subprocess.run([BIN / "gradtel", *args, "--", sys.executable, str(script), mode], env=env,
-                          capture_output=True, text=True, timeout=180, check=False)
+    return subprocess.run(
+        [BIN / "gradtel", *args, "--", sys.executable, str(script), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 @pytest.mark.slow
@@ -106,14 +112,24 @@ def test_check_measures_every_optimizer_and_names_the_one_that_never_stepped(tmp
     script = tmp_path / "gan.py"
     script.write_text(TWO_OPTIMIZERS)
     env = {**ENV, "OTEL_METRICS_EXPORTER": "none"}
-    done = subprocess.run([BIN / "gradtel", "check", "--steps", "2", "--timeout", "3", "--json", "--", sys.executable,
-                           str(script)], env=env, capture_output=True, text=True, timeout=180, check=False)
+    done = subprocess.run(
+        [BIN / "gradtel", "check", "--steps", "2", "--timeout", "3", "--json", "--", sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     steps = {o["name"]: o["steps"] for o in report["optimizers"]}
     assert steps["g_opt"] >= 2 and steps["c_opt"] >= 10 and steps["idle_opt"] == 0
-    assert {v["name"] for v in report["variables"]} == {"gen/g/kernel", "gen/g/bias", "critic/c/kernel",
-                                                        "critic/c/bias"}
+    assert {v["name"] for v in report["variables"]} == {
+        "gen/g/kernel",
+        "gen/g/bias",
+        "critic/c/kernel",
+        "critic/c/bias",
+    }
     assert "optimizer(s) idle_opt took fewer than 2 step(s)" in done.stderr
 
 

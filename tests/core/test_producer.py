@@ -43,8 +43,12 @@ class Recorder(MetricExporter):
             for scope_metrics in resource_metrics.scope_metrics:
                 for metric in scope_metrics.metrics:
                     data = metric.data
-                    kinds[metric.name] = (type(data).__name__, getattr(data, "aggregation_temporality", None),
-                                          getattr(data, "is_monotonic", None), scope_metrics.scope.name)
+                    kinds[metric.name] = (
+                        type(data).__name__,
+                        getattr(data, "aggregation_temporality", None),
+                        getattr(data, "is_monotonic", None),
+                        scope_metrics.scope.name,
+                    )
                     for point in data.data_points:
                         key = (metric.name, frozenset(point.attributes.items()))
                         assert key not in points, key
@@ -71,8 +75,11 @@ def _pipeline(producer_path: bool, delta: bool, limit: int):
         chosen = [m for m in metrics.ALL if m not in PER_VARIABLE]
     else:
         reader, chosen = PeriodicExportingMetricReader(recorder), metrics.ALL
-    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False,
-                             views=[View(instrument_name="gradtel*", aggregation_cardinality_limit=limit)])
+    provider = MeterProvider(
+        metric_readers=[reader],
+        shutdown_on_exit=False,
+        views=[View(instrument_name="gradtel*", aggregation_cardinality_limit=limit)],
+    )
     Instruments(provider.get_meter(METER_NAME, "1"), sources, chosen)
     return provider, reader, recorder
 
@@ -88,8 +95,13 @@ def test_the_producer_exports_what_the_sdk_instruments_export(delta, limit):
     our_provider, our_reader, ours = _pipeline(True, delta, limit)
     try:
         for step in range(3):
-            grads = [tf.constant([1.0, 2.0, 2.0 * step]), tf.zeros(3), None,
-                     tf.constant([np.nan if step % 2 else 1.0, 0.0, 0.0]), tf.fill([3], 0.5 + step)]
+            grads = [
+                tf.constant([1.0, 2.0, 2.0 * step]),
+                tf.zeros(3),
+                None,
+                tf.constant([np.nan if step % 2 else 1.0, 0.0, 0.0]),
+                tf.fill([3], 0.5 + step),
+            ]
             opt.apply_gradients(zip(grads, variables, strict=True))
             sdk_reader.collect()
             our_reader.collect()
@@ -100,7 +112,10 @@ def test_the_producer_exports_what_the_sdk_instruments_export(delta, limit):
                 assert our_points[key] == pytest.approx(value), key
         points, kinds = ours.exports[-1]
         assert kinds["gradtel_gradient_zero"][:3] == (
-            "Sum", AggregationTemporality.DELTA if delta else AggregationTemporality.CUMULATIVE, True)
+            "Sum",
+            AggregationTemporality.DELTA if delta else AggregationTemporality.CUMULATIVE,
+            True,
+        )
         if limit == 2:
             folded = [k for k in points if k[0] == "gradtel_gradient_norm" and ("otel.metric.overflow", True) in k[1]]
             assert len(folded) == 1
@@ -141,7 +156,8 @@ def test_a_failing_producer_leaves_the_other_metrics_and_logs_once_and_the_colle
         assert set(recorder.exports[-1][1]) == {"gradtel_steps"}
         assert collector_running == [False, False] and gc.isenabled()  # collections run with it paused
         assert [r.message for r in caplog.records if "per-variable series failed" in r.message] == [
-            "gradtel: producing the per-variable series failed; collections leave them out (logged once)."]
+            "gradtel: producing the per-variable series failed; collections leave them out (logged once)."
+        ]
     finally:
         gradtel.uninstrument(opt)
         provider.shutdown()

@@ -39,18 +39,41 @@ SCRIPT = textwrap.dedent("""
         open(sys.argv[2], "w").close()
         time.sleep(120)
 """)
-VARIABLE_KEYS = {"name", "optimizer", "layer", "status", "expected", "steps", "missing_steps", "zero_steps",
-                 "nonfinite_steps", "last_norm", "last_max_abs", "rows_touched", "cause", "first_missing_step",
-                 "first_zero_step", "first_nonfinite_step", "recovered_missing_step", "recovered_zero_step",
-                 "recovered_nonfinite_step"}
+VARIABLE_KEYS = {
+    "name",
+    "optimizer",
+    "layer",
+    "status",
+    "expected",
+    "steps",
+    "missing_steps",
+    "zero_steps",
+    "nonfinite_steps",
+    "last_norm",
+    "last_max_abs",
+    "rows_touched",
+    "cause",
+    "first_missing_step",
+    "first_zero_step",
+    "first_nonfinite_step",
+    "recovered_missing_step",
+    "recovered_zero_step",
+    "recovered_nonfinite_step",
+}
 
 
 def gradtel_cli(tmp_path, *args: str, mode: str, **popen) -> subprocess.Popen:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     env = {**ENV, "OTEL_METRICS_EXPORTER": "none"}
-    return subprocess.Popen([BIN / "gradtel", *args, "--", sys.executable, script, mode, str(tmp_path / "ready")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [BIN / "gradtel", *args, "--", sys.executable, script, mode, str(tmp_path / "ready")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def check_report(path, steps: int) -> dict:
@@ -147,8 +170,13 @@ def test_report_matches_the_handles(tmp_path):
     mine = [v for v in report["variables"] if v["optimizer"] == "report-match"]
     assert mine == [{**mine[0], "name": "r", "status": "ok", "steps": 1, "last_norm": 5.0, "last_max_abs": 4.0}]
     entry = next(o for o in report["optimizers"] if o["name"] == "report-match")
-    assert entry == {"name": "report-match", "steps": 1, "skipped_steps": 0, "last_global_norm": 5.0,
-                     "history": entry["history"]}
+    assert entry == {
+        "name": "report-match",
+        "steps": 1,
+        "skipped_steps": 0,
+        "last_global_norm": 5.0,
+        "history": entry["history"],
+    }
     assert entry["history"]["global"]["global_norm_max"] == [5.0]
     from gradtel import reporting
 
@@ -187,8 +215,12 @@ def test_partial_missing_warning_names_each_cause_once():
 def test_report_finds_variables_no_optimizer_receives():
     model = keras.Sequential([keras.Input((3,)), UntrackedScale(name="scaled")])
     model.compile(optimizer="sgd", loss="mse")
-    model.fit(np.ones((4, 3)), np.ones((4, 1)), verbose=0,
-              callbacks=[GradientTelemetry(name="not-optimized", start_exporter=False)])
+    model.fit(
+        np.ones((4, 3)),
+        np.ones((4, 1)),
+        verbose=0,
+        callbacks=[GradientTelemetry(name="not-optimized", start_exporter=False)],
+    )
     report = gradtel.report()
     findings = {f["category"]: f["variables"] for f in report["findings"]}
     assert [n for n in findings["untracked_variable"] if n.endswith("scaled/untracked_scale")]

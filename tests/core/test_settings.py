@@ -36,52 +36,121 @@ CASES = [
     ("OTEL_EXPORTER_PROMETHEUS_PORT", "abc", "expected a TCP port 0-65535; " + PROMETHEUS_OFF, {}, ()),
     ("OTEL_EXPORTER_PROMETHEUS_PORT", "70000", "expected a TCP port 0-65535; " + PROMETHEUS_OFF, {}, ()),
     ("OTEL_EXPORTER_PROMETHEUS_PORT", "-1", "expected a TCP port 0-65535; " + PROMETHEUS_OFF, {}, ()),
-    ("OTEL_METRICS_EXPORTER", "bogus", "expected a comma-separated list of prometheus, otlp, console, none; no "
-     "metrics are exported", {}, ()),
-    ("OTEL_METRICS_EXPORTER", "prometheus,bogus", "bogus ignored, exporting through prometheus", {},
-     ("prometheus",)),
+    (
+        "OTEL_METRICS_EXPORTER",
+        "bogus",
+        "expected a comma-separated list of prometheus, otlp, console, none; no metrics are exported",
+        {},
+        (),
+    ),
+    ("OTEL_METRICS_EXPORTER", "prometheus,bogus", "bogus ignored, exporting through prometheus", {}, ("prometheus",)),
     ("TF_CONFIG", "notjson", "expected JSON like", {}, ("prometheus",)),
     ("GRADTEL_MAX_ABS", "maybe", "expected true or false; using the default, false", {}, ("prometheus",)),
     ("GRADTEL_MAX_SERIES", "lots", "expected an integer >= 1; using the default, 100000", {}, ("prometheus",)),
     ("GRADTEL_SERIES_BUDGET", "0", "expected an integer >= 1; using the default, 2000", {}, ("prometheus",)),
     ("GRADTEL_TOPK", "1.5", "expected an integer >= 1; using the default, 100", {}, ("prometheus",)),
-    ("GRADTEL_VARIABLE_SERIES", "all", "expected one of auto, variable, layer, topk, none; using the default, auto",
-     {}, ("prometheus",)),
-    ("GRADTEL_VARIABLE_SERIES_WORKERS", "some", "expected chief or all; using the default, chief", {},
-     ("prometheus",)),
+    (
+        "GRADTEL_VARIABLE_SERIES",
+        "all",
+        "expected one of auto, variable, layer, topk, none; using the default, auto",
+        {},
+        ("prometheus",),
+    ),
+    ("GRADTEL_VARIABLE_SERIES_WORKERS", "some", "expected chief or all; using the default, chief", {}, ("prometheus",)),
     ("GRADTEL_INCLUDE", "re:(", "is not a valid regular expression", {}, ("prometheus",)),
     ("GRADTEL_EXCLUDE", "re:[", "is not a valid regular expression", {}, ("prometheus",)),
-    ("GRADTEL_PROMETHEUS_CPU_SHARE", "2", "expected a fraction of one core, > 0 and <= 1; using the default, 0.01",
-     {}, ("prometheus",)),
-    ("GRADTEL_PROMETHEUS_MIN_INTERVAL", "soon", "expected a number of seconds >= 0; using the default, 1.0", {},
-     ("prometheus",)),
-    ("GRADTEL_TLS_CERT_FILE", MISSING_FILE, "expected a readable PEM file (No such file or directory); "
-     + PROMETHEUS_OFF, {"GRADTEL_TLS_KEY_FILE": __file__}, ()),
-    ("GRADTEL_TLS_CLIENT_CA_FILE", MISSING_FILE, "expected a readable PEM file of CA certificates (No such file or "
-     "directory); " + PROMETHEUS_OFF, {"GRADTEL_TLS_CERT_FILE": __file__, "GRADTEL_TLS_KEY_FILE": __file__}, ()),
-    ("GRADTEL_BASIC_AUTH_PASSWORD_FILE", MISSING_FILE, "expected a readable UTF-8 file (No such file or "
-     "directory); " + PROMETHEUS_OFF, {"GRADTEL_BASIC_AUTH_USERNAME": "prometheus"}, ()),
-    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "expected http/protobuf or grpc; " + OTLP_OFF,
-     {"OTEL_METRICS_EXPORTER": "otlp,prometheus"}, ("prometheus",)),
-    ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector 4318", "expected an http:// or https:// URL with a host; " + OTLP_OFF,
-     {"OTEL_METRICS_EXPORTER": "otlp"}, ()),
-    ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "ftp://collector", "expected an http:// or https:// URL",
-     {"OTEL_METRICS_EXPORTER": "otlp"}, ()),
-    ("OTEL_EXPORTER_OTLP_CERTIFICATE", MISSING_FILE, "expected a readable file (No such file or directory); "
-     + OTLP_OFF, {"OTEL_METRICS_EXPORTER": "otlp"}, ()),
-    ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon", "expected a number of seconds > 0; " + OTLP_OFF,
-     {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, ()),
-    ("OTEL_EXPORTER_OTLP_COMPRESSION", "zip", "expected gzip, deflate or none; " + OTLP_OFF,
-     {"OTEL_METRICS_EXPORTER": "otlp"}, ()),
-    ("OTEL_METRIC_EXPORT_INTERVAL", "often", "expected milliseconds, an integer >= 1; using the default, 60000",
-     {"OTEL_METRICS_EXPORTER": "console"}, ("console",)),
+    (
+        "GRADTEL_PROMETHEUS_CPU_SHARE",
+        "2",
+        "expected a fraction of one core, > 0 and <= 1; using the default, 0.01",
+        {},
+        ("prometheus",),
+    ),
+    (
+        "GRADTEL_PROMETHEUS_MIN_INTERVAL",
+        "soon",
+        "expected a number of seconds >= 0; using the default, 1.0",
+        {},
+        ("prometheus",),
+    ),
+    (
+        "GRADTEL_TLS_CERT_FILE",
+        MISSING_FILE,
+        "expected a readable PEM file (No such file or directory); " + PROMETHEUS_OFF,
+        {"GRADTEL_TLS_KEY_FILE": __file__},
+        (),
+    ),
+    (
+        "GRADTEL_TLS_CLIENT_CA_FILE",
+        MISSING_FILE,
+        "expected a readable PEM file of CA certificates (No such file or directory); " + PROMETHEUS_OFF,
+        {"GRADTEL_TLS_CERT_FILE": __file__, "GRADTEL_TLS_KEY_FILE": __file__},
+        (),
+    ),
+    (
+        "GRADTEL_BASIC_AUTH_PASSWORD_FILE",
+        MISSING_FILE,
+        "expected a readable UTF-8 file (No such file or directory); " + PROMETHEUS_OFF,
+        {"GRADTEL_BASIC_AUTH_USERNAME": "prometheus"},
+        (),
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "http/json",
+        "expected http/protobuf or grpc; " + OTLP_OFF,
+        {"OTEL_METRICS_EXPORTER": "otlp,prometheus"},
+        ("prometheus",),
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "collector 4318",
+        "expected an http:// or https:// URL with a host; " + OTLP_OFF,
+        {"OTEL_METRICS_EXPORTER": "otlp"},
+        (),
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "ftp://collector",
+        "expected an http:// or https:// URL",
+        {"OTEL_METRICS_EXPORTER": "otlp"},
+        (),
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        MISSING_FILE,
+        "expected a readable file (No such file or directory); " + OTLP_OFF,
+        {"OTEL_METRICS_EXPORTER": "otlp"},
+        (),
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+        "soon",
+        "expected a number of seconds > 0; " + OTLP_OFF,
+        {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        (),
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+        "zip",
+        "expected gzip, deflate or none; " + OTLP_OFF,
+        {"OTEL_METRICS_EXPORTER": "otlp"},
+        (),
+    ),
+    (
+        "OTEL_METRIC_EXPORT_INTERVAL",
+        "often",
+        "expected milliseconds, an integer >= 1; using the default, 60000",
+        {"OTEL_METRICS_EXPORTER": "console"},
+        ("console",),
+    ),
 ]
 IDS = [f"{setting}={value}" for setting, value, *_ in CASES]
 
 
 @pytest.mark.parametrize(("setting", "value", "says", "others", "exporters"), CASES, ids=IDS)
-def test_each_bad_setting_is_one_problem_naming_it_and_the_job_goes_on_without_that_part(setting, value, says,
-                                                                                          others, exporters):
+def test_each_bad_setting_is_one_problem_naming_it_and_the_job_goes_on_without_that_part(
+    setting, value, says, others, exporters
+):
     config = Config.from_env({**others, setting: value})
     lines = [str(p) for p in config.problems]
     assert len(lines) == 1, lines
@@ -94,7 +163,8 @@ def test_settings_that_go_together_name_the_missing_one():
     assert [str(p) for p in config.problems] == [
         "gradtel: GRADTEL_BASIC_AUTH_PASSWORD is not set: expected it (or GRADTEL_BASIC_AUTH_PASSWORD_FILE) set "
         "together with GRADTEL_BASIC_AUTH_USERNAME; the Prometheus pull endpoint is off; training and the report "
-        "go on."]
+        "go on."
+    ]
     assert config.exporters == ()
 
 
@@ -106,11 +176,17 @@ def test_a_header_value_is_never_shown_it_may_be_a_credential():
 
 
 def test_good_values_make_no_problem():
-    env = {"OTEL_METRICS_EXPORTER": "prometheus,otlp", "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317",
-           "OTEL_EXPORTER_OTLP_HEADERS": "api-key=abc%20def,x=1", "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5",
-           "GRADTEL_MAX_ABS": "on", "TF_CONFIG": json.dumps({"task": {"type": "worker", "index": 1}}),
-           "GRADTEL_INCLUDE": "dense*,re:^enc"}
+    env = {
+        "OTEL_METRICS_EXPORTER": "prometheus,otlp",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317",
+        "OTEL_EXPORTER_OTLP_HEADERS": "api-key=abc%20def,x=1",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5",
+        "GRADTEL_MAX_ABS": "on",
+        "TF_CONFIG": json.dumps({"task": {"type": "worker", "index": 1}}),
+        "GRADTEL_INCLUDE": "dense*,re:^enc",
+    }
     config = Config.from_env(env)
     assert config.problems == () and config.exporters == ("prometheus", "otlp") and config.max_abs
     assert (config.prometheus_port, config.otlp_protocol, config.worker.label) == (0, "grpc", "worker:1")
@@ -125,8 +201,7 @@ def test_instrument_and_the_callback_train_with_a_bad_threshold(monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="gradtel"):
         opt = keras.optimizers.SGD()
         handle = gradtel.instrument(opt, name="bad-threshold-direct", start_exporter=False)
-        history = model.fit(np.ones((8, 3)), np.ones((8, 1)), batch_size=4, epochs=2, verbose=0,
-                            callbacks=[callback])
+        history = model.fit(np.ones((8, 3)), np.ones((8, 1)), batch_size=4, epochs=2, verbose=0, callbacks=[callback])
     assert not handle.max_abs and not callback.handle.max_abs
     assert callback.handle.summary().steps == 4 and len(history.history["loss"]) == 2
     lines = [r.getMessage() for r in caplog.records if "GRADTEL_MAX_ABS" in r.getMessage()]
@@ -146,7 +221,8 @@ def test_the_export_starts_without_the_part_a_bad_setting_turns_off(monkeypatch,
         assert exporter is not None and exporter.endpoint is None and exporter.config.exporters == ("console",)
         assert [r.getMessage() for r in caplog.records] == [
             "gradtel: OTEL_EXPORTER_PROMETHEUS_PORT='99999': expected a TCP port 0-65535; the Prometheus pull "
-            "endpoint is off; training and the report go on."]
+            "endpoint is off; training and the report go on."
+        ]
     finally:
         export.shutdown()
 
@@ -163,31 +239,38 @@ def test_a_port_in_use_says_it_is_in_use():
         port = taken.getsockname()[1]
         with pytest.raises(EndpointError) as info:
             _endpoint(port=port)
-    assert str(info.value) == (f"cannot serve metrics on 127.0.0.1:{port}: the port is in use (set "
-                               "OTEL_EXPORTER_PROMETHEUS_PORT to a free port, or 0 for any free one)")
+    assert str(info.value) == (
+        f"cannot serve metrics on 127.0.0.1:{port}: the port is in use (set "
+        "OTEL_EXPORTER_PROMETHEUS_PORT to a free port, or 0 for any free one)"
+    )
 
 
 def test_a_host_that_does_not_resolve_is_not_blamed_on_the_port():
     with pytest.raises(EndpointError) as info:
         _endpoint(host="no-such-host.invalid")
     message = str(info.value)
-    assert message.startswith("cannot serve metrics: the bind address 'no-such-host.invalid' "
-                              "(OTEL_EXPORTER_PROMETHEUS_HOST) does not resolve"), message
+    assert message.startswith(
+        "cannot serve metrics: the bind address 'no-such-host.invalid' (OTEL_EXPORTER_PROMETHEUS_HOST) does not resolve"
+    ), message
     assert "port" not in message.split("(OTEL_EXPORTER_PROMETHEUS_HOST)")[1]
 
 
 def test_an_address_of_another_machine_is_named():
     with pytest.raises(EndpointError) as info:
         _endpoint(host="192.0.2.1")  # TEST-NET-1: never an address of this machine
-    assert str(info.value) == ("cannot serve metrics on 192.0.2.1:0: '192.0.2.1' is not an address of this machine "
-                               "(OTEL_EXPORTER_PROMETHEUS_HOST)")
+    assert str(info.value) == (
+        "cannot serve metrics on 192.0.2.1:0: '192.0.2.1' is not an address of this machine "
+        "(OTEL_EXPORTER_PROMETHEUS_HOST)"
+    )
 
 
 def test_a_missing_certificate_names_the_file(tmp_path):
     with pytest.raises(EndpointError) as info:
         _endpoint(certfile=str(tmp_path / "server.pem"), keyfile=str(tmp_path / "server.key"))
-    assert str(info.value) == (f"cannot serve metrics: the TLS certificate (GRADTEL_TLS_CERT_FILE) "
-                               f"'{tmp_path / 'server.pem'}' cannot be read (No such file or directory)")
+    assert str(info.value) == (
+        f"cannot serve metrics: the TLS certificate (GRADTEL_TLS_CERT_FILE) "
+        f"'{tmp_path / 'server.pem'}' cannot be read (No such file or directory)"
+    )
 
 
 def test_a_file_that_is_no_certificate_names_both_files_and_binds_nothing(tmp_path):
@@ -222,8 +305,13 @@ def _script(tmp_path: pathlib.Path, callback: bool = False) -> pathlib.Path:
 
 def _env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADTEL_", "OTEL_", "TF_CONFIG"))}
-    return {**env, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
-            **settings}
+    return {
+        **env,
+        "PYTHONPATH": str(ROOT),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
+        **settings,
+    }
 
 
 #: (how it is run, the bad setting, its value, other settings)
@@ -257,8 +345,9 @@ def _run_case(case: tuple[str, str, str, dict[str, str]], tmp_path: pathlib.Path
     how, setting, value, others = case
     report = tmp_path / f"{how}-{setting}.json"
     command = _command(how, _script(tmp_path, callback=how == "callback"), report)
-    return subprocess.run(command, env=_env(**others, **{setting: value}), capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    return subprocess.run(
+        command, env=_env(**others, **{setting: value}), capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
 
 
 @pytest.mark.slow
@@ -296,8 +385,13 @@ def test_gradtel_run_refuses_a_python_that_cannot_import_it(tmp_path):
     script.write_text(f"open({str(marker)!r}, 'w').close()\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     launcher = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from gradtel.cli import main; sys.exit(main())"
-    proc = subprocess.run([sys.executable, "-c", launcher, "run", "--", str(other), str(script)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", launcher, "run", "--", str(other), str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 4, proc.stderr
     assert not marker.exists()
     (line,) = proc.stderr.strip().splitlines()
@@ -305,8 +399,13 @@ def test_gradtel_run_refuses_a_python_that_cannot_import_it(tmp_path):
     assert "the script is not run" in line
 
     # The same command with gradtel's own Python runs the script.
-    proc = subprocess.run([sys.executable, "-c", launcher, "run", "--", sys.executable, str(script)],
-                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", launcher, "run", "--", sys.executable, str(script)],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert marker.exists()
 
@@ -350,9 +449,13 @@ def test_a_bad_expect_missing_pattern_is_named_before_anything_changes(capsys):
 @pytest.mark.slow
 def test_a_report_path_that_cannot_be_written_is_one_line_and_the_exit_status_stays_the_scripts(tmp_path):
     report = tmp_path / "no-such-dir" / "report.json"
-    proc = subprocess.run([str(BIN / "gradtel"), "run", "--report", str(report), "--", sys.executable,
-                           str(_script(tmp_path))], env=_env(OTEL_METRICS_EXPORTER="none"), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "gradtel"), "run", "--report", str(report), "--", sys.executable, str(_script(tmp_path))],
+        env=_env(OTEL_METRICS_EXPORTER="none"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "TRAINED" in proc.stdout, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "report" in line]

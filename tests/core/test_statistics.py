@@ -122,8 +122,9 @@ def test_float32_edges_are_documented_by_default_and_exact_with_max_abs(max_abs)
     are measured in float64 either way."""
     tiny, small = np.full((8,), 1e-25, np.float32), np.full((8,), 1e-15, np.float32)
     huge = np.full((1000,), 3e19, np.float32)  # finite elements whose squares overflow float32
-    rows = table_record([tf.constant(tiny), tf.constant(small), tf.constant(huge), tf.constant(huge, tf.float64)],
-                        max_abs=max_abs)
+    rows = table_record(
+        [tf.constant(tiny), tf.constant(small), tf.constant(huge), tf.constant(huge, tf.float64)], max_abs=max_abs
+    )
     assert list(rows[layout.ZERO]) == ([0, 0, 0, 0] if max_abs else [1, 0, 0, 0])
     assert list(rows[layout.NONFINITE]) == ([0, 0, 0, 0] if max_abs else [0, 0, 1, 0])
     assert rows[layout.NORM, 1] == pytest.approx(numpy_norm(small), rel=1e-6)
@@ -152,8 +153,16 @@ def test_step_graph_holds_only_numeric_ops():
     op_types = {op.type for op in graph.get_operations()}
     for fn in graph._functions.values():
         op_types |= {node.op for node in fn.definition.node_def}
-    forbidden = {"PrintV2", "Print", "PyFunc", "EagerPyFunc", "PyFuncStateless", "WriteSummary",
-                 "WriteScalarSummary", "WriteHistogramSummary"}
+    forbidden = {
+        "PrintV2",
+        "Print",
+        "PyFunc",
+        "EagerPyFunc",
+        "PyFuncStateless",
+        "WriteSummary",
+        "WriteScalarSummary",
+        "WriteHistogramSummary",
+    }
     assert not op_types & forbidden
     assert "L2Loss" in op_types  # gradtel's statistics are in the step
     gradtel.uninstrument(opt)
@@ -162,6 +171,7 @@ def test_step_graph_holds_only_numeric_ops():
 def test_graph_grows_with_distinct_shapes_not_with_variables():
     """The cost model in gradtel.stats: shape-alike small gradients are stacked and reduced together, so the graph
     grows by a fixed number of ops per distinct shape; a gradient of a shape of its own costs one L2Loss."""
+
     def ops(shapes: list[tuple[int, ...]], max_abs: bool) -> int:
         table = stats.StatsTable(len(shapes), f"count{len(shapes)}{max_abs}{len(set(shapes))}", max_abs=max_abs)
         fn = tf.function(lambda: table.update([tf.ones(s) * i for i, s in enumerate(shapes)]), autograph=False)
@@ -181,8 +191,12 @@ def test_stacked_norms_equal_numpy_across_chunks_dtypes_and_missing():
     grads: list = [tf.constant(v) for v in values]
     grads[3] = None
     grads[77] = None
-    grads += [tf.constant(rng.normal(size=(3,)), tf.float16), tf.constant(rng.normal(size=(3,)), tf.float16),
-              tf.constant(rng.normal(size=(5, 5)), tf.float64), tf.constant(rng.normal(size=(300, 300)), tf.float32)]
+    grads += [
+        tf.constant(rng.normal(size=(3,)), tf.float16),
+        tf.constant(rng.normal(size=(3,)), tf.float16),
+        tf.constant(rng.normal(size=(5, 5)), tf.float64),
+        tf.constant(rng.normal(size=(300, 300)), tf.float32),
+    ]
     table = stats.StatsTable(len(grads), "chunked")
     tf.function(lambda: table.update(grads), autograph=False)()
     snap = table.snapshot()
@@ -201,8 +215,10 @@ def test_max_abs_setting_is_validated(monkeypatch, caplog):
         opt = keras.optimizers.SGD()
         assert not gradtel.instrument(opt, name="bad-max-abs", start_exporter=False).max_abs  # the default
         gradtel.uninstrument(opt)
-    assert any("GRADTEL_MAX_ABS='maybe': expected true or false; using the default, false." in r.message
-               for r in caplog.records)
+    assert any(
+        "GRADTEL_MAX_ABS='maybe': expected true or false; using the default, false." in r.message
+        for r in caplog.records
+    )
     monkeypatch.setenv("GRADTEL_MAX_ABS", "on")
     opt = keras.optimizers.SGD()
     assert gradtel.instrument(opt, name="max-abs-on", start_exporter=False).max_abs

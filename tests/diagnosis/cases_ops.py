@@ -23,8 +23,10 @@ def batch() -> tuple[tf.Tensor, tf.Tensor]:
     return tf.constant(x), tf.constant([0.0, 1.0, 1.0, 0.0])
 
 
-@case(source="argmax used as the prediction inside the loss (SO: 'No gradients provided' with argmax)",
-      both=Expectation(ALL_DENSE, op="ArgMax"))
+@case(
+    source="argmax used as the prediction inside the loss (SO: 'No gradients provided' with argmax)",
+    both=Expectation(ALL_DENSE, op="ArgMax"),
+)
 def argmax_in_loss() -> Step:
     model, (x, y) = mlp(), batch()
 
@@ -38,8 +40,10 @@ def argmax_in_loss() -> Step:
     return step
 
 
-@case(source="accuracy used as the loss: equal(argmax(pred), labels) (tensorflow/tensorflow#1511 style)",
-      both=Expectation(ALL_DENSE, op="ArgMax"))
+@case(
+    source="accuracy used as the loss: equal(argmax(pred), labels) (tensorflow/tensorflow#1511 style)",
+    both=Expectation(ALL_DENSE, op="ArgMax"),
+)
 def accuracy_as_loss() -> Step:
     model, (x, y) = mlp(), batch()
     labels = tf.cast(y, tf.int64)
@@ -54,8 +58,10 @@ def accuracy_as_loss() -> Step:
     return step
 
 
-@case(source="tf.one_hot(tf.argmax(...)) to build a hard prediction for a dice loss",
-      both=Expectation(ALL_DENSE, op="ArgMax"))
+@case(
+    source="tf.one_hot(tf.argmax(...)) to build a hard prediction for a dice loss",
+    both=Expectation(ALL_DENSE, op="ArgMax"),
+)
 def one_hot_of_argmax() -> Step:
     model, (x, y) = mlp(), batch()
     target = tf.one_hot(tf.cast(y, tf.int32), 2)
@@ -70,15 +76,18 @@ def one_hot_of_argmax() -> Step:
     return step
 
 
-@case(source="custom Keras layer that quantises with tf.round (SO: gradients None after tf.round)",
-      both=Expectation({"dense_in/kernel": NONDIFF, "dense_in/bias": NONDIFF}, op="Round"))
+@case(
+    source="custom Keras layer that quantises with tf.round (SO: gradients None after tf.round)",
+    both=Expectation({"dense_in/kernel": NONDIFF, "dense_in/bias": NONDIFF}, op="Round"),
+)
 def round_in_custom_layer() -> Step:
     class Quantize(keras.layers.Layer):
         def call(self, inputs):
             return tf.round(inputs * 4.0) / 4.0  # CULPRIT
 
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="dense_in"), Quantize(),
-                              keras.layers.Dense(1, name="dense_out")])
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, name="dense_in"), Quantize(), keras.layers.Dense(1, name="dense_out")]
+    )
     x, y = batch()
 
     def step():
@@ -89,16 +98,24 @@ def round_in_custom_layer() -> Step:
     return step
 
 
-@case(source="cast to int32 inside a layer (pixel/bucket indices), cast back to float",
-      both=Expectation({"dense_in/kernel": NONDIFF, "dense_in/bias": NONDIFF}, op="Cast"))
+@case(
+    source="cast to int32 inside a layer (pixel/bucket indices), cast back to float",
+    both=Expectation({"dense_in/kernel": NONDIFF, "dense_in/bias": NONDIFF}, op="Cast"),
+)
 def cast_to_int_in_layer() -> Step:
     class Bucketize(keras.layers.Layer):
         def call(self, inputs):
             buckets = tf.cast(inputs * 10.0, tf.int32)  # CULPRIT
             return tf.cast(buckets, tf.float32) / 10.0
 
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="dense_in"), Bucketize(),
-                              keras.layers.Dense(1, name="dense_out")])
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, name="dense_in"),
+            Bucketize(),
+            keras.layers.Dense(1, name="dense_out"),
+        ]
+    )
     x, y = batch()
 
     def step():
@@ -109,8 +126,10 @@ def cast_to_int_in_layer() -> Step:
     return step
 
 
-@case(source="boolean mask by casting activations to bool",
-      both=Expectation({"gate/kernel": NONDIFF, "gate/bias": NONDIFF}, op="Cast"))
+@case(
+    source="boolean mask by casting activations to bool",
+    both=Expectation({"gate/kernel": NONDIFF, "gate/bias": NONDIFF}, op="Cast"),
+)
 def cast_to_bool_mask() -> Step:
     gate, value = keras.layers.Dense(3, name="gate"), keras.layers.Dense(3, name="value")
     x, y = batch()
@@ -128,8 +147,9 @@ def cast_to_bool_mask() -> Step:
     return step
 
 
-@case(source="tf.where(pred > 0.5, 1, 0) as a hard threshold inside the loss",
-      both=Expectation(ALL_DENSE, op="Greater"))
+@case(
+    source="tf.where(pred > 0.5, 1, 0) as a hard threshold inside the loss", both=Expectation(ALL_DENSE, op="Greater")
+)
 def where_threshold() -> Step:
     model, (x, y) = mlp(), batch()
 
@@ -143,8 +163,10 @@ def where_threshold() -> Step:
     return step
 
 
-@case(source="top-k indices used to select items (recommender 'gather top-k' bug)",
-      both=Expectation({"scorer/kernel": NONDIFF, "scorer/bias": NONDIFF}, op="TopKV2"))
+@case(
+    source="top-k indices used to select items (recommender 'gather top-k' bug)",
+    both=Expectation({"scorer/kernel": NONDIFF, "scorer/bias": NONDIFF}, op="TopKV2"),
+)
 def topk_indices() -> Step:
     scorer = keras.layers.Dense(1, name="scorer")
     scorer.build((None, 3))
@@ -160,8 +182,7 @@ def topk_indices() -> Step:
     return step
 
 
-@case(source="tf.math.floor to compute a discrete bin in a regression loss",
-      both=Expectation(ALL_DENSE, op="Floor"))
+@case(source="tf.math.floor to compute a discrete bin in a regression loss", both=Expectation(ALL_DENSE, op="Floor"))
 def floor_in_loss() -> Step:
     model, (x, y) = mlp(), batch()
 
@@ -174,8 +195,7 @@ def floor_in_loss() -> Step:
     return step
 
 
-@case(source="tf.numpy_function computing the loss with NumPy/SciPy code",
-      both=Expectation(ALL_DENSE, op="PyFunc"))
+@case(source="tf.numpy_function computing the loss with NumPy/SciPy code", both=Expectation(ALL_DENSE, op="PyFunc"))
 def numpy_function_loss() -> Step:
     model, (x, y) = mlp(), batch()
 
@@ -191,8 +211,10 @@ def numpy_function_loss() -> Step:
     return step
 
 
-@case(source="tf.image.convert_image_dtype to uint8 in a generator's output before a perceptual loss",
-      both=Expectation({"decoder/kernel": NONDIFF, "decoder/bias": NONDIFF}, op="Cast"))
+@case(
+    source="tf.image.convert_image_dtype to uint8 in a generator's output before a perceptual loss",
+    both=Expectation({"decoder/kernel": NONDIFF, "decoder/bias": NONDIFF}, op="Cast"),
+)
 def image_to_uint8() -> Step:
     decoder = keras.layers.Dense(12, activation="sigmoid", name="decoder")
     decoder.build((None, 3))
@@ -210,8 +232,10 @@ def image_to_uint8() -> Step:
     return step
 
 
-@case(source="string formatting round trip (as_string / to_number) in a loss",
-      both=Expectation({"head/kernel": NONDIFF, "head/bias": NONDIFF}, op="AsString"))
+@case(
+    source="string formatting round trip (as_string / to_number) in a loss",
+    both=Expectation({"head/kernel": NONDIFF, "head/bias": NONDIFF}, op="AsString"),
+)
 def string_round_trip() -> Step:
     head = keras.layers.Dense(1, name="head")
     head.build((None, 3))
@@ -226,8 +250,10 @@ def string_round_trip() -> Step:
     return step
 
 
-@case(source="tf.stop_gradient on pretrained embeddings that were meant to be fine-tuned",
-      both=Expectation({"embed/embeddings": "stop_gradient"}, op="StopGradient"))
+@case(
+    source="tf.stop_gradient on pretrained embeddings that were meant to be fine-tuned",
+    both=Expectation({"embed/embeddings": "stop_gradient"}, op="StopGradient"),
+)
 def stop_gradient_on_embedding() -> Step:
     embed = keras.layers.Embedding(10, 3, name="embed")
     head = keras.layers.Dense(1, name="head")
@@ -246,8 +272,10 @@ def stop_gradient_on_embedding() -> Step:
     return step
 
 
-@case(source="tf.custom_gradient whose grad_fn returns None (straight-through estimator written wrong)",
-      both=Expectation({"hidden/kernel": NONDIFF, "hidden/bias": NONDIFF}, op="custom_gradient"))
+@case(
+    source="tf.custom_gradient whose grad_fn returns None (straight-through estimator written wrong)",
+    both=Expectation({"hidden/kernel": NONDIFF, "hidden/bias": NONDIFF}, op="custom_gradient"),
+)
 def custom_gradient_returns_none() -> Step:
     @tf.custom_gradient
     def binarize(values):
@@ -268,8 +296,10 @@ def custom_gradient_returns_none() -> Step:
     return step
 
 
-@case(source="seed example 3: integer tensor mixed into the computation, the variable cast to int to match",
-      both=Expectation({"y": NONDIFF}, op="Cast"))
+@case(
+    source="seed example 3: integer tensor mixed into the computation, the variable cast to int to match",
+    both=Expectation({"y": NONDIFF}, op="Cast"),
+)
 def seed_integer_condition() -> Step:
     x = tf.constant(1)
     y = tf.Variable([1.0], name="y")

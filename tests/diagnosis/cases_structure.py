@@ -15,8 +15,10 @@ def every(model: keras.Model, category: str) -> dict[str, str]:
     return {"/".join(v.path.split("/")[-2:]): category for v in model.trainable_variables}
 
 
-@case(source="seed example 2: the loss is computed from y_true only",
-      both=Expectation({"seed_dense/kernel": "loss_disconnected", "seed_dense/bias": "loss_disconnected"}))
+@case(
+    source="seed example 2: the loss is computed from y_true only",
+    both=Expectation({"seed_dense/kernel": "loss_disconnected", "seed_dense/bias": "loss_disconnected"}),
+)
 def seed_loss_from_y_true() -> Step:
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, name="seed_dense")])
     x, y_true = tf.constant([[1.0]]), tf.constant([[2.0]])
@@ -30,8 +32,10 @@ def seed_loss_from_y_true() -> Step:
     return step
 
 
-@case(source="seed example 1: a tf.Variable created with trainable=False",
-      both=Expectation({"frozen_v": "not_trainable"}, located=False))
+@case(
+    source="seed example 1: a tf.Variable created with trainable=False",
+    both=Expectation({"frozen_v": "not_trainable"}, located=False),
+)
 def seed_variable_not_trainable() -> Step:
     v = tf.Variable([1.0, 2.0], trainable=False, name="frozen_v")
 
@@ -43,8 +47,10 @@ def seed_variable_not_trainable() -> Step:
     return step
 
 
-@case(source="custom layer weight created with add_weight(trainable=False), all weights given to the tape",
-      both=Expectation({"calibrated/scale": "not_trainable"}, located=False))
+@case(
+    source="custom layer weight created with add_weight(trainable=False), all weights given to the tape",
+    both=Expectation({"calibrated/scale": "not_trainable"}, located=False),
+)
 def non_trainable_weight_passed() -> Step:
     class Calibrated(keras.layers.Layer):
         def build(self, input_shape):
@@ -66,8 +72,10 @@ def non_trainable_weight_passed() -> Step:
     return step
 
 
-@case(source="an int32 step counter kept with the trainable variables",
-      both=Expectation({"step_counter": "integer_dtype"}, located=False))
+@case(
+    source="an int32 step counter kept with the trainable variables",
+    both=Expectation({"step_counter": "integer_dtype"}, located=False),
+)
 def integer_variable() -> Step:
     scale = tf.Variable(1.5, name="scale")
     counter = tf.Variable(0, name="step_counter")
@@ -82,8 +90,10 @@ def integer_variable() -> Step:
     return step
 
 
-@case(source="multi-output model where only one output has a loss ('Gradients do not exist for variables')",
-      both=Expectation({"aux_head/kernel": "not_on_loss_path", "aux_head/bias": "not_on_loss_path"}))
+@case(
+    source="multi-output model where only one output has a loss ('Gradients do not exist for variables')",
+    both=Expectation({"aux_head/kernel": "not_on_loss_path", "aux_head/bias": "not_on_loss_path"}),
+)
 def unused_output_head() -> Step:
     inputs = keras.Input((3,))
     trunk = keras.layers.Dense(4, name="trunk")(inputs)
@@ -101,8 +111,10 @@ def unused_output_head() -> Step:
     return step
 
 
-@case(source="an auxiliary head evaluated only for a metric inside the tape",
-      both=Expectation({"probe/kernel": "not_on_loss_path", "probe/bias": "not_on_loss_path"}))
+@case(
+    source="an auxiliary head evaluated only for a metric inside the tape",
+    both=Expectation({"probe/kernel": "not_on_loss_path", "probe/bias": "not_on_loss_path"}),
+)
 def value_used_only_for_metric() -> Step:
     model, (x, y) = mlp(), batch()
     probe = keras.layers.Dense(1, name="probe")
@@ -120,8 +132,10 @@ def value_used_only_for_metric() -> Step:
     return step
 
 
-@case(source="GAN: generator loss computed on the discriminator's output for REAL images",
-      both=Expectation({"gen_dense/kernel": "not_on_loss_path", "gen_dense/bias": "not_on_loss_path"}))
+@case(
+    source="GAN: generator loss computed on the discriminator's output for REAL images",
+    both=Expectation({"gen_dense/kernel": "not_on_loss_path", "gen_dense/bias": "not_on_loss_path"}),
+)
 def gan_loss_on_wrong_output() -> Step:
     generator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, name="gen_dense")])
     discriminator = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="disc_dense")])
@@ -141,9 +155,18 @@ def gan_loss_on_wrong_output() -> Step:
     return step
 
 
-@case(source="another model's variables given to tape.gradient (copy-paste of a two-model loop)",
-      both=Expectation({"other/hidden/kernel": "unused", "other/hidden/bias": "unused",
-                        "other/head/kernel": "unused", "other/head/bias": "unused"}, located=False))
+@case(
+    source="another model's variables given to tape.gradient (copy-paste of a two-model loop)",
+    both=Expectation(
+        {
+            "other/hidden/kernel": "unused",
+            "other/hidden/bias": "unused",
+            "other/head/kernel": "unused",
+            "other/head/bias": "unused",
+        },
+        located=False,
+    ),
+)
 def other_models_variables() -> Step:
     model, other, (x, y) = mlp("model"), mlp("other"), batch()
 
@@ -155,8 +178,10 @@ def other_models_variables() -> Step:
     return step
 
 
-@case(source="subclassed model: a layer created and built in __init__ but never called in call()",
-      both=Expectation({"forgotten/kernel": "unused", "forgotten/bias": "unused"}, located=False))
+@case(
+    source="subclassed model: a layer created and built in __init__ but never called in call()",
+    both=Expectation({"forgotten/kernel": "unused", "forgotten/bias": "unused"}, located=False),
+)
 def layer_never_called() -> Step:
     class TwoTower(keras.Model):
         def __init__(self):
@@ -180,8 +205,10 @@ def layer_never_called() -> Step:
     return step
 
 
-@case(source="tf.Module that re-creates its tf.Variable on every call; the optimizer holds the first one",
-      eager=Expectation({"recreated": "unused"}, located=False))
+@case(
+    source="tf.Module that re-creates its tf.Variable on every call; the optimizer holds the first one",
+    eager=Expectation({"recreated": "unused"}, located=False),
+)
 def variable_recreated_each_call() -> Step:
     class Scale(tf.Module):
         def __init__(self):
@@ -204,10 +231,19 @@ def variable_recreated_each_call() -> Step:
     return step
 
 
-@case(source="tf.cond chooses a head; in eager only the taken branch runs, the other head is not read",
-      eager=Expectation({"head_b/kernel": "unused", "head_b/bias": "unused"}, located=False),
-      graph=Expectation({}, zero_hints={"head_b/kernel": "untaken_branch", "head_b/bias": "untaken_branch",
-                                        "head_a/kernel": "untaken_branch", "head_a/bias": "untaken_branch"}))
+@case(
+    source="tf.cond chooses a head; in eager only the taken branch runs, the other head is not read",
+    eager=Expectation({"head_b/kernel": "unused", "head_b/bias": "unused"}, located=False),
+    graph=Expectation(
+        {},
+        zero_hints={
+            "head_b/kernel": "untaken_branch",
+            "head_b/bias": "untaken_branch",
+            "head_a/kernel": "untaken_branch",
+            "head_a/bias": "untaken_branch",
+        },
+    ),
+)
 def cond_branch_not_taken() -> Step:
     head_a, head_b = keras.layers.Dense(1, name="head_a"), keras.layers.Dense(1, name="head_b")
     head_a.build((None, 3))
@@ -225,9 +261,17 @@ def cond_branch_not_taken() -> Step:
     return step
 
 
-@case(source="forward pass run before entering the GradientTape",
-      both=Expectation({"hidden/kernel": "outside_tape", "hidden/bias": "outside_tape",
-                        "head/kernel": "outside_tape", "head/bias": "outside_tape"}))
+@case(
+    source="forward pass run before entering the GradientTape",
+    both=Expectation(
+        {
+            "hidden/kernel": "outside_tape",
+            "hidden/bias": "outside_tape",
+            "head/kernel": "outside_tape",
+            "head/bias": "outside_tape",
+        }
+    ),
+)
 def forward_pass_outside_tape() -> Step:
     model, (x, y) = mlp(), batch()
 
@@ -240,8 +284,10 @@ def forward_pass_outside_tape() -> Step:
     return step
 
 
-@case(source="part of the model run under tape.stop_recording() to 'save memory'",
-      both=Expectation({"hidden/kernel": "outside_tape", "hidden/bias": "outside_tape"}))
+@case(
+    source="part of the model run under tape.stop_recording() to 'save memory'",
+    both=Expectation({"hidden/kernel": "outside_tape", "hidden/bias": "outside_tape"}),
+)
 def stop_recording_block() -> Step:
     model, (x, y) = mlp(), batch()
     hidden, head = model.layers
@@ -256,8 +302,10 @@ def stop_recording_block() -> Step:
     return step
 
 
-@case(source="GradientTape(watch_accessed_variables=False) and only the output layer is watched",
-      both=Expectation({"w_hidden": "outside_tape"}))
+@case(
+    source="GradientTape(watch_accessed_variables=False) and only the output layer is watched",
+    both=Expectation({"w_hidden": "outside_tape"}),
+)
 def tape_not_watching() -> Step:
     w_hidden = tf.Variable(tf.ones((3, 4)), name="w_hidden")
     w_out = tf.Variable(tf.ones((4, 1)), name="w_out")
@@ -274,8 +322,10 @@ def tape_not_watching() -> Step:
     return step
 
 
-@case(source="weight normalisation computed once in build(); call() uses the stale tensor",
-      eager=Expectation({"wn_dense/kernel": "outside_tape"}))
+@case(
+    source="weight normalisation computed once in build(); call() uses the stale tensor",
+    eager=Expectation({"wn_dense/kernel": "outside_tape"}),
+)
 def tensor_precomputed_in_build() -> Step:
     class WeightNormDense(keras.layers.Layer):
         def build(self, input_shape):
@@ -297,8 +347,10 @@ def tensor_precomputed_in_build() -> Step:
     return step
 
 
-@case(source="Variable.assign in the forward pass (a 'state' variable updated then read back)",
-      both=Expectation({"proj/kernel": "stateful_assign"}, op="AssignVariableOp"))
+@case(
+    source="Variable.assign in the forward pass (a 'state' variable updated then read back)",
+    both=Expectation({"proj/kernel": "stateful_assign"}, op="AssignVariableOp"),
+)
 def assign_in_forward_pass() -> Step:
     class Stateful(keras.layers.Layer):
         def build(self, input_shape):
@@ -321,9 +373,17 @@ def assign_in_forward_pass() -> Step:
     return step
 
 
-@case(source="predictions converted with .numpy() inside the tape to compute the loss",
-      eager=Expectation({"hidden/kernel": "left_tensorflow", "hidden/bias": "left_tensorflow",
-                         "head/kernel": "left_tensorflow", "head/bias": "left_tensorflow"}))
+@case(
+    source="predictions converted with .numpy() inside the tape to compute the loss",
+    eager=Expectation(
+        {
+            "hidden/kernel": "left_tensorflow",
+            "hidden/bias": "left_tensorflow",
+            "head/kernel": "left_tensorflow",
+            "head/bias": "left_tensorflow",
+        }
+    ),
+)
 def numpy_inside_tape() -> Step:
     model, (x, y) = mlp(), batch()
 
@@ -336,9 +396,17 @@ def numpy_inside_tape() -> Step:
     return step
 
 
-@case(source="loss computed with NumPy maths on the model output",
-      eager=Expectation({"hidden/kernel": "left_tensorflow", "hidden/bias": "left_tensorflow",
-                         "head/kernel": "left_tensorflow", "head/bias": "left_tensorflow"}))
+@case(
+    source="loss computed with NumPy maths on the model output",
+    eager=Expectation(
+        {
+            "hidden/kernel": "left_tensorflow",
+            "hidden/bias": "left_tensorflow",
+            "head/kernel": "left_tensorflow",
+            "head/bias": "left_tensorflow",
+        }
+    ),
+)
 def numpy_maths_loss() -> Step:
     model, (x, y) = mlp(), batch()
 
@@ -351,9 +419,17 @@ def numpy_maths_loss() -> Step:
     return step
 
 
-@case(source="model.predict called inside the GradientTape (SO: 'No gradients provided' with predict)",
-      eager=Expectation({"hidden/kernel": "left_tensorflow", "hidden/bias": "left_tensorflow",
-                         "head/kernel": "left_tensorflow", "head/bias": "left_tensorflow"}))
+@case(
+    source="model.predict called inside the GradientTape (SO: 'No gradients provided' with predict)",
+    eager=Expectation(
+        {
+            "hidden/kernel": "left_tensorflow",
+            "hidden/bias": "left_tensorflow",
+            "head/kernel": "left_tensorflow",
+            "head/bias": "left_tensorflow",
+        }
+    ),
+)
 def predict_inside_tape() -> Step:
     model, (x, y) = mlp(), batch()
 

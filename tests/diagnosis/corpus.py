@@ -50,8 +50,9 @@ class Case:
 CASES: list[Case] = []
 
 
-def case(*, source: str, eager: Expectation | None = None, graph: Expectation | None = None,
-         both: Expectation | None = None) -> Callable[[Callable[[], Step]], Callable[[], Step]]:
+def case(
+    *, source: str, eager: Expectation | None = None, graph: Expectation | None = None, both: Expectation | None = None
+) -> Callable[[Callable[[], Step]], Callable[[], Step]]:
     """Register a reproduction; ``both`` applies to eager and graph mode unless one is given."""
 
     def register(setup: Callable[[], Step]) -> Callable[[], Step]:

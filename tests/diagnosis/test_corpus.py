@@ -52,8 +52,7 @@ def test_corpus_size() -> None:
     assert len(CASES) >= 80
     public = [c for c in CASES if c.setup.__module__.startswith("tests.diagnosis.cases_public")]
     assert len(public) >= 40  # reproductions of public bug reports (issue 12)
-    assert {c.name for c in CASES} >= {"seed_loss_from_y_true", "seed_variable_not_trainable",
-                                       "seed_integer_condition"}
+    assert {c.name for c in CASES} >= {"seed_loss_from_y_true", "seed_variable_not_trainable", "seed_integer_condition"}
 
 
 @pytest.mark.parametrize(("case", "mode"), PARAMS)

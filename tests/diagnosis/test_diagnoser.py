@@ -112,17 +112,29 @@ def test_diagnose_never_raises_and_reports_unknown(diagnoser: Diagnoser) -> None
 def test_cause_to_dict_is_json_ready() -> None:
     cause = Cause("stop_gradient", "StopGradient", "train.py:3", "x")
     assert json.loads(json.dumps(cause.to_dict())) == {
-        "category": "stop_gradient", "op": "StopGradient", "location": "train.py:3", "explanation": "x"}
+        "category": "stop_gradient",
+        "op": "StopGradient",
+        "location": "train.py:3",
+        "explanation": "x",
+    }
 
 
 def test_uninstall_restores_every_patch() -> None:
-    before = (backprop.GradientTape.gradient, backprop.GradientTape._push_tape, ops._EagerTensorBase.numpy,
-              ops._EagerTensorBase.__array__)
+    before = (
+        backprop.GradientTape.gradient,
+        backprop.GradientTape._push_tape,
+        ops._EagerTensorBase.numpy,
+        ops._EagerTensorBase.__array__,
+    )
     diagnoser = Diagnoser()
     diagnoser.install()
     assert backprop.GradientTape.gradient is not before[0]
     diagnoser.uninstall()
-    after = (backprop.GradientTape.gradient, backprop.GradientTape._push_tape, ops._EagerTensorBase.numpy,
-             ops._EagerTensorBase.__array__)
+    after = (
+        backprop.GradientTape.gradient,
+        backprop.GradientTape._push_tape,
+        ops._EagerTensorBase.numpy,
+        ops._EagerTensorBase.__array__,
+    )
     assert after == before
     assert "__getattribute__" not in resource_variable_ops.BaseResourceVariable.__dict__

@@ -41,8 +41,9 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_keras3_fit_round_layer(diagnoser: Diagnoser, jit: bool) -> None:
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="pre"), Snap(),
-                              keras.layers.Dense(1, name="post")])
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, name="pre"), Snap(), keras.layers.Dense(1, name="post")]
+    )
     model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
     seen: list[tuple[Diagnosis, list]] = []
     instrument_keras3(model.optimizer, diagnoser, seen)
@@ -75,8 +76,9 @@ def test_keras3_fit_output_without_loss(diagnoser: Diagnoser) -> None:
 
 
 def test_keras3_fit_dead_relu_hint(diagnoser: Diagnoser) -> None:
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu", name="hid"),
-                              keras.layers.Dense(1, name="out")])
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, activation="relu", name="hid"), keras.layers.Dense(1, name="out")]
+    )
     model.compile(optimizer="sgd", loss="mse")
     seen: list[tuple[Diagnosis, list]] = []
     instrument_keras3(model.optimizer, diagnoser, seen)
@@ -86,7 +88,9 @@ def test_keras3_fit_dead_relu_hint(diagnoser: Diagnoser) -> None:
     assert result.causes == {}
     hints = {variable_path(variables[i]): h.category for i, h in result.zero_hints.items()}
     assert {n.split("/", 1)[1]: c for n, c in hints.items()} == {
-        "hid/kernel": "dead_activation", "hid/bias": "dead_activation"}
+        "hid/kernel": "dead_activation",
+        "hid/bias": "dead_activation",
+    }
 
 
 def test_tf_keras_fit_argmax_layer(diagnoser: Diagnoser) -> None:
@@ -96,8 +100,9 @@ def test_tf_keras_fit_argmax_layer(diagnoser: Diagnoser) -> None:
         def call(self, inputs):
             return tf.cast(tf.argmax(inputs, axis=-1), tf.float32)[:, None]  # CULPRIT
 
-    model = tf_keras.Sequential([tf_keras.layers.Dense(4, name="logits", input_shape=(3,)), Hard(),
-                                 tf_keras.layers.Dense(1, name="scale")])
+    model = tf_keras.Sequential(
+        [tf_keras.layers.Dense(4, name="logits", input_shape=(3,)), Hard(), tf_keras.layers.Dense(1, name="scale")]
+    )
     model.compile(optimizer="sgd", loss="mse")
     seen: list[tuple[Diagnosis, list]] = []
     original = model.optimizer.apply_gradients

@@ -30,9 +30,12 @@ GRADTEL = str(BIN / "gradtel")
 TRAINEE = str(Path(__file__).with_name("trainee.py"))
 ROOT = Path(__file__).resolve().parents[2]
 #: The tests default to OTEL_METRICS_EXPORTER=none (tests/conftest.py); child processes get what a test sets.
-BASE_ENV = {**{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GRADTEL_"))},
-            "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+BASE_ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GRADTEL_"))},
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+}
 #: Counters as the text exposition names them (prometheus_client's parser strips the _total suffix).
 COUNTERS = ("gradtel_steps", "gradtel_gradient_missing", "gradtel_gradient_zero", "gradtel_gradient_nonfinite")
 
@@ -67,8 +70,9 @@ class Processes:
         n = len(self._procs)
         out = open(self._log_dir / f"{name}-{n}.out", "w")  # noqa: SIM115 - closed with the process
         err = open(self._log_dir / f"{name}-{n}.err", "w")  # noqa: SIM115
-        proc = subprocess.Popen(argv, env={**BASE_ENV, **(env or {})}, stdout=out, stderr=err,
-                                start_new_session=True, cwd=self._log_dir)
+        proc = subprocess.Popen(
+            argv, env={**BASE_ENV, **(env or {})}, stdout=out, stderr=err, start_new_session=True, cwd=self._log_dir
+        )
         proc.stdout_path, proc.stderr_path = out.name, err.name  # type: ignore[attr-defined]
         proc._files = (out, err)  # type: ignore[attr-defined]
         self._procs.append(proc)
@@ -83,8 +87,9 @@ class Processes:
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{proc.args} did not end within {timeout}s:\n{self.output(proc)[1][-3000:]}") \
-                from None
+            raise AssertionError(
+                f"{proc.args} did not end within {timeout}s:\n{self.output(proc)[1][-3000:]}"
+            ) from None
 
     def close(self) -> None:
         for proc in self._procs:
@@ -112,8 +117,14 @@ def progress(path: Path) -> int:
         return 0
 
 
-def scrape_body(port: int, *, scheme: str = "http", context: ssl.SSLContext | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 10) -> str:
+def scrape_body(
+    port: int,
+    *,
+    scheme: str = "http",
+    context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> str:
     request = urllib.request.Request(f"{scheme}://127.0.0.1:{port}/metrics", headers=headers or {})
     with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         return response.read().decode()
@@ -178,7 +189,7 @@ def socket_inodes(pid: int | str = "self") -> set[str]:
         except OSError:
             continue
         if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
+            inodes.add(target[len("socket:[") : -1])
     return inodes
 
 

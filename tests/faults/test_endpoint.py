@@ -52,8 +52,11 @@ def _start_from_env(monkeypatch):
 
     def start(**env: str) -> tuple[str, int]:
         port = free_port()
-        for key, value in {"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
-                           **env}.items():
+        for key, value in {
+            "OTEL_METRICS_EXPORTER": "prometheus",
+            "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
+            **env,
+        }.items():
             monkeypatch.setenv(key, value)
         started = export.ensure_started(Config.from_env())
         assert started is not None and started.endpoint is not None
@@ -62,8 +65,9 @@ def _start_from_env(monkeypatch):
     return start
 
 
-@pytest.mark.parametrize(("env", "address"), [({}, "0100007F"), ({"OTEL_EXPORTER_PROMETHEUS_HOST": "0.0.0.0"},
-                                                                  "00000000")])
+@pytest.mark.parametrize(
+    ("env", "address"), [({}, "0100007F"), ({"OTEL_EXPORTER_PROMETHEUS_HOST": "0.0.0.0"}, "00000000")]
+)
 def test_the_endpoint_binds_loopback_unless_configured(from_env, env, address):
     """Read from the kernel's table of listening sockets: 0100007F is 127.0.0.1, 00000000 is every address."""
     _, port = from_env(**env)
@@ -81,16 +85,57 @@ def pki(tmp_path_factory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=gradtel-test-ca", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=gradtel-test-ca",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
     for who in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr",
-                 "-subj", f"/CN={who}", cwd=d)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{who}.key",
+            "-out",
+            f"{who}.csr",
+            "-subj",
+            f"/CN={who}",
+            cwd=d,
+        )
         ext = "san.ext" if who == "server" else "client.ext"
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{who}.pem", "-days", "2", "-extfile", ext, cwd=d)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{who}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{who}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+            cwd=d,
+        )
     return d
 
 
@@ -113,8 +158,11 @@ def test_tls_serves_https_and_refuses_plain_http(from_env, pki):
 
 
 def test_tls_with_a_client_ca_requires_a_client_certificate(from_env, pki):
-    _, port = from_env(GRADTEL_TLS_CERT_FILE=str(pki / "server.pem"), GRADTEL_TLS_KEY_FILE=str(pki / "server.key"),
-                       GRADTEL_TLS_CLIENT_CA_FILE=str(pki / "ca.pem"))
+    _, port = from_env(
+        GRADTEL_TLS_CERT_FILE=str(pki / "server.pem"),
+        GRADTEL_TLS_KEY_FILE=str(pki / "server.key"),
+        GRADTEL_TLS_CLIENT_CA_FILE=str(pki / "ca.pem"),
+    )
     _train_one_step("mtls")
     with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
         scrape_body(port, scheme="https", context=_client_context(pki), timeout=5)
@@ -160,14 +208,19 @@ def test_basic_auth_guards_the_endpoint(from_env, tmp_path, password_from):
 
 
 def test_basic_auth_and_tls_together(from_env, pki):
-    _, port = from_env(GRADTEL_TLS_CERT_FILE=str(pki / "server.pem"), GRADTEL_TLS_KEY_FILE=str(pki / "server.key"),
-                       GRADTEL_BASIC_AUTH_USERNAME="u", GRADTEL_BASIC_AUTH_PASSWORD="p")
+    _, port = from_env(
+        GRADTEL_TLS_CERT_FILE=str(pki / "server.pem"),
+        GRADTEL_TLS_KEY_FILE=str(pki / "server.key"),
+        GRADTEL_BASIC_AUTH_USERNAME="u",
+        GRADTEL_BASIC_AUTH_PASSWORD="p",
+    )
     _train_one_step("auth-tls")
     with pytest.raises(urllib.error.HTTPError) as denied:
         scrape_body(port, scheme="https", context=_client_context(pki))
     assert denied.value.code == 401
-    assert 'optimizer="auth-tls"' in scrape_body(port, scheme="https", context=_client_context(pki),
-                                                 headers=_basic("u", "p"))
+    assert 'optimizer="auth-tls"' in scrape_body(
+        port, scheme="https", context=_client_context(pki), headers=_basic("u", "p")
+    )
 
 
 # --- what is said, and how configuration is read ----------------------------------------------------------------
@@ -188,16 +241,23 @@ def test_no_tensor_contents_leave_the_process(exporter):
     assert 'optimizer="privacy"' in body
     for text in (body, report):
         for secret in (secret_weight, secret_input):
-            forms = (f"{secret:.4f}", f"{secret:.1f}", f"{float(np.float32(secret))}", f"{secret:e}"[:8],
-                     str(int(secret)))
+            forms = (
+                f"{secret:.4f}",
+                f"{secret:.1f}",
+                f"{float(np.float32(secret))}",
+                f"{secret:e}"[:8],
+                str(int(secret)),
+            )
             for form in forms:
                 assert form not in text, (form, text[:2000])
 
 
 def test_configuration_is_never_evaluated_or_unpickled():
     """No eval/exec/pickle/marshal/unsafe YAML anywhere in gradtel's source: configuration is parsed as data."""
-    pattern = re.compile(r"(?<![.\w])(eval|exec|compile)\s*\(|\bpickle\b|\bmarshal\b|\bshelve\b|\bdill\b|"
-                         r"yaml\.load\s*\(|yaml\.unsafe_load|__import__\s*\(")
+    pattern = re.compile(
+        r"(?<![.\w])(eval|exec|compile)\s*\(|\bpickle\b|\bmarshal\b|\bshelve\b|\bdill\b|"
+        r"yaml\.load\s*\(|yaml\.unsafe_load|__import__\s*\("
+    )
     offenders = []
     for path in sorted((ROOT / "gradtel").rglob("*.py")):
         for n, line in enumerate(path.read_text().splitlines(), 1):

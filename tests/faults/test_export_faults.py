@@ -60,8 +60,9 @@ def test_a_taken_port_is_one_warning_and_the_run_completes(procs, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         report = tmp_path / "report.json"
-        proc = procs.start(trainee("--steps", "30", report=str(report)),
-                           {"OTEL_EXPORTER_PROMETHEUS_PORT": str(port)}, name="taken")
+        proc = procs.start(
+            trainee("--steps", "30", report=str(report)), {"OTEL_EXPORTER_PROMETHEUS_PORT": str(port)}, name="taken"
+        )
         status = procs.wait(proc, 120)
     err = procs.output(proc)[1]
     assert status == 0, err[-3000:]
@@ -75,10 +76,16 @@ def test_otlp_collector_down_then_back_training_goes_on_and_export_resumes(procs
     """The collector is unreachable for the first seconds (a push every 500 ms fails after at most 1 s), then a
     real OTLP/HTTP receiver comes up on that port: the next pushes arrive, counting from where training is."""
     prog, stop, done = tmp_path / "progress", tmp_path / "stop", tmp_path / "done"
-    proc = procs.start(trainee("--steps", "0", "--stop", str(stop), "--progress", str(prog), "--every", "5",
-                               "--done", str(done)), {
-        "OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-        "OTEL_METRIC_EXPORT_INTERVAL": "500", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}, name="outage")
+    proc = procs.start(
+        trainee("--steps", "0", "--stop", str(stop), "--progress", str(prog), "--every", "5", "--done", str(done)),
+        {
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+        },
+        name="outage",
+    )
     wait_for(lambda: progress(prog) > 0 or proc.poll() is not None, 120, "the first steps")
     assert proc.poll() is None, procs.output(proc)[1][-3000:]
 
@@ -112,8 +119,16 @@ def test_otlp_collector_down_then_back_training_goes_on_and_export_resumes(procs
 
 # --- a real Prometheus server scraping the endpoint, killed and restarted ------------------------------------
 def _prometheus(procs: Processes, binary: str, config: Path, data: Path, port: int):
-    proc = procs.start([binary, f"--config.file={config}", f"--storage.tsdb.path={data}",
-                        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], name="prometheus")
+    proc = procs.start(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        name="prometheus",
+    )
 
     def ready() -> bool:
         assert proc.poll() is None, procs.output(proc)[1][-3000:]
@@ -140,16 +155,26 @@ def test_prometheus_restarting_mid_run_never_sees_a_counter_go_backwards(procs, 
         pytest.skip("prometheus not installed (apt-get install prometheus)")
     target, port = free_port(), free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n"
-                      f"  - job_name: gradtel\n    static_configs: [{{targets: ['127.0.0.1:{target}']}}]\n")
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n"
+        f"  - job_name: gradtel\n    static_configs: [{{targets: ['127.0.0.1:{target}']}}]\n"
+    )
     prog, stop = tmp_path / "progress", tmp_path / "stop"
-    trainer = procs.start(trainee("--steps", "0", "--stop", str(stop), "--progress", str(prog)),
-                          {"OTEL_EXPORTER_PROMETHEUS_PORT": str(target), "GRADTEL_RUN_ID": "restart"},
-                          name="trainer")
+    trainer = procs.start(
+        trainee("--steps", "0", "--stop", str(stop), "--progress", str(prog)),
+        {"OTEL_EXPORTER_PROMETHEUS_PORT": str(target), "GRADTEL_RUN_ID": "restart"},
+        name="trainer",
+    )
     wait_for(lambda: progress(prog) > 0 or trainer.poll() is not None, 120, "the first steps")
     server = _prometheus(procs, binary, config, tmp_path / "data", port)
-    wait_for(lambda: len(_query(port, "gradtel_steps_total[1m]")[:1] and
-                         _query(port, "gradtel_steps_total[1m]")[0]["values"]) >= 3, 30, "three scrapes")
+    wait_for(
+        lambda: (
+            len(_query(port, "gradtel_steps_total[1m]")[:1] and _query(port, "gradtel_steps_total[1m]")[0]["values"])
+            >= 3
+        ),
+        30,
+        "three scrapes",
+    )
     server.send_signal(signal.SIGKILL)
     server.wait(timeout=30)
     killed_at = time.time()
@@ -157,9 +182,17 @@ def test_prometheus_restarting_mid_run_never_sees_a_counter_go_backwards(procs, 
     assert trainer.poll() is None
     server = _prometheus(procs, binary, config, tmp_path / "data", port)
     restarted_at = time.time()
-    wait_for(lambda: sum(float(t) > restarted_at for t, _ in
-                         (_query(port, "gradtel_steps_total[5m]") or [{"values": []}])[0]["values"]) >= 3,
-             30, "three scrapes after the restart")
+    wait_for(
+        lambda: (
+            sum(
+                float(t) > restarted_at
+                for t, _ in (_query(port, "gradtel_steps_total[5m]") or [{"values": []}])[0]["values"]
+            )
+            >= 3
+        ),
+        30,
+        "three scrapes after the restart",
+    )
     stop.touch()
     assert procs.wait(trainer, 60) == 0, procs.output(trainer)[1][-3000:]
 
@@ -267,8 +300,11 @@ def test_the_endpoint_socket_closed_underneath_costs_no_cpu_and_is_logged_once(t
         spent = {tid: _cpu_seconds(tid) - c for tid, c in cpu.items() if Path(f"/proc/self/task/{tid}").exists()}
     assert handle.totals()[0] == 21  # training went on, measured
     threads = _server_threads()
-    busy = {threads[t].name: s for t, s in spent.items() if t in threads and threads[t] is not threading.main_thread()
-            and s > 0.5}
+    busy = {
+        threads[t].name: s
+        for t, s in spent.items()
+        if t in threads and threads[t] is not threading.main_thread() and s > 0.5
+    }
     assert busy == {}, f"threads burning CPU after the endpoint's socket was closed: {busy}"
     lines = [r.getMessage() for r in caplog.records if r.name == "gradtel"]
     assert len(lines) == 1 and str(port) in lines[0], lines

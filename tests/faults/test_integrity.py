@@ -38,11 +38,25 @@ def scraped_run(tmp_path_factory):
     prog, stop, done, hold, report = (tmp / n for n in ("progress", "stop", "done", "hold", "report.json"))
     group = Processes(tmp)
     try:
-        proc = group.start(trainee("--steps", "0", "--stop", str(stop), "--progress", str(prog), "--done",
-                                   str(done), "--hold", str(hold), "--extra", str(EXTRA), report=str(report)),
-                           {"OTEL_EXPORTER_PROMETHEUS_PORT": str(port), "GRADTEL_RUN_ID": "integrity",
-                            "GRADTEL_MAX_ABS": "true"},
-                           name="scraped")
+        proc = group.start(
+            trainee(
+                "--steps",
+                "0",
+                "--stop",
+                str(stop),
+                "--progress",
+                str(prog),
+                "--done",
+                str(done),
+                "--hold",
+                str(hold),
+                "--extra",
+                str(EXTRA),
+                report=str(report),
+            ),
+            {"OTEL_EXPORTER_PROMETHEUS_PORT": str(port), "GRADTEL_RUN_ID": "integrity", "GRADTEL_MAX_ABS": "true"},
+            name="scraped",
+        )
         wait_for(lambda: progress(prog) > 0 or proc.poll() is not None, 120, "the first steps")
         scrapes = []
         deadline = time.monotonic() + 4
@@ -115,9 +129,11 @@ def test_every_scrape_is_one_consistent_snapshot(exporter):
             time.sleep(max(0.0, started + 0.5 - took * (0.1 + 0.8 * attempt / 9) - time.monotonic()))
             scrapes.append(parse(scrape_body(port)))
             for scrape in scrapes:
-                counts = (values(scrape, "gradtel_steps", optimizer="snapshot")[(None, "snapshot")],
-                          values(scrape, "gradtel_gradient_missing", optimizer="snapshot")[("cut", "snapshot")],
-                          values(scrape, "gradtel_gradient_zero", optimizer="snapshot")[("dead", "snapshot")])
+                counts = (
+                    values(scrape, "gradtel_steps", optimizer="snapshot")[(None, "snapshot")],
+                    values(scrape, "gradtel_gradient_missing", optimizer="snapshot")[("cut", "snapshot")],
+                    values(scrape, "gradtel_gradient_zero", optimizer="snapshot")[("dead", "snapshot")],
+                )
                 if len(set(counts)) != 1:
                     torn.append(counts)
     finally:
@@ -132,15 +148,23 @@ def test_the_report_and_the_final_scrape_agree(scraped_run):
     _, final, report, steps = scraped_run
     assert report["run_id"] == "integrity"
     (optimizer,) = report["optimizers"]
-    assert (optimizer["name"], optimizer["steps"]) == ("sgd", steps) == ("sgd", values(final, "gradtel_steps")[
-        (None, "sgd")])
+    assert (
+        (optimizer["name"], optimizer["steps"])
+        == ("sgd", steps)
+        == ("sgd", values(final, "gradtel_steps")[(None, "sgd")])
+    )
     assert optimizer["last_global_norm"] == pytest.approx(
-        values(final, "gradtel_gradient_global_norm")[(None, "sgd")], rel=1e-12)
+        values(final, "gradtel_gradient_global_norm")[(None, "sgd")], rel=1e-12
+    )
     variables = {v["name"]: v for v in report["variables"]}
     assert len(variables) == 3 + EXTRA
-    for metric, field in [("gradtel_gradient_zero", "zero_steps"), ("gradtel_gradient_nonfinite", "nonfinite_steps"),
-                          ("gradtel_gradient_missing", "missing_steps"), ("gradtel_gradient_norm", "last_norm"),
-                          ("gradtel_gradient_max_abs", "last_max_abs")]:
+    for metric, field in [
+        ("gradtel_gradient_zero", "zero_steps"),
+        ("gradtel_gradient_nonfinite", "nonfinite_steps"),
+        ("gradtel_gradient_missing", "missing_steps"),
+        ("gradtel_gradient_norm", "last_norm"),
+        ("gradtel_gradient_max_abs", "last_max_abs"),
+    ]:
         scraped = {name: value for (name, _), value in values(final, metric).items()}
         reported = {name: v[field] for name, v in variables.items() if v[field]}
         assert {k: v for k, v in scraped.items() if v} == pytest.approx(reported, rel=1e-12), metric
@@ -219,9 +243,11 @@ def test_checkpoints_cross_between_gradtel_and_plain_processes_bit_for_bit(procs
     script.write_text(CHECKPOINT_SCRIPT)
     plain_dir, gradtel_dir = str(tmp_path / "plain"), str(tmp_path / "gradtel")
     env = {"OTEL_METRICS_EXPORTER": "none"}
-    for argv in ([sys.executable, str(script), "write", plain_dir],
-                 [GRADTEL, "run", "--", sys.executable, str(script), "continue", plain_dir, gradtel_dir],
-                 [sys.executable, str(script), "read", gradtel_dir]):
+    for argv in (
+        [sys.executable, str(script), "write", plain_dir],
+        [GRADTEL, "run", "--", sys.executable, str(script), "continue", plain_dir, gradtel_dir],
+        [sys.executable, str(script), "read", gradtel_dir],
+    ):
         proc = procs.start(argv, env, name="ckpt")
         status = procs.wait(proc, 180)
         out, err = procs.output(proc)

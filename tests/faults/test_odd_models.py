@@ -62,11 +62,15 @@ def test_ten_thousand_variables_end_to_end(exporter):
     assert handle.totals()[0] == 2
     norms = values(families, "gradtel_gradient_norm", optimizer="wide")
     assert len(norms) == n - 10
-    wrong = {i: norms[(f"p{i}", "wide")] for i in range(n) if i % 1000 != 999
-             and not math.isclose(norms[(f"p{i}", "wide")], float(i), rel_tol=1e-6)}  # float32 squares
+    wrong = {
+        i: norms[(f"p{i}", "wide")]
+        for i in range(n)
+        if i % 1000 != 999 and not math.isclose(norms[(f"p{i}", "wide")], float(i), rel_tol=1e-6)
+    }  # float32 squares
     assert wrong == {}
     assert values(families, "gradtel_gradient_missing", optimizer="wide") == {
-        (f"p{i}", "wide"): 2 for i in range(999, n, 1000)}
+        (f"p{i}", "wide"): 2 for i in range(999, n, 1000)
+    }
     assert values(families, "gradtel_gradient_zero", optimizer="wide")[("p0", "wide")] == 2
     states = {s.labels["state"]: s.value for s in families["gradtel_variables"] if s.labels["optimizer"] == "wide"}
     assert {k: v for k, v in states.items() if v} == {"ok": n - 11, "zero": 1, "missing": 10}
@@ -76,7 +80,9 @@ def test_ten_thousand_variables_end_to_end(exporter):
     assert set(folded_norms) == {("*", "wide"), ("p0", "wide")}
     assert math.isclose(folded_norms[("*", "wide")], layer_norm, rel_tol=1e-6)
     assert values(folded, "gradtel_gradient_missing", optimizer="wide") == {
-        ("*", "wide"): 20, **{(f"p{i}", "wide"): 2 for i in range(999, n, 1000)}}  # the layer's total, and each
+        ("*", "wide"): 20,
+        **{(f"p{i}", "wide"): 2 for i in range(999, n, 1000)},
+    }  # the layer's total, and each
 
 
 def test_variables_with_the_same_path_stay_apart(exporter):
@@ -88,8 +94,10 @@ def test_variables_with_the_same_path_stay_apart(exporter):
     families = parse(scrape_body(port))
     gradtel.uninstrument(optimizer)
     assert {r.name: r.norm for r in handle.records()} == {"twin": 5.0, "twin#2": 1.0}
-    assert values(families, "gradtel_gradient_norm", optimizer="dups") == {("twin", "dups"): 5.0,
-                                                                           ("twin#2", "dups"): 1.0}
+    assert values(families, "gradtel_gradient_norm", optimizer="dups") == {
+        ("twin", "dups"): 5.0,
+        ("twin#2", "dups"): 1.0,
+    }
 
 
 def test_a_path_that_looks_like_a_suffix_does_not_collide(exporter):
@@ -268,8 +276,22 @@ def loaders(tmp_path_factory):
     script.write_text(LOADER_SCRIPT)
     group = Processes(tmp)
     try:
-        proc = group.start([GRADTEL, "run", "--report", str(report), "--port", str(port), "--", sys.executable,
-                            str(script), str(port), str(report)], name="loaders")
+        proc = group.start(
+            [
+                GRADTEL,
+                "run",
+                "--report",
+                str(report),
+                "--port",
+                str(port),
+                "--",
+                sys.executable,
+                str(script),
+                str(port),
+                str(report),
+            ],
+            name="loaders",
+        )
         status = group.wait(proc, 180)
         out, err = group.output(proc)
         assert status == 0, err[-3000:]

@@ -59,8 +59,9 @@ class ReportWatcher:
         self._thread.join(timeout=10)
 
 
-def _run_to_the_end(procs: Processes, tmp_path: Path, otlp_endpoint: str, ending: str,
-                    extra_env: dict[str, str] | None = None) -> tuple[int, float, ReportWatcher, Path]:
+def _run_to_the_end(
+    procs: Processes, tmp_path: Path, otlp_endpoint: str, ending: str, extra_env: dict[str, str] | None = None
+) -> tuple[int, float, ReportWatcher, Path]:
     """One trainee under ``gradtel run --report``, ended as ``ending`` says; returns status, seconds it took to
     end after training finished, the watcher and the report path."""
     then, sig, _ = ENDINGS[ending]
@@ -68,10 +69,16 @@ def _run_to_the_end(procs: Processes, tmp_path: Path, otlp_endpoint: str, ending
     report.write_text(json.dumps(OLD_REPORT))
     watcher = ReportWatcher(report)
     done = tmp_path / "done"
-    env = {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
-           "OTEL_METRIC_EXPORT_INTERVAL": "60000", "GRADTEL_RUN_ID": f"end-{then}", **(extra_env or {})}
-    proc = procs.start(trainee("--steps", str(STEPS), "--done", str(done), "--then", then, report=str(report)),
-                       env, name="ending")
+    env = {
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+        "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+        "GRADTEL_RUN_ID": f"end-{then}",
+        **(extra_env or {}),
+    }
+    proc = procs.start(
+        trainee("--steps", str(STEPS), "--done", str(done), "--then", then, report=str(report)), env, name="ending"
+    )
     try:
         wait_for(lambda: done.exists() or proc.poll() is not None, 120, "training to finish")
         assert done.exists(), procs.output(proc)[1][-3000:]
@@ -100,8 +107,11 @@ def test_every_ending_writes_a_whole_report_flushes_otlp_and_keeps_the_status(pr
     assert "previous" not in report and report["schema"] == "gradtel.report/v1"
     variables = {v["name"]: v for v in report["variables"]}
     assert report["optimizers"][0]["steps"] == STEPS
-    assert (variables["cut"]["missing_steps"], variables["dead"]["zero_steps"], variables["w"]["steps"]) == \
-        (STEPS, STEPS, STEPS)
+    assert (variables["cut"]["missing_steps"], variables["dead"]["zero_steps"], variables["w"]["steps"]) == (
+        STEPS,
+        STEPS,
+        STEPS,
+    )
     assert not list(tmp_path.glob(".gradtel-report-*"))  # no temporary file left behind
 
     # OTLP: with a 60 s interval only the shutdown flush can have sent anything, and it carries the final counts.
@@ -118,7 +128,8 @@ def test_every_ending_writes_a_whole_report_flushes_otlp_and_keeps_the_status(pr
 def test_a_dead_collector_at_exit_costs_a_bounded_wait_and_changes_nothing_else(procs, tmp_path, otlp, ending):
     """The receiver never starts: the final flush fails after OTEL_EXPORTER_OTLP_TIMEOUT, nothing hangs."""
     status, took, watcher, report_path = _run_to_the_end(
-        procs, tmp_path, otlp.endpoint, ending, {"OTEL_EXPORTER_OTLP_TIMEOUT": "2"})
+        procs, tmp_path, otlp.endpoint, ending, {"OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+    )
     assert status == ENDINGS[ending][2], procs.output(procs._procs[-1])[1][-3000:]
     assert took < 30, f"the process took {took:.1f}s to end with the collector down"
     assert watcher.bad == []
@@ -129,9 +140,15 @@ def test_a_dead_collector_at_exit_costs_a_bounded_wait_and_changes_nothing_else(
 def test_a_late_collector_gets_the_final_counts_from_the_shutdown_flush(procs, tmp_path, otlp):
     """The collector comes up only after training: the one push at exit still reaches it with every step."""
     done, hold = tmp_path / "done", tmp_path / "hold"
-    proc = procs.start(trainee("--steps", str(STEPS), "--done", str(done), "--hold", str(hold)), {
-        "OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-        "OTEL_METRIC_EXPORT_INTERVAL": "60000"}, name="late")
+    proc = procs.start(
+        trainee("--steps", str(STEPS), "--done", str(done), "--hold", str(hold)),
+        {
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+            "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+        },
+        name="late",
+    )
     wait_for(lambda: done.exists() or proc.poll() is not None, 120, "training to finish")
     otlp.start()
     hold.touch()
@@ -179,8 +196,11 @@ def test_the_exit_flush_shuts_the_provider_down_once(procs, otlp):
     """No TensorFlow needed: the export alone, started under ``gradtel run`` and flushed at exit."""
     otlp.start()
     code = "from gradtel import export; export.ensure_started(); print('hello')"
-    proc = procs.start([GRADTEL, "run", "--", sys.executable, "-c", code], {
-        "OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint}, name="once")
+    proc = procs.start(
+        [GRADTEL, "run", "--", sys.executable, "-c", code],
+        {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint},
+        name="once",
+    )
     assert procs.wait(proc, 60) == 0
     _, err = procs.output(proc)
     assert "shutdown can only be called once" not in err, err

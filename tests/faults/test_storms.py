@@ -54,8 +54,12 @@ def test_ten_thousand_non_finite_steps_are_counted_exactly_without_a_log_flood(e
     labels = {"optimizer": "storm"}
     assert values(families, "gradtel_steps", **labels) == {(None, "storm"): STORM_STEPS}
     nonfinite = values(families, "gradtel_gradient_nonfinite", **labels)
-    assert nonfinite == {("nan_v", "storm"): STORM_STEPS, ("inf_v", "storm"): STORM_STEPS, ("fine", "storm"): 0,
-                         ("cut", "storm"): 0}
+    assert nonfinite == {
+        ("nan_v", "storm"): STORM_STEPS,
+        ("inf_v", "storm"): STORM_STEPS,
+        ("fine", "storm"): 0,
+        ("cut", "storm"): 0,
+    }
     assert values(families, "gradtel_gradient_norm", **labels) == {("fine", "storm"): 5.0}
     assert values(families, "gradtel_gradient_global_norm", **labels) == {(None, "storm"): 5.0}
     states = {s.labels["state"]: s.value for s in families["gradtel_variables"] if s.labels["optimizer"] == "storm"}
@@ -78,11 +82,15 @@ def _exact_norm(grad: np.ndarray) -> float:
     return float(np.sqrt(np.sum(np.square(grad.astype(np.float64)))))
 
 
-@pytest.mark.parametrize("grad", [
-    np.full(8, np.finfo(np.float32).max, np.float32),  # every square overflows float32
-    np.array([3e38, -3e38, 1.0], np.float32),
-    np.array([2e19, 2e19, 2e19], np.float32),  # the squares are finite, their sum is not
-], ids=["float32-max", "mixed-huge", "sum-overflows"])
+@pytest.mark.parametrize(
+    "grad",
+    [
+        np.full(8, np.finfo(np.float32).max, np.float32),  # every square overflows float32
+        np.array([3e38, -3e38, 1.0], np.float32),
+        np.array([2e19, 2e19, 2e19], np.float32),  # the squares are finite, their sum is not
+    ],
+    ids=["float32-max", "mixed-huge", "sum-overflows"],
+)
 def test_float32_overflowing_norms_are_exact_and_not_called_non_finite_with_max_abs(grad):
     record = _measure(grad, tf.float32, "huge")
     assert record.state == "ok" and record.nonfinite_steps == 0
@@ -111,12 +119,16 @@ def test_half_precision_gradients_are_measured_in_float32(dtype):
     assert inf.state == "nonfinite" and inf.nonfinite_steps == 1
 
 
-@pytest.mark.parametrize("grad, state", [
-    (np.array([2e19, 2e19, 2e19], np.float32), "nonfinite"),  # the float32 sum of squares overflows
-    (np.full(4, 1e-30, np.float32), "zero"),  # every square underflows float32
-    (np.array([1e19, -1.0], np.float32), "ok"),  # the largest norm float32 squares still hold
-    (np.full(4, 1e-18, np.float32), "ok"),
-], ids=["overflow", "underflow", "big", "small"])
+@pytest.mark.parametrize(
+    "grad, state",
+    [
+        (np.array([2e19, 2e19, 2e19], np.float32), "nonfinite"),  # the float32 sum of squares overflows
+        (np.full(4, 1e-30, np.float32), "zero"),  # every square underflows float32
+        (np.array([1e19, -1.0], np.float32), "ok"),  # the largest norm float32 squares still hold
+        (np.full(4, 1e-18, np.float32), "ok"),
+    ],
+    ids=["overflow", "underflow", "big", "small"],
+)
 def test_default_statistics_classify_float32_edges_as_documented(grad, state):
     record = _measure(grad, tf.float32, f"default-{state}-{grad.size}", max_abs=False)
     assert record.state == state

@@ -76,8 +76,9 @@ def fake_gradtel() -> Iterator[FakeGradtel]:
 
 
 @pytest.fixture(scope="module")
-def stack(stack_binaries: None, tmp_path_factory: pytest.TempPathFactory, webhook: WebhookReceiver,
-          fake_gradtel: FakeGradtel) -> Iterator[StackConfig]:
+def stack(
+    stack_binaries: None, tmp_path_factory: pytest.TempPathFactory, webhook: WebhookReceiver, fake_gradtel: FakeGradtel
+) -> Iterator[StackConfig]:
     """The shipped stack (fast intervals) scraping the fake endpoint and notifying the webhook receiver."""
     yield from _run_stack(tmp_path_factory.mktemp("stack"), fake_gradtel.target, webhook)
 
@@ -98,7 +99,8 @@ def demo(stack_binaries: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture(scope="module")
-def demo_stack(tmp_path_factory: pytest.TempPathFactory, webhook: WebhookReceiver,
-               demo: DemoProcess) -> Iterator[StackConfig]:
+def demo_stack(
+    tmp_path_factory: pytest.TempPathFactory, webhook: WebhookReceiver, demo: DemoProcess
+) -> Iterator[StackConfig]:
     """The shipped stack (fast intervals) scraping the training job and notifying the webhook receiver."""
     yield from _run_stack(tmp_path_factory.mktemp("demo-stack"), demo.target, webhook)

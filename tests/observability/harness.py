@@ -81,8 +81,12 @@ class WebhookReceiver:
 
     def alerts(self, alertname: str, status: str = "firing") -> list[dict[str, Any]]:
         """Every received alert named ``alertname`` with ``status``."""
-        return [alert for note in self.notifications for alert in note["alerts"]
-                if alert["labels"]["alertname"] == alertname and alert["status"] == status]
+        return [
+            alert
+            for note in self.notifications
+            for alert in note["alerts"]
+            if alert["labels"]["alertname"] == alertname and alert["status"] == status
+        ]
 
     def close(self) -> None:
         self._server.shutdown()
@@ -119,10 +123,8 @@ class FakeGradtel:
         """One optimizer step."""
         i = self.instruments
         i[metrics.STEPS.name].labels(**self.RUN).inc()
-        i[metrics.MISSING.name].labels(**self._variable("head/kernel"), cause="unused",
-                                       expected="false").inc()
-        i[metrics.MISSING.name].labels(**self._variable("aux/kernel"), cause="not_on_loss_path",
-                                       expected="true").inc()
+        i[metrics.MISSING.name].labels(**self._variable("head/kernel"), cause="unused", expected="false").inc()
+        i[metrics.MISSING.name].labels(**self._variable("aux/kernel"), cause="not_on_loss_path", expected="true").inc()
         i[metrics.NONFINITE.name].labels(**self._variable("dense/kernel")).inc()
         i[metrics.ZERO.name].labels(**self._variable("dense/kernel")).inc(0)
         # As gradtel does: a non-finite variable has no norm/max_abs series; the global norm is over the finite ones.
@@ -183,10 +185,13 @@ def add_scrape_job(deploy_dir: Path, job: str, target: str) -> None:
     address to loopback, so the job names that address and relabels it to ``target``."""
     path = deploy_dir / "prometheus" / "prometheus.yml"
     document = yaml.safe_load(path.read_text())
-    document["scrape_configs"].append({
-        "job_name": job, "static_configs": [{"targets": ["trainer:9464"]}],
-        "relabel_configs": [{"target_label": "__address__", "replacement": target}],
-    })
+    document["scrape_configs"].append(
+        {
+            "job_name": job,
+            "static_configs": [{"targets": ["trainer:9464"]}],
+            "relabel_configs": [{"target_label": "__address__", "replacement": target}],
+        }
+    )
     path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
@@ -208,8 +213,9 @@ def query(prometheus_url: str, expr: str) -> dict[str, Any]:
 def query_range(prometheus_url: str, expr: str, seconds: float, step: float = 1.0) -> dict[str, Any]:
     """Run a range query over the last ``seconds`` (what a Grafana time series panel asks for)."""
     end = time.time()
-    return api_get(prometheus_url, "/api/v1/query_range",
-                   {"query": expr, "start": end - seconds, "end": end, "step": step})
+    return api_get(
+        prometheus_url, "/api/v1/query_range", {"query": expr, "start": end - seconds, "end": end, "step": step}
+    )
 
 
 class DemoProcess:
@@ -220,8 +226,14 @@ class DemoProcess:
     healthy. It trains until :meth:`close`.
     """
 
-    def __init__(self, log: Path, run_id: str, nan_at: int | None = None, expect_missing: tuple[str, ...] = (),
-                 target: str | None = None) -> None:
+    def __init__(
+        self,
+        log: Path,
+        run_id: str,
+        nan_at: int | None = None,
+        expect_missing: tuple[str, ...] = (),
+        target: str | None = None,
+    ) -> None:
         """``expect_missing``: run the demo under ``gradtel run --expect-missing ... --run-id`` (declared
         variables, the run id passed on the command line); ``target``: serve on this address (a restart)."""
         self.run_id = run_id
@@ -231,8 +243,12 @@ class DemoProcess:
         env = {name: value for name, value in os.environ.items() if name != "OTEL_METRICS_EXPORTER"}
         # Every interval of this stack is compressed to 1 s (rules' `for`, scrapes): so is the endpoint's spacing of
         # collections, or two scrapes serving one collection would read as a 1 s stall.
-        env.update(GRADTEL_RUN_ID=run_id, TF_CPP_MIN_LOG_LEVEL="2", GRADTEL_PROMETHEUS_MIN_INTERVAL="0",
-                   GRADTEL_PROMETHEUS_CPU_SHARE="1")
+        env.update(
+            GRADTEL_RUN_ID=run_id,
+            TF_CPP_MIN_LOG_LEVEL="2",
+            GRADTEL_PROMETHEUS_MIN_INTERVAL="0",
+            GRADTEL_PROMETHEUS_CPU_SHARE="1",
+        )
         command = [sys.executable, "-m", "gradtel.cli", "demo", "--steps", "0", "--port", self.target.rsplit(":", 1)[1]]
         if nan_at is not None:
             command += ["--nan-at", str(nan_at)]
@@ -241,14 +257,14 @@ class DemoProcess:
             command = [sys.executable, "-m", "gradtel.cli", "run", "--run-id", run_id, *declared, "--", *command]
             del env["GRADTEL_RUN_ID"]
         with log.open("ab") as out:
-            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
 
     def steps(self) -> float:
         """The ``gradtel_steps_total`` served now (0 until the endpoint and the first step are up)."""
         if self.process.poll() is not None:
-            raise AssertionError(f"gradtel demo exited with {self.process.returncode}:\n"
-                                 f"{self.log.read_text()[-3000:]}")
+            raise AssertionError(f"gradtel demo exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://{self.target}/metrics", timeout=2) as response:
                 text = response.read().decode()
@@ -288,13 +304,16 @@ def dashboard_queries() -> list[PanelQuery]:
     for path in sorted(DASHBOARDS_DIR.glob("*.json")):
         board = json.loads(path.read_text())
         for panel in board["panels"]:
-            found += [PanelQuery(f"{path.name}: {panel['title']}", target["expr"], bool(target.get("instant")))
-                      for target in panel.get("targets", [])]
+            found += [
+                PanelQuery(f"{path.name}: {panel['title']}", target["expr"], bool(target.get("instant")))
+                for target in panel.get("targets", [])
+            ]
         for variable in board["templating"]["list"]:
             match = re.fullmatch(r"label_values\((.*), (\w+)\)", str(variable.get("query", "")))
             if match:
-                found.append(PanelQuery(f"{path.name}: variable {variable['name']}",
-                                        f"count({match.group(1)})", instant=True))
+                found.append(
+                    PanelQuery(f"{path.name}: variable {variable['name']}", f"count({match.group(1)})", instant=True)
+                )
     return found
 
 

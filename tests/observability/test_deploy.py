@@ -133,8 +133,10 @@ def test_grafana_datasource_is_the_default_prometheus() -> None:
     sources = _yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
     prometheus = next(s for s in sources if s["type"] == "prometheus")
     assert prometheus["isDefault"] is True and prometheus["url"] == "http://prometheus:9090"
-    assert prometheus["jsonData"]["timeInterval"] == _yaml(DEPLOY / "prometheus" / "prometheus.yml")[
-        "global"]["scrape_interval"]
+    assert (
+        prometheus["jsonData"]["timeInterval"]
+        == _yaml(DEPLOY / "prometheus" / "prometheus.yml")["global"]["scrape_interval"]
+    )
 
 
 def test_collector_pipelines_reference_defined_components() -> None:
@@ -152,8 +154,9 @@ def test_collector_pipelines_reference_defined_components() -> None:
 
 def test_promtool_check_config() -> None:
     promtool = require_binary("promtool")
-    result = subprocess.run([promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

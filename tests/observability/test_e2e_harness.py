@@ -13,15 +13,25 @@ from tests.observability.harness import FakeGradtel, WebhookReceiver, dashboard_
 
 pytestmark = pytest.mark.slow
 #: Grafana's values of the template variables: "All" (.+) for every filter.
-_TEMPLATE_VALUES = {"__rate_interval": "1m", "datasource": "prometheus", "job": ".+", "instance": ".+",
-                    "run": ".+", "worker": ".*", "optimizer": ".+", "layer": ".+", "variable": ".+"}
+_TEMPLATE_VALUES = {
+    "__rate_interval": "1m",
+    "datasource": "prometheus",
+    "job": ".+",
+    "instance": ".+",
+    "run": ".+",
+    "worker": ".*",
+    "optimizer": ".+",
+    "layer": ".+",
+    "variable": ".+",
+}
 
 
 def test_harness_disconnected_and_nonfinite_alerts_reach_the_receiver(
     stack: StackConfig, webhook: WebhookReceiver, fake_gradtel: FakeGradtel
 ) -> None:
-    disconnected = wait_for(lambda: webhook.alerts("GradtelVariableDisconnected"), 60,
-                            "GradtelVariableDisconnected at the webhook receiver")
+    disconnected = wait_for(
+        lambda: webhook.alerts("GradtelVariableDisconnected"), 60, "GradtelVariableDisconnected at the webhook receiver"
+    )
     assert {alert["labels"]["variable"] for alert in disconnected} == {"head/kernel"}, (
         "only the unexpected missing variable alerts; aux/kernel is declared with expect_missing"
     )
@@ -29,8 +39,9 @@ def test_harness_disconnected_and_nonfinite_alerts_reach_the_receiver(
     assert labels["run"] == "harness" and labels["job"] == "gradtel" and labels["cause"] == "unused"
     assert disconnected[0]["annotations"]["runbook_url"].endswith("#gradtelvariabledisconnected")
 
-    nonfinite = wait_for(lambda: webhook.alerts("GradtelGradientNonFinite"), 60,
-                         "GradtelGradientNonFinite at the webhook receiver")
+    nonfinite = wait_for(
+        lambda: webhook.alerts("GradtelGradientNonFinite"), 60, "GradtelGradientNonFinite at the webhook receiver"
+    )
     assert nonfinite[0]["labels"]["severity"] == "critical"
     assert nonfinite[0]["labels"]["variable"] == "dense/kernel"
 

@@ -22,8 +22,9 @@ DEPLOY = ROOT / "deploy"
 
 
 def _config(tmp_path: Path, **kwargs: object) -> localstack.StackConfig:
-    return localstack.StackConfig(data_dir=tmp_path, prometheus_port=19090, alertmanager_port=19093,
-                                  target="127.0.0.1:9999", **kwargs)
+    return localstack.StackConfig(
+        data_dir=tmp_path, prometheus_port=19090, alertmanager_port=19093, target="127.0.0.1:9999", **kwargs
+    )
 
 
 def _shipped_prometheus() -> dict:
@@ -36,8 +37,11 @@ def test_prometheus_config_only_changes_addresses_and_rule_paths(tmp_path: Path)
     assert local["global"] == shipped["global"]
     assert [job["job_name"] for job in local["scrape_configs"]] == ["gradtel", "prometheus", "alertmanager"]
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in local["scrape_configs"]}
-    assert targets == {"gradtel": ["127.0.0.1:9999"], "prometheus": ["127.0.0.1:19090"],
-                       "alertmanager": ["127.0.0.1:19093"]}
+    assert targets == {
+        "gradtel": ["127.0.0.1:9999"],
+        "prometheus": ["127.0.0.1:19090"],
+        "alertmanager": ["127.0.0.1:19093"],
+    }
     assert local["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["127.0.0.1:19093"]
     assert all(Path(path).is_absolute() and Path(path).is_file() for path in local["rule_files"])
     assert shipped == _shipped_prometheus(), "the shipped document is not modified in place"
@@ -52,8 +56,7 @@ def test_unknown_shipped_target_is_an_error(tmp_path: Path) -> None:
 
 def test_rendered_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     promtool = require_binary("promtool")
-    local = localstack.prometheus_config(_shipped_prometheus(), DEPLOY / "prometheus",
-                                         _config(tmp_path).addresses())
+    local = localstack.prometheus_config(_shipped_prometheus(), DEPLOY / "prometheus", _config(tmp_path).addresses())
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(local))
     result = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
@@ -71,8 +74,16 @@ def test_webhook_is_added_to_the_default_receiver_only_when_asked() -> None:
 
 def test_missing_binary_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    code = localstack.main(["--data-dir", str(tmp_path / "data"), "--prometheus-port", str(free_port()),
-                            "--alertmanager-port", str(free_port())])
+    code = localstack.main(
+        [
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--prometheus-port",
+            str(free_port()),
+            "--alertmanager-port",
+            str(free_port()),
+        ]
+    )
     assert code == 1
     assert "not found on PATH" in capsys.readouterr().err
 
@@ -83,11 +94,21 @@ def test_stack_cli_serves_both_and_stops_cleanly_on_sigterm(tmp_path: Path) -> N
     require_binary("prometheus-alertmanager", "alertmanager")
     prom_port, am_port = free_port(), free_port()
     process = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys; from gradtel.localstack import main; sys.exit(main(sys.argv[1:]))",
-         "--prometheus-port", str(prom_port), "--alertmanager-port", str(am_port),
-         "--data-dir", str(tmp_path)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from gradtel.localstack import main; sys.exit(main(sys.argv[1:]))",
+            "--prometheus-port",
+            str(prom_port),
+            "--alertmanager-port",
+            str(am_port),
+            "--data-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:

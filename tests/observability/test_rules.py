@@ -27,8 +27,12 @@ SCENARIO_FILES = sorted(RULE_TESTS_DIR.glob("*.yml"))
 _CHECKS = [(case, check) for cases in rule_tests.SCENARIOS.values() for case in cases for check in case.checks]
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 REQUIRED_ALERTS = {
-    "GradtelVariableDisconnected", "GradtelGradientNonFinite", "GradtelGradientAllZero",
-    "GradtelGradientNormExploding", "GradtelGradientNormVanishing", "GradtelStepsStalled",
+    "GradtelVariableDisconnected",
+    "GradtelGradientNonFinite",
+    "GradtelGradientAllZero",
+    "GradtelGradientNormExploding",
+    "GradtelGradientNormVanishing",
+    "GradtelStepsStalled",
     "GradtelTargetDown",
 }
 
@@ -122,8 +126,9 @@ def test_runbooks_cover_every_cause_category() -> None:
     assert not missing, f"docs/runbooks.md does not explain {missing}"
 
 
-@pytest.mark.parametrize("case", [c for cases in rule_tests.SCENARIOS.values() for c in cases],
-                         ids=lambda case: case.name)
+@pytest.mark.parametrize(
+    "case", [c for cases in rule_tests.SCENARIOS.values() for c in cases], ids=lambda case: case.name
+)
 def test_cases_use_real_metric_names(case: rule_tests.Case) -> None:
     known = {m.name for m in metrics.ALL} | {"up"}
     for item in case.input_series:

@@ -84,7 +84,8 @@ def test_runbook_url_moves_every_alerts_link_and_nothing_else(tmp_path: Path) ->
     assert rule_tests, "the promtool tests of the rules are shipped"
     for relative in rule_tests:  # they expect the rules' annotations: moved the same way
         assert (tmp_path / relative).read_text() == _repository(relative).decode().replace(
-            f"runbook_url: {assets.RUNBOOK_BASE_URL}#", f"runbook_url: {base}#")
+            f"runbook_url: {assets.RUNBOOK_BASE_URL}#", f"runbook_url: {base}#"
+        )
     untouched = set(_tree(tmp_path)) - set(assets.RULE_FILES) - rule_tests
     assert all((tmp_path / r).read_bytes() == _repository(r) for r in untouched)
 

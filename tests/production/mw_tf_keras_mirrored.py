@@ -30,8 +30,9 @@ def two_heads() -> tf_keras.Model:
     tf_keras.utils.set_random_seed(3)
     inputs = tf_keras.Input((4,))
     hidden = tf_keras.layers.Dense(3, name="hidden")(inputs)
-    return tf_keras.Model(inputs, [tf_keras.layers.Dense(1, name="main")(hidden),
-                                   tf_keras.layers.Dense(1, name="aux")(hidden)])
+    return tf_keras.Model(
+        inputs, [tf_keras.layers.Dense(1, name="main")(hidden), tf_keras.layers.Dense(1, name="aux")(hidden)]
+    )
 
 
 def norm(g) -> float:
@@ -50,8 +51,10 @@ def run(strategy: tf.distribute.Strategy, make_optimizer, name: str) -> dict:
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean((plain(X)[0] - Y) ** 2)
     grads = tape.gradient(loss, plain.trainable_variables)
-    reference = {v.name.split(":")[0]: (None if g is None else norm(g))
-                 for v, g in zip(plain.trainable_variables, grads, strict=True)}
+    reference = {
+        v.name.split(":")[0]: (None if g is None else norm(g))
+        for v, g in zip(plain.trainable_variables, grads, strict=True)
+    }
     present = [g for g in grads if g is not None]
     steps, global_norm = telemetry.handle.totals()
     result = {
@@ -61,8 +64,10 @@ def run(strategy: tf.distribute.Strategy, make_optimizer, name: str) -> dict:
         "global_norm": global_norm,
         "reference_global_norm": float(tf.linalg.global_norm(present)),
         "reference": reference,
-        "records": {r.name: {"state": r.state, "norm": r.norm, "steps": r.steps, "missing_steps": r.missing_steps}
-                    for r in telemetry.handle.records()},
+        "records": {
+            r.name: {"state": r.state, "norm": r.norm, "steps": r.steps, "missing_steps": r.missing_steps}
+            for r in telemetry.handle.records()
+        },
     }
     gradtel.uninstrument(model.optimizer)
     return result

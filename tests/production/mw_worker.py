@@ -55,7 +55,7 @@ def main() -> None:
 
     x, y = data()
     local = GLOBAL_BATCH // n_workers
-    x_local, y_local = x[index * local:(index + 1) * local], y[index * local:(index + 1) * local]
+    x_local, y_local = x[index * local : (index + 1) * local], y[index * local : (index + 1) * local]
 
     with strategy.scope():
         model = two_heads()
@@ -79,8 +79,12 @@ def main() -> None:
     for _ in range(steps):
         last_weights = [np.array(w) for w in model.get_weights()]
         step(tf.constant(x_local), tf.constant(y_local))
-    report = {"index": index, "steps": steps, "handle_steps": handle.totals()[0],
-              "weights_checksum": float(sum(np.abs(w).sum() for w in model.get_weights()))}
+    report = {
+        "index": index,
+        "steps": steps,
+        "handle_steps": handle.totals()[0],
+        "weights_checksum": float(sum(np.abs(w).sum() for w in model.get_weights())),
+    }
 
     if index == 0:
         # Independent reference: plain Keras model, no strategy, the whole global batch, the last step's weights.

@@ -82,8 +82,11 @@ def test_layer_rollup_sums_counts_and_combines_norms(scraped):
 @pytest.mark.parametrize("scraped", [SeriesPolicy(mode="topk", top_k=2)], indirect=True)
 def test_topk_keeps_the_largest_norms_and_every_unhealthy_variable(scraped):
     handle, grads, metrics = scraped
-    healthy = {f"block{i // 2}/{'kernel' if i % 2 == 0 else 'bias'}": float(tf.norm(g))
-               for i, g in enumerate(grads) if g is not None and i != 5}
+    healthy = {
+        f"block{i // 2}/{'kernel' if i % 2 == 0 else 'bias'}": float(tf.norm(g))
+        for i, g in enumerate(grads)
+        if g is not None and i != 5
+    }
     top2 = sorted(healthy, key=healthy.get, reverse=True)[:2]
     zero = series_for(metrics, "gradtel_gradient_zero", handle.name)
     assert set(zero) == {*top2, "block1/kernel", "block1/bias", "block2/bias"}
@@ -93,7 +96,10 @@ def test_topk_keeps_the_largest_norms_and_every_unhealthy_variable(scraped):
 def test_include_exclude_patterns_select_variables(scraped):
     handle, _, metrics = scraped
     assert set(series_for(metrics, "gradtel_gradient_zero", handle.name)) == {
-        "block1/kernel", "block2/kernel", "block3/kernel"}
+        "block1/kernel",
+        "block2/kernel",
+        "block3/kernel",
+    }
 
 
 @pytest.mark.parametrize("scraped", [SeriesPolicy(exporting_worker=False)], indirect=True)
@@ -113,18 +119,22 @@ def test_auto_mode_switches_to_layers_past_the_budget():
     assert {r.name for r in large.select(records).records} >= {"block0/*", "block1/*", "block2/*", "block3/*"}
 
 
-@pytest.mark.parametrize(("tf_config", "label", "chief"), [
-    ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief", "index": 0}}, "chief:0", True),
-    ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}, "worker:0", False),
-    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, "worker:0", True),
-    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, "worker:1", False),
-])
+@pytest.mark.parametrize(
+    ("tf_config", "label", "chief"),
+    [
+        ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief", "index": 0}}, "chief:0", True),
+        ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}}, "worker:0", False),
+        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, "worker:0", True),
+        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, "worker:1", False),
+    ],
+)
 def test_worker_identity_and_chief_come_from_tf_config(tf_config, label, chief):
     config = Config.from_env({"TF_CONFIG": json.dumps(tf_config)})
     assert (config.worker.label, config.worker.is_chief) == (label, chief)
     assert config.series.exporting_worker is chief
-    assert Config.from_env({"TF_CONFIG": json.dumps(tf_config),
-                            "GRADTEL_VARIABLE_SERIES_WORKERS": "all"}).series.exporting_worker
+    assert Config.from_env(
+        {"TF_CONFIG": json.dumps(tf_config), "GRADTEL_VARIABLE_SERIES_WORKERS": "all"}
+    ).series.exporting_worker
     attributes = config.resource().attributes
     assert attributes["gradtel.task.type"] == label.split(":")[0]
 
@@ -134,9 +144,11 @@ def test_bad_series_settings_say_what_was_expected():
     assert config.series.mode == "auto"
     assert [str(p) for p in config.problems] == [
         "gradtel: GRADTEL_VARIABLE_SERIES='all': expected one of auto, variable, layer, topk, none; using the "
-        "default, auto."]
+        "default, auto."
+    ]
     config = Config.from_env({"TF_CONFIG": "{not json"})
     assert config.worker.label == "" and config.worker.is_chief
     assert len(config.problems) == 1 and str(config.problems[0]).startswith(
-        "gradtel: TF_CONFIG='{not json': expected JSON like")
+        "gradtel: TF_CONFIG='{not json': expected JSON like"
+    )
     assert Worker.from_tf_config(None).label == ""

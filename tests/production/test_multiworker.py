@@ -31,8 +31,13 @@ STEPS = 3
 RUN_ID = "mw-test-run"
 HEALTHY = ("hidden/kernel", "hidden/bias", "main/kernel", "main/bias")
 DISCONNECTED = ("aux/kernel", "aux/bias")
-PER_VARIABLE = ("gradtel_gradient_norm", "gradtel_gradient_max_abs", "gradtel_gradient_missing_total",
-                "gradtel_gradient_zero_total", "gradtel_gradient_nonfinite_total")
+PER_VARIABLE = (
+    "gradtel_gradient_norm",
+    "gradtel_gradient_max_abs",
+    "gradtel_gradient_missing_total",
+    "gradtel_gradient_zero_total",
+    "gradtel_gradient_nonfinite_total",
+)
 #: Start-up (TensorFlow import, collective set-up) plus STEPS steps; a peer that dies makes MWMS hang, so every
 #: wait below is bounded.
 START_TIMEOUT_S = 120
@@ -41,8 +46,11 @@ START_TIMEOUT_S = 120
 def base_env(**extra: str) -> dict[str, str]:
     """The test's environment without its exporter switch-off (tests/conftest.py) or any gradtel/TF_CONFIG
     setting inherited from the shell."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OTEL_METRICS_EXPORTER", "TF_CONFIG", "TF_USE_LEGACY_KERAS") and not k.startswith("GRADTEL_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OTEL_METRICS_EXPORTER", "TF_CONFIG", "TF_USE_LEGACY_KERAS") and not k.startswith("GRADTEL_")
+    }
     return {**env, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), **extra}
 
 
@@ -87,8 +95,10 @@ class Job:
                 self.procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
 
     def log_tail(self) -> str:
-        return "\n".join(f"--- worker {i} (rc={p.poll()}):\n" + self.logs[i].read_text(errors="replace")[-3000:]
-                         for i, p in enumerate(self.procs))
+        return "\n".join(
+            f"--- worker {i} (rc={p.poll()}):\n" + self.logs[i].read_text(errors="replace")[-3000:]
+            for i, p in enumerate(self.procs)
+        )
 
     def wait_trained(self) -> list[dict]:
         """Both workers' reports, once both have trained (their endpoints stay up until ``stop``)."""
@@ -151,8 +161,9 @@ def assert_summary(samples: list, index: int) -> float:
 def assert_per_variable(samples: list, index: int, reference: dict[str, float | None]) -> None:
     labels = {"worker": f"worker:{index}", "optimizer": "mw"}
     for name in HEALTHY:
-        assert one(samples, "gradtel_gradient_norm", variable=name, **labels) == pytest.approx(reference[name],
-                                                                                                 rel=1e-5)
+        assert one(samples, "gradtel_gradient_norm", variable=name, **labels) == pytest.approx(
+            reference[name], rel=1e-5
+        )
         assert one(samples, "gradtel_gradient_zero_total", variable=name, **labels) == 0
     for name in DISCONNECTED:
         assert reference[name] is None  # disconnected in the independent computation too
@@ -187,16 +198,22 @@ def test_multi_worker_mirrored_exports_per_worker_with_chief_only_variable_serie
         assert_per_variable(scrapes[1], 1, reference)
         for name in HEALTHY:
             assert one(scrapes[1], "gradtel_gradient_norm", variable=name) == pytest.approx(
-                one(scrapes[0], "gradtel_gradient_norm", variable=name), rel=1e-9)
+                one(scrapes[0], "gradtel_gradient_norm", variable=name), rel=1e-9
+            )
     else:
         assert not [s for s in scrapes[1] if s.name in PER_VARIABLE or "variable" in s.labels]
 
 
 @pytest.mark.slow
 def test_tf_keras_mirrored_reports_all_reduced_norms_and_the_disconnected_head():
-    result = subprocess.run([sys.executable, str(HERE / "mw_tf_keras_mirrored.py")], cwd=ROOT, capture_output=True,
-                            text=True, timeout=180,
-                            env=base_env(TF_USE_LEGACY_KERAS="1", OTEL_METRICS_EXPORTER="none"))
+    result = subprocess.run(
+        [sys.executable, str(HERE / "mw_tf_keras_mirrored.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=base_env(TF_USE_LEGACY_KERAS="1", OTEL_METRICS_EXPORTER="none"),
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["optimizer"]["optimizer_class"].startswith("tf_keras.")

@@ -34,8 +34,9 @@ def test_mirrored_fit_reports_the_all_reduced_gradients(strategy):
     plain = two_heads()
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean((plain(X)[0] - Y) ** 2)
-    reference = dict(zip([v.path for v in plain.trainable_variables],
-                         tape.gradient(loss, plain.trainable_variables), strict=True))
+    reference = dict(
+        zip([v.path for v in plain.trainable_variables], tape.gradient(loss, plain.trainable_variables), strict=True)
+    )
     with strategy.scope():
         model = two_heads()
         model.compile(optimizer=keras.optimizers.SGD(0.0), loss=["mse", None])
@@ -110,8 +111,14 @@ def test_mixed_precision_fit_measures_every_step_unscaled():
 
 def test_embedding_gradients_count_touched_rows_and_norms_exactly_in_fit():
     ids = np.array([[1, 1, 7], [7, 7, 2]], "int32")  # rows 1, 2, 7 touched; repeated ids sum
-    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(50, 4, name="emb"),
-                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1, name="out")])
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="int32"),
+            keras.layers.Embedding(50, 4, name="emb"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     telemetry = GradientTelemetry(name="embedding", start_exporter=False)
     model.fit(ids, np.ones((2, 1), "float32"), batch_size=2, epochs=1, verbose=0, callbacks=[telemetry])
