@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian 12 / Python 3.11 machine: installs what the tests need (the Debian
-# prometheus and prometheus-alertmanager packages, a virtualenv with gradtel[tensorflow,dev]), runs ruff (lint and format check), mypy, pytest
-# on the latest versions, then the suite's fast part on the declared minimum versions (`nox -s minimum`, on the
+# prometheus and prometheus-alertmanager packages, a virtualenv with gradtel[tensorflow,dev]), runs ruff (lint and
+# format check), mypy, pytest on the latest versions, then the suite's fast part on the declared minimum versions (`nox -s minimum`, on the
 # oldest Python here). Extra arguments go to pytest and skip the minimum-versions run (e.g. scripts/test.sh -m
 # "not slow" for the quick loop).
 set -euo pipefail
