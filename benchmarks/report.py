@@ -166,6 +166,16 @@ def _startup_sizes(su: dict[str, Any]) -> list[dict[str, Any]]:
     return [d for d in su.values() if isinstance(d, dict) and "variables" in d]
 
 
+def _startup_rows(sizes: list[dict[str, Any]], columns: tuple[tuple[str, int], ...]) -> list[str]:
+    """One table row per size: the variables, the rounds of each variant, then ``columns`` (name, digits)."""
+    rows = []
+    for d in sizes:
+        rounds = "/".join(str(len(d["rounds"][v])) for v in ("plain", "gradtel"))
+        cells = " | ".join(_startup_cell(d, name, digits) for name, digits in columns)
+        rows.append(f"| {d['variables']:,} | {rounds} | {cells} |")
+    return rows
+
+
 def _startup(res: dict[str, Any]) -> list[str]:
     su = res.get("startup", {})
     if not su:
@@ -200,10 +210,7 @@ def _startup(res: dict[str, Any]) -> list[str]:
         ("extra_kib_per_variable", 1),
         ("extra_end_rss_mib", 1),
     )
-    for d in _startup_sizes(su):
-        rounds = "/".join(str(len(d["rounds"][v])) for v in ("plain", "gradtel"))
-        cells = " | ".join(_startup_cell(d, name, digits) for name, digits in columns)
-        lines.append(f"| {d['variables']:,} | {rounds} | {cells} |")
+    lines += _startup_rows(_startup_sizes(su), columns)
     traces = _startup_sizes(su.get("trace", {}))
     if traces:
         lines += [
@@ -224,35 +231,33 @@ def _startup(res: dict[str, Any]) -> list[str]:
             ("extra_peak_rss_mib", 1),
             ("extra_kib_per_variable", 1),
         )
-        for d in traces:
-            rounds = "/".join(str(len(d["rounds"][v])) for v in ("plain", "gradtel"))
-            cells = " | ".join(_startup_cell(d, name, digits) for name, digits in columns)
-            lines.append(f"| {d['variables']:,} | {rounds} | {cells} |")
+        lines += _startup_rows(traces, columns)
     return lines
 
 
-def _startup_goals(su: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
-    """The first-step ratio at every size and the extra peak share at 10,000 variables.
+def _ratio_goal(d: dict[str, Any], timed: str, what: str) -> tuple[str, str, bool | None]:
+    """One size's ratio goal for ``timed`` (first_step or trace): a gradtel child that did not finish in time
+    misses it; any other failure measured nothing (None)."""
+    errors = d.get("errors", {})
+    missed = False if "plain" not in errors and "did not finish" in errors.get("gradtel", "") else None
+    ratio, g = d.get(f"{timed}_ratio"), GOALS["first_step_ratio"]
+    measured = (
+        f"{_startup_cell(d, f'{timed}_ratio', 3)}, n={ratio['rounds']}"
+        if ratio
+        else _startup_cell(d, f"gradtel_{timed}_s", 2)
+    )
+    return f"{what} at {d['variables']:,} variables <= {g}x plain", measured, ratio["median"] <= g if ratio else missed
 
-    A gradtel child that did not finish in time misses the goal; any other failure measured nothing (None).
-    """
+
+def _startup_goals(su: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The first-step and trace ratios at every size and the extra peak share at 10,000 variables."""
     out: list[tuple[str, str, bool | None]] = []
     for d in _startup_sizes(su):
-        errors = d.get("errors", {})
-        missed = False if "plain" not in errors and "did not finish" in errors.get("gradtel", "") else None
-        ratio, share = d.get("first_step_ratio"), d.get("extra_peak_rss_share")
-        g = GOALS["first_step_ratio"]
-        out.append(
-            (
-                f"first step (trace + first call) at {d['variables']:,} variables <= {g}x plain",
-                f"{_startup_cell(d, 'first_step_ratio', 3)}, n={ratio['rounds']}"
-                if ratio
-                else _startup_cell(d, "gradtel_first_step_s", 2),
-                ratio["median"] <= g if ratio else missed,
-            )
-        )
+        out.append(_ratio_goal(d, "first_step", "first step (trace + first call)"))
         if d["variables"] == 10_000:
-            g = GOALS["extra_peak_share_10k"]
+            share, g = d.get("extra_peak_rss_share"), GOALS["extra_peak_share_10k"]
+            errors = d.get("errors", {})
+            missed = False if "plain" not in errors and "did not finish" in errors.get("gradtel", "") else None
             out.append(
                 (
                     f"extra peak RSS at 10,000 variables <= {g:.0%} of the plain process's",
@@ -262,19 +267,7 @@ def _startup_goals(su: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                     share["median"] <= g if share else missed,
                 )
             )
-    for d in _startup_sizes(su.get("trace", {})):
-        errors = d.get("errors", {})
-        missed = False if "plain" not in errors and "did not finish" in errors.get("gradtel", "") else None
-        ratio, g = d.get("trace_ratio"), GOALS["first_step_ratio"]
-        out.append(
-            (
-                f"trace of the step at {d['variables']:,} variables <= {g}x plain",
-                f"{_startup_cell(d, 'trace_ratio', 3)}, n={ratio['rounds']}"
-                if ratio
-                else _startup_cell(d, "gradtel_trace_s", 2),
-                ratio["median"] <= g if ratio else missed,
-            )
-        )
+    out += [_ratio_goal(d, "trace", "trace of the step") for d in _startup_sizes(su.get("trace", {}))]
     return out
 
 
