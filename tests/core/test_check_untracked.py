@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,7 +14,7 @@ import tf_keras
 
 import gradtel
 from gradtel import runner
-from tests.core.test_cli import BIN, ENV
+from tests.core.helpers import gradtel_script
 
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np, keras, tensorflow as tf
@@ -63,17 +62,7 @@ TARGET = ["target/q/bias", "target/q/kernel"]
 
 
 def _gradtel(tmp_path, *args: str, mode: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    env = {**ENV, "OTEL_METRICS_EXPORTER": "none"}
-    return subprocess.run(
-        [BIN / "gradtel", *args, "--", sys.executable, str(script), mode],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return gradtel_script(tmp_path, SCRIPT, *args, mode=mode)
 
 
 def _groups(entries: list[dict]) -> dict[str, list[str]]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.core.test_cli import BIN, ENV
+from tests.core.helpers import gradtel_script
 
 # Every gradient is None: the loss is computed from the labels only. Keras raises at the first step (while the
 # step is traced in graph modes), so no step ever runs. The script prints before training, as scripts do.
@@ -44,17 +43,7 @@ VARIABLES = {"d1/kernel", "d1/bias", "d2/kernel", "d2/bias"}
 
 
 def _run(tmp_path, *args: str, mode: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    env = {**ENV, "OTEL_METRICS_EXPORTER": "none"}
-    return subprocess.run(
-        [BIN / "gradtel", *args, "--", sys.executable, str(script), mode],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return gradtel_script(tmp_path, SCRIPT, *args, mode=mode)
 
 
 @pytest.mark.slow
@@ -109,17 +98,7 @@ TWO_OPTIMIZERS = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_check_measures_every_optimizer_and_names_the_one_that_never_stepped(tmp_path):
-    script = tmp_path / "gan.py"
-    script.write_text(TWO_OPTIMIZERS)
-    env = {**ENV, "OTEL_METRICS_EXPORTER": "none"}
-    done = subprocess.run(
-        [BIN / "gradtel", "check", "--steps", "2", "--timeout", "3", "--json", "--", sys.executable, str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    done = gradtel_script(tmp_path, TWO_OPTIMIZERS, "check", "--steps", "2", "--timeout", "3", "--json", mode=None)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     steps = {o["name"]: o["steps"] for o in report["optimizers"]}
