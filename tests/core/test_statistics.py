@@ -186,7 +186,7 @@ def test_stacked_norms_equal_numpy_across_chunks_dtypes_and_missing():
     """Many shape-alike gradients are reduced in several stacks (a stack's transient copy is bounded); the norms,
     zero and missing rows land on the right variables whatever the grouping."""
     rng = np.random.default_rng(7)
-    shape = (64, 64)  # at the stacking limit: 64 per stack, so 150 of them make three stacks
+    shape = (16, 16)  # at the stacking limit: 64 per stack, so 150 of them make three stacks
     values = [rng.normal(size=shape).astype(np.float32) * (i % 5) for i in range(150)]
     grads: list = [tf.constant(v) for v in values]
     grads[3] = None
