@@ -25,6 +25,14 @@ if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 fi
 .venv/bin/python -m pytest -q -p no:cacheprovider
-# Python 3.10 is the declared floor; Debian 12 has only 3.11, which then runs the minimum versions instead.
-minimum_python="$(command -v python3.10 || command -v python3)"
+# Python 3.10 is the declared floor: the first python3.10 that runs (a pyenv shim may exist without a working
+# interpreter behind it; pyenv's own 3.10 builds are tried too); Debian 12 has only 3.11, which then runs instead.
+minimum_python="$(command -v python3)"
+for candidate in "$(command -v python3.10 || true)" "$HOME"/.pyenv/versions/3.10*/bin/python3.10; do
+  if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" -c 'import ssl, venv' 2>/dev/null; then
+    minimum_python="$candidate"
+    break
+  fi
+done
+echo "minimum versions on $("$minimum_python" --version 2>&1) ($minimum_python)"
 exec .venv/bin/nox -s minimum --force-python "$minimum_python"
