@@ -18,7 +18,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
-#: The oldest Python gradtel declares; scripts/test.sh forces the machine's Python where it has no 3.10.
+#: The oldest Python gradtel declares; scripts/test.sh forces a 3.10 that runs, else the machine's python3.
 MINIMUM_PYTHON = PYPROJECT["project"]["requires-python"].removeprefix(">=")
 #: Extras whose floors the minimum session pins, and the test tools whose floors follow the OpenTelemetry,
 #: TensorFlow and Keras ones (an exporter built for a newer SDK, a tf_keras for a newer TF, would not install).
