@@ -31,9 +31,10 @@ from gradtel import config as settings
 from gradtel import identity, metrics, phases, registry
 from gradtel.config import Config
 from gradtel.exposition import cyclic_gc_paused
-from gradtel.handle import Handle, OptimizerSummary, VariableRecord, nonfinite_origins
+from gradtel.handle import Handle
 from gradtel.logonce import LogOnce
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
+from gradtel.records import OptimizerSummary, VariableRecord, nonfinite_origins
 from gradtel.series import Selection, SeriesPolicy
 from gradtel.version import __version__
 from gradtel.vocabulary import MissingCause

@@ -17,7 +17,7 @@ from typing import Any
 
 from gradtel import registry
 from gradtel.config import Config
-from gradtel.handle import VariableRecord, nonfinite_origins
+from gradtel.records import VariableRecord, nonfinite_origins
 from gradtel.vocabulary import Finding, MissingCause, State, ZeroCause, fix_for
 
 SCHEMA = "gradtel.report/v1"

@@ -23,8 +23,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from gradtel.handle import VariableRecord
 from gradtel.naming import PatternSet
+from gradtel.records import VariableRecord
 from gradtel.vocabulary import State
 
 #: Bound once: a member's lookup on its enum costs about 75 ns, and the selection reads every variable's record.
