@@ -6,10 +6,13 @@ records, the step never does. A record is built by keyword, so a field added to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from gradtel import layout
+import numpy as np
+
+from gradtel import layout, statistics
 from gradtel.vocabulary import State
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ class VariableRecord(NamedTuple):
 
     A named tuple, not a frozen dataclass: a collection of a 10,000-variable model builds 10,000 of these, and a
     frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field) made building them a third of it.
+    The fields from ``steps`` on are the per-variable statistics, named and ordered as in gradtel/statistics.py.
     """
 
     optimizer: str
@@ -76,16 +80,35 @@ def summarize(snapshots: list[tuple[VariableTable, layout.Snapshot]]) -> Optimiz
     return OptimizerSummary(steps=steps, global_norm=global_norm, skipped_steps=skipped, raised=raised)
 
 
+#: The statistics decoded column by column (the state is decoded per variable, with facts the table lacks):
+#: (record field, row, decoded as an int, the row that must be set for it to count).
+_COLUMNS = tuple(
+    (s.field, layout.ROW[s.field], s.integer, layout.ROW[s.requires] if s.requires else None)
+    for s in statistics.STATISTICS
+    if s.field != "state"
+)
+#: The statistics two records of one variable combine other than by taking the newer one's.
+_MERGED = tuple((s.field, s.merge) for s in statistics.STATISTICS if s.merge is not statistics.Merge.NEWER)
+
+
+def _columns(rows: np.ndarray) -> dict[str, list[Any]]:
+    """Each statistic's values as a Python list (one conversion per row: per element would cost more than the
+    record)."""
+    columns: dict[str, list[Any]] = {}
+    for name, row, integer, requires in _COLUMNS:
+        values = rows[row] if requires is None else np.where(rows[requires] != 0.0, rows[row], 0.0)
+        columns[name] = (values.astype(np.int64) if integer else values).tolist()
+    return columns
+
+
 def decode(optimizer: str, snapshots: list[tuple[VariableTable, layout.Snapshot]]) -> list[VariableRecord]:
     """Every variable's record from one read of each table; a variable in several lists gets one merged record."""
     out: dict[str, VariableRecord] = {}
     for table, snap in snapshots:
-        rows = snap.rows.tolist()  # once: indexing numpy per field costs more than building the record
-        missing, zero, nonfinite = rows[layout.MISSING], rows[layout.ZERO], rows[layout.NONFINITE]
-        seen, norm, max_abs = rows[layout.STEPS_SEEN], rows[layout.NORM], rows[layout.MAX_ABS]
-        states, touched = rows[layout.STATE], rows[layout.ROWS_TOUCHED]
-        first_missing, first_zero, first_nonfinite = rows[layout.FIRST_MISSING : layout.FIRST_NONFINITE + 1]
-        back_missing, back_zero, back_nonfinite = rows[layout.RECOVERED_MISSING : layout.RECOVERED_NONFINITE + 1]
+        columns = _columns(snap.rows)
+        fields = list(columns)
+        by_variable = list(zip(*columns.values(), strict=True))
+        seen, missing, states = columns["steps"], columns["missing_steps"], snap.rows[layout.STATE].tolist()
         for i, name in enumerate(table.names):
             if not seen[i] and table.raised is None:
                 continue
@@ -104,42 +127,25 @@ def decode(optimizer: str, snapshots: list[tuple[VariableTable, layout.Snapshot]
                 expected_missing=table.expected[i],
                 cause=cause,
                 missing_cause=missing_cause,
-                steps=int(seen[i]),
-                missing_steps=int(missing[i]),
-                zero_steps=int(zero[i]),
-                nonfinite_steps=int(nonfinite[i]),
-                norm=norm[i],
-                max_abs=max_abs[i],
-                rows_touched=int(touched[i]),
                 state=state,
-                first_missing_step=int(first_missing[i]),
-                first_zero_step=int(first_zero[i]),
-                first_nonfinite_step=int(first_nonfinite[i]),
-                # a recovery from a state never counted as bad (a loss-scale optimizer's skipped step) is none
-                recovered_missing_step=int(back_missing[i]) if first_missing[i] else 0,
-                recovered_zero_step=int(back_zero[i]) if first_zero[i] else 0,
-                recovered_nonfinite_step=int(back_nonfinite[i]) if first_nonfinite[i] else 0,
+                **dict(zip(fields, by_variable[i], strict=True)),
             )
             previous = out.get(name)
             out[name] = record if previous is None else merge(previous, record)
     return list(out.values())
 
 
+_MERGE_RULES: dict[statistics.Merge, Callable[[Any, Any], Any]] = {
+    statistics.Merge.ADD: lambda older, newer: older + newer,
+    statistics.Merge.OLDER_FIRST: lambda older, newer: older or newer,
+    statistics.Merge.NEWER_FIRST: lambda older, newer: newer or older,
+}
+
+
 def merge(older: VariableRecord, newer: VariableRecord) -> VariableRecord:
     """One variable seen through two variable lists: counts add up, the latest values come from ``newer``."""
-    return newer._replace(
-        steps=older.steps + newer.steps,
-        missing_steps=older.missing_steps + newer.missing_steps,
-        zero_steps=older.zero_steps + newer.zero_steps,
-        nonfinite_steps=older.nonfinite_steps + newer.nonfinite_steps,
-        missing_cause=newer.missing_cause or older.missing_cause,
-        first_missing_step=older.first_missing_step or newer.first_missing_step,
-        first_zero_step=older.first_zero_step or newer.first_zero_step,
-        first_nonfinite_step=older.first_nonfinite_step or newer.first_nonfinite_step,
-        recovered_missing_step=newer.recovered_missing_step or older.recovered_missing_step,
-        recovered_zero_step=newer.recovered_zero_step or older.recovered_zero_step,
-        recovered_nonfinite_step=newer.recovered_nonfinite_step or older.recovered_nonfinite_step,
-    )
+    changes = {name: _MERGE_RULES[rule](getattr(older, name), getattr(newer, name)) for name, rule in _MERGED}
+    return newer._replace(missing_cause=newer.missing_cause or older.missing_cause, **changes)
 
 
 def nonfinite_origins(records: list[VariableRecord]) -> dict[str, tuple[int, list[VariableRecord]]]:

@@ -19,10 +19,13 @@ export their optimizer-level summary.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from gradtel import statistics
 from gradtel.naming import PatternSet
 from gradtel.records import VariableRecord
 from gradtel.vocabulary import State
@@ -82,43 +85,59 @@ class Selection:
     missing: list[VariableRecord]
 
 
-def _roll_up(layer: str, members: Sequence[VariableRecord]) -> VariableRecord:
-    """One record standing for ``members``: counts summed, norm = sqrt(sum of squares), max |g| = max.
+def _sum(values: list[Any], finite_norm: list[bool]) -> Any:
+    return sum(values)
 
-    One pass (this runs per layer per collection: thousands of times for a large model)."""
+
+def _max(values: list[Any], finite_norm: list[bool]) -> Any:
+    return max(values)
+
+
+def _root_sum_squares(values: list[float], finite_norm: list[bool]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return math.sqrt(sum(v * v for v in finite)) if finite else math.nan
+
+
+def _max_where_finite_norm(values: list[float], finite_norm: list[bool]) -> float:
+    largest = -math.inf
+    for value, counted in zip(values, finite_norm, strict=True):
+        if counted and value > largest:  # False for NaN (max |g| not measured)
+            largest = value
+    return largest if largest >= 0.0 else math.nan
+
+
+#: The roll-up rules of gradtel/statistics.py: (the members' values, whether each member's norm is finite) -> value.
+_ROLL_UPS: dict[statistics.RollUp, Callable[[list[Any], list[bool]], Any]] = {
+    statistics.RollUp.SUM: _sum,
+    statistics.RollUp.MAX: _max,
+    statistics.RollUp.ROOT_SUM_SQUARES: _root_sum_squares,
+    statistics.RollUp.MAX_WHERE_FINITE_NORM: _max_where_finite_norm,
+}
+#: The rolled-up statistics, with their rules (the others keep the record's default).
+_ROLLED = tuple(
+    (operator.attrgetter(s.field), s.field, _ROLL_UPS[s.roll_up])
+    for s in statistics.STATISTICS
+    if s.roll_up is not statistics.RollUp.NONE
+)
+
+
+def _roll_up(layer: str, members: Sequence[VariableRecord]) -> VariableRecord:
+    """One record standing for ``members``, each statistic by its roll-up rule (gradtel/statistics.py): counts
+    summed, norm = sqrt(sum of squares), max |g| = max.
+
+    This runs per layer per collection (thousands of times for a large model): one list per statistic."""
     first = members[0]
-    steps = missing = zero = nonfinite = touched = 0
-    sumsq, max_abs, finite = 0.0, -math.inf, False
-    expected, ok = True, True
-    for r in members:
-        if r.steps > steps:
-            steps = r.steps
-        missing += r.missing_steps
-        zero += r.zero_steps
-        nonfinite += r.nonfinite_steps
-        touched += r.rows_touched
-        expected = expected and r.expected_missing
-        ok = ok and r.state == _OK
-        if math.isfinite(r.norm):
-            finite = True
-            sumsq += r.norm * r.norm
-            if r.max_abs > max_abs:  # False for NaN (max |g| not measured)
-                max_abs = r.max_abs
+    finite_norm = [math.isfinite(r.norm) for r in members]
+    values = {name: rule([get(r) for r in members], finite_norm) for get, name, rule in _ROLLED}
     return VariableRecord(
         optimizer=first.optimizer,
         name=f"{layer}/*" if layer else "*",
         layer=first.layer,
-        expected_missing=expected,
+        expected_missing=all(r.expected_missing for r in members),
         cause=None,
         missing_cause=first.missing_cause,
-        steps=steps,
-        missing_steps=missing,
-        zero_steps=zero,
-        nonfinite_steps=nonfinite,
-        norm=math.sqrt(sumsq) if finite else math.nan,
-        max_abs=max_abs if max_abs >= 0.0 else math.nan,
-        rows_touched=touched,
-        state=_OK if ok else "mixed",
+        state=_OK if all(r.state == _OK for r in members) else "mixed",
+        **values,
     )
 
 

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
         "gradtel.version",
         "gradtel.metrics",
         "gradtel.vocabulary",
+        "gradtel.statistics",
         "gradtel.logonce",
         "gradtel.layout",
         "gradtel.naming",
