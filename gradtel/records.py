@@ -80,56 +80,56 @@ def summarize(snapshots: list[tuple[VariableTable, layout.Snapshot]]) -> Optimiz
     return OptimizerSummary(steps=steps, global_norm=global_norm, skipped_steps=skipped, raised=raised)
 
 
-#: The statistics decoded column by column (the state is decoded per variable, with facts the table lacks):
-#: (record field, row, decoded as an int, the row that must be set for it to count).
+#: The record's fields before the statistics, which follow in the order of gradtel/statistics.py.
+HEAD_FIELDS = ("optimizer", "name", "layer", "expected_missing", "cause", "missing_cause")
+if VariableRecord._fields != HEAD_FIELDS + tuple(s.field for s in statistics.STATISTICS):  # pragma: no cover
+    raise TypeError("VariableRecord's fields must be its head then gradtel/statistics.py's fields, in table order")
+#: Each statistic's row, whether it decodes as an int, and the row that must be set for it to count; the state is
+#: decoded per variable, with facts the table lacks (replicas, expect_missing).
 _COLUMNS = tuple(
-    (s.field, layout.ROW[s.field], s.integer, layout.ROW[s.requires] if s.requires else None)
-    for s in statistics.STATISTICS
-    if s.field != "state"
+    (layout.ROW[s.field], s.integer, layout.ROW[s.requires] if s.requires else None) for s in statistics.STATISTICS
 )
+_FIELDS = [s.field for s in statistics.STATISTICS]
+_STEPS_AT, _MISSING_AT, _STATE_AT = _FIELDS.index("steps"), _FIELDS.index("missing_steps"), _FIELDS.index("state")
 #: The statistics two records of one variable combine other than by taking the newer one's.
 _MERGED = tuple((s.field, s.merge) for s in statistics.STATISTICS if s.merge is not statistics.Merge.NEWER)
 
 
-def _columns(rows: np.ndarray) -> dict[str, list[Any]]:
-    """Each statistic's values as a Python list (one conversion per row: per element would cost more than the
-    record)."""
-    columns: dict[str, list[Any]] = {}
-    for name, row, integer, requires in _COLUMNS:
+def _statistics_by_variable(rows: np.ndarray) -> list[tuple[Any, ...]]:
+    """Each variable's statistics as a tuple in table order (one conversion per row: per element would cost more
+    than the record)."""
+    columns = []
+    for row, integer, requires in _COLUMNS:
         values = rows[row] if requires is None else np.where(rows[requires] != 0.0, rows[row], 0.0)
-        columns[name] = (values.astype(np.int64) if integer else values).tolist()
-    return columns
+        columns.append((values.astype(np.int64) if integer else values).tolist())
+    return list(zip(*columns, strict=True))
 
 
 def decode(optimizer: str, snapshots: list[tuple[VariableTable, layout.Snapshot]]) -> list[VariableRecord]:
-    """Every variable's record from one read of each table; a variable in several lists gets one merged record."""
+    """Every variable's record from one read of each table; a variable in several lists gets one merged record.
+
+    The statistics are laid into the record in table order (checked against ``VariableRecord``'s fields at import):
+    a collection of a 10,000-variable model builds 10,000 records, and keywords per statistic doubled its cost."""
     out: dict[str, VariableRecord] = {}
+    new = tuple.__new__
+    at = _STATE_AT
     for table, snap in snapshots:
-        columns = _columns(snap.rows)
-        fields = list(columns)
-        by_variable = list(zip(*columns.values(), strict=True))
-        seen, missing, states = columns["steps"], columns["missing_steps"], snap.rows[layout.STATE].tolist()
+        by_variable = _statistics_by_variable(snap.rows)
         for i, name in enumerate(table.names):
-            if not seen[i] and table.raised is None:
+            values = by_variable[i]
+            seen, state_value = values[_STEPS_AT], values[at]
+            if not seen and table.raised is None:
                 continue
             # A traced step that raised never ran its statistics: every variable of it is missing, as diagnosed.
-            state = layout.STATE_NAMES.get(states[i], _OK) if seen[i] else _MISSING
+            state = layout.STATE_NAMES.get(state_value, _OK) if seen else _MISSING
             if i in table.disagreement:
                 state = _REPLICA_DISAGREEMENT
             elif state == _MISSING and table.expected[i]:
                 state = _EXPECTED_MISSING
-            missing_cause = table.causes.get(i) if missing[i] or not seen[i] else None
+            missing_cause = table.causes.get(i) if values[_MISSING_AT] or not seen else None
             cause = missing_cause if state in _NO_GRADIENT else table.zero_hint(i) if state == _ZERO else None
-            record = VariableRecord(
-                optimizer=optimizer,
-                name=name,
-                layer=table.layers[i],
-                expected_missing=table.expected[i],
-                cause=cause,
-                missing_cause=missing_cause,
-                state=state,
-                **dict(zip(fields, by_variable[i], strict=True)),
-            )
+            head = (optimizer, name, table.layers[i], table.expected[i], cause, missing_cause)
+            record = new(VariableRecord, head + values[:at] + (state,) + values[at + 1 :])
             previous = out.get(name)
             out[name] = record if previous is None else merge(previous, record)
     return list(out.values())
