@@ -9,9 +9,10 @@ gradtel.uninstrument(optimizer)          # restores the optimizer exactly
 import importlib
 from typing import Any
 
-from gradtel.handle import Handle, VariableRecord
+from gradtel.handle import Handle
 from gradtel.instrumenting import instrument, is_instrumented, uninstrument
 from gradtel.phases import phase
+from gradtel.records import VariableRecord
 from gradtel.version import __version__
 
 #: Submodules reachable as attributes after ``import gradtel``, imported on first use: ``gradtel.keras`` imports

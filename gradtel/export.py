@@ -28,12 +28,13 @@ from opentelemetry.sdk.metrics import ExemplarReservoir
 from opentelemetry.sdk.metrics.export import MetricExporter
 
 from gradtel import config as settings
-from gradtel import identity, metrics, phases, registry
+from gradtel import identity, metrics, phases, registry, statistics
 from gradtel.config import Config
 from gradtel.exposition import cyclic_gc_paused
-from gradtel.handle import Handle, OptimizerSummary, VariableRecord, nonfinite_origins
+from gradtel.handle import Handle
 from gradtel.logonce import LogOnce
 from gradtel.producer import Point, ProducingPeriodicReader, VariableProducer
+from gradtel.records import OptimizerSummary, VariableRecord, nonfinite_origins
 from gradtel.series import Selection, SeriesPolicy
 from gradtel.version import __version__
 from gradtel.vocabulary import MissingCause
@@ -108,13 +109,7 @@ class SnapshotCache:
 
 #: Metrics with a series per variable (or layer roll-up): the bulk of the series, which gradtel's own readers take
 #: from :class:`gradtel.producer.VariableProducer` instead of the SDK's instruments.
-PER_VARIABLE: tuple[metrics.Metric, ...] = (
-    metrics.MISSING,
-    metrics.ZERO,
-    metrics.NONFINITE,
-    metrics.NORM,
-    metrics.MAX_ABS,
-)
+PER_VARIABLE: tuple[metrics.Metric, ...] = tuple(s.metric for s in statistics.STATISTICS if s.metric is not None)
 
 
 class Sources:
@@ -132,11 +127,9 @@ class Sources:
         self._selected: dict[str, tuple[list[VariableRecord] | None, list[dict[str, str]]]] = {}
         self._by_metric = {
             metrics.STEPS: self._steps,
+            # the per-variable statistics' metrics (gradtel/statistics.py); the missing counter has its own labels
+            **{s.metric: self._per_variable(s.metric, s.field) for s in statistics.STATISTICS if s.metric is not None},
             metrics.MISSING: self._missing,
-            metrics.ZERO: self._per_variable(metrics.ZERO, "zero_steps"),
-            metrics.NONFINITE: self._per_variable(metrics.NONFINITE, "nonfinite_steps"),
-            metrics.NORM: self._per_variable(metrics.NORM, "norm"),
-            metrics.MAX_ABS: self._per_variable(metrics.MAX_ABS, "max_abs"),
             metrics.GLOBAL_NORM: self._global_norm,
             metrics.VARIABLES: self._variables,
             metrics.SKIPPED: self._skipped,

@@ -10,20 +10,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradtel import statistics
 from gradtel.vocabulary import State
 
-#: Per-variable rows of the packed accumulator.
-MISSING, ZERO, NONFINITE, STEPS_SEEN, NORM, MAX_ABS, STATE, ROWS_TOUCHED = range(8)
+#: Per-variable rows of the packed accumulator, one per statistic, in the order of gradtel/statistics.py.
+ROW = statistics.ROW
+STEPS_SEEN, MISSING, ZERO, NONFINITE = ROW["steps"], ROW["missing_steps"], ROW["zero_steps"], ROW["nonfinite_steps"]
+NORM, MAX_ABS, ROWS_TOUCHED, STATE = ROW["norm"], ROW["max_abs"], ROW["rows_touched"], ROW["state"]
 #: The table's step (1-based) at which the gradient was first missing / all-zero / non-finite (0: never), and the
-#: latest step at which it was healthy again right after a step in that state (0: never recovered).
-FIRST_MISSING, FIRST_ZERO, FIRST_NONFINITE, RECOVERED_MISSING, RECOVERED_ZERO, RECOVERED_NONFINITE = range(8, 14)
-N_ROWS = 14
-#: Counter rows accumulate; the others hold the latest step's value...
-COUNTER_ROWS = (MISSING, ZERO, NONFINITE, STEPS_SEEN)
-#: ...except these, which keep their first non-zero value...
-FIRST_ROWS = (FIRST_MISSING, FIRST_ZERO, FIRST_NONFINITE)
-#: ...and these, which keep their latest non-zero value.
-LATEST_ROWS = (RECOVERED_MISSING, RECOVERED_ZERO, RECOVERED_NONFINITE)
+#: latest step at which it was healthy again right after a step in that state (0: never recovered): six adjacent
+#: rows, updated together by one block of vector ops (stats.py).
+FIRST_MISSING, FIRST_ZERO, FIRST_NONFINITE = (
+    ROW["first_missing_step"],
+    ROW["first_zero_step"],
+    ROW["first_nonfinite_step"],
+)
+RECOVERED_MISSING, RECOVERED_ZERO = ROW["recovered_missing_step"], ROW["recovered_zero_step"]
+RECOVERED_NONFINITE = ROW["recovered_nonfinite_step"]
+N_ROWS = len(statistics.STATISTICS)
+#: Counter rows accumulate; the others are replaced by each step's value.
+COUNTER_ROWS = tuple(ROW[s.field] for s in statistics.STATISTICS if s.update is statistics.Update.COUNT)
 #: Optimizer-level slots, stored before the per-variable rows: steps, latest global norm, loss-scale skipped steps,
 #: and the steps per point of the two histories (see gradtel/history.py).
 G_STEPS, G_GLOBAL_NORM, G_SKIPPED, G_HISTORY_WIDTH, G_LAYER_HISTORY_WIDTH = range(5)
@@ -39,9 +45,6 @@ STATE_NAMES = {
     STATE_ZERO: State.ZERO,
     STATE_NONFINITE: State.NONFINITE,
 }
-#: The rows of first bad steps and of recoveries, by state.
-FIRST_ROW_OF = {State.MISSING: FIRST_MISSING, State.ZERO: FIRST_ZERO, State.NONFINITE: FIRST_NONFINITE}
-RECOVERED_ROW_OF = {State.MISSING: RECOVERED_MISSING, State.ZERO: RECOVERED_ZERO, State.NONFINITE: RECOVERED_NONFINITE}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from gradtel.handle import VariableRecord
+from gradtel.records import VariableRecord
 from gradtel.vocabulary import State
 
 

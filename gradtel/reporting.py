@@ -15,9 +15,10 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-from gradtel import registry
+from gradtel import registry, statistics
 from gradtel.config import Config
-from gradtel.handle import VariableRecord, nonfinite_origins
+from gradtel.records import VariableRecord, nonfinite_origins
+from gradtel.statistics import Report
 from gradtel.vocabulary import Finding, MissingCause, State, ZeroCause, fix_for
 
 SCHEMA = "gradtel.report/v1"
@@ -47,33 +48,31 @@ _OK, _MISSING, _ZERO, _EXPECTED_MISSING = State.OK, State.MISSING, State.ZERO, S
 _FATAL = (State.NONFINITE, State.REPLICA_DISAGREEMENT)
 
 
-def _step(value: int) -> int | None:
-    """A first-bad or recovery step: null when it never happened (0 in the table)."""
-    return value or None
+#: The report's statistic fields (gradtel/statistics.py): what was measured, then (after the cause) when.
+_VALUES = tuple(
+    (s.field, s.key, s.report) for s in statistics.STATISTICS if s.report not in (Report.STEP, Report.OMITTED)
+)
+_STEPS = tuple((s.field, s.key) for s in statistics.STATISTICS if s.report is Report.STEP)
 
 
 def _variable(record: VariableRecord) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "name": record.name,
         "optimizer": record.optimizer,
         "layer": record.layer,
         "status": str(_status(record)),
         "expected": record.expected_missing,
-        "steps": record.steps,
-        "missing_steps": record.missing_steps,
-        "zero_steps": record.zero_steps,
-        "nonfinite_steps": record.nonfinite_steps,
-        "last_norm": _number(record.norm) if record.state not in _NO_GRADIENT else None,
-        "last_max_abs": _number(record.max_abs) if record.state not in _NO_GRADIENT else None,
-        "rows_touched": record.rows_touched,
-        "cause": _cause(record),
-        "first_missing_step": _step(record.first_missing_step),
-        "first_zero_step": _step(record.first_zero_step),
-        "first_nonfinite_step": _step(record.first_nonfinite_step),
-        "recovered_missing_step": _step(record.recovered_missing_step),
-        "recovered_zero_step": _step(record.recovered_zero_step),
-        "recovered_nonfinite_step": _step(record.recovered_nonfinite_step),
     }
+    no_gradient = record.state in _NO_GRADIENT
+    for name, key, how in _VALUES:
+        value = getattr(record, name)
+        if how is Report.GRADIENT_VALUE:
+            value = None if no_gradient else _number(value)
+        out[key] = value
+    out["cause"] = _cause(record)
+    for name, key in _STEPS:
+        out[key] = getattr(record, name) or None  # a first-bad or recovery step: null when it never happened (0)
+    return out
 
 
 #: Explanations of the finding categories that are not causes.

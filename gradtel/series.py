@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from gradtel.handle import VariableRecord
+from gradtel import statistics
 from gradtel.naming import PatternSet
+from gradtel.records import HEAD_FIELDS, VariableRecord
 from gradtel.vocabulary import State
 
 #: Bound once: a member's lookup on its enum costs about 75 ns, and the selection reads every variable's record.
@@ -82,44 +83,62 @@ class Selection:
     missing: list[VariableRecord]
 
 
-def _roll_up(layer: str, members: Sequence[VariableRecord]) -> VariableRecord:
-    """One record standing for ``members``: counts summed, norm = sqrt(sum of squares), max |g| = max.
+def _root_sum_squares(values: Sequence[float], norms: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return math.sqrt(sum(v * v for v in finite)) if finite else math.nan
 
-    One pass (this runs per layer per collection: thousands of times for a large model)."""
+
+def _max_where_finite_norm(values: Sequence[float], norms: Sequence[float]) -> float:
+    largest = -math.inf
+    for value, norm in zip(values, norms, strict=True):
+        if math.isfinite(norm) and value > largest:  # False for NaN (max |g| not measured)
+            largest = value
+    return largest if largest >= 0.0 else math.nan
+
+
+_FIELD_AT = {name: i for i, name in enumerate(VariableRecord._fields)}
+_NORM_AT, _EXPECTED_AT, _STATE_AT = _FIELD_AT["norm"], _FIELD_AT["expected_missing"], _FIELD_AT["state"]
+
+
+def _fields_rolled_by(rule: statistics.RollUp) -> tuple[int, ...]:
+    return tuple(_FIELD_AT[s.field] for s in statistics.STATISTICS if s.roll_up is rule)
+
+
+#: The record fields of the statistics, by roll-up rule (gradtel/statistics.py); the others keep their default.
+_SUMMED, _MAXED = _fields_rolled_by(statistics.RollUp.SUM), _fields_rolled_by(statistics.RollUp.MAX)
+_BY_NORMS: tuple[tuple[int, Callable[[Sequence[float], Sequence[float]], float]], ...] = (
+    *((at, _root_sum_squares) for at in _fields_rolled_by(statistics.RollUp.ROOT_SUM_SQUARES)),
+    *((at, _max_where_finite_norm) for at in _fields_rolled_by(statistics.RollUp.MAX_WHERE_FINITE_NORM)),
+)
+_DEFAULTS = [VariableRecord._field_defaults.get(name) for name in VariableRecord._fields]
+
+
+def _roll_up(layer: str, members: Sequence[VariableRecord]) -> VariableRecord:
+    """One record standing for ``members``, each statistic by its roll-up rule (gradtel/statistics.py): counts
+    summed, norm = sqrt(sum of squares), max |g| = max.
+
+    This runs per layer per collection (thousands of times for a large model): the members are transposed once
+    into one tuple per field, and the record is laid out in field order."""
     first = members[0]
-    steps = missing = zero = nonfinite = touched = 0
-    sumsq, max_abs, finite = 0.0, -math.inf, False
-    expected, ok = True, True
-    for r in members:
-        if r.steps > steps:
-            steps = r.steps
-        missing += r.missing_steps
-        zero += r.zero_steps
-        nonfinite += r.nonfinite_steps
-        touched += r.rows_touched
-        expected = expected and r.expected_missing
-        ok = ok and r.state == _OK
-        if math.isfinite(r.norm):
-            finite = True
-            sumsq += r.norm * r.norm
-            if r.max_abs > max_abs:  # False for NaN (max |g| not measured)
-                max_abs = r.max_abs
-    return VariableRecord(
-        optimizer=first.optimizer,
-        name=f"{layer}/*" if layer else "*",
-        layer=first.layer,
-        expected_missing=expected,
-        cause=None,
-        missing_cause=first.missing_cause,
-        steps=steps,
-        missing_steps=missing,
-        zero_steps=zero,
-        nonfinite_steps=nonfinite,
-        norm=math.sqrt(sumsq) if finite else math.nan,
-        max_abs=max_abs if max_abs >= 0.0 else math.nan,
-        rows_touched=touched,
-        state=_OK if ok else "mixed",
+    columns = list(zip(*members, strict=True))
+    values = list(_DEFAULTS)
+    for at in _SUMMED:
+        values[at] = sum(columns[at])
+    for at in _MAXED:
+        values[at] = max(columns[at])
+    norms = columns[_NORM_AT]
+    for at, rule in _BY_NORMS:
+        values[at] = rule(columns[at], norms)
+    values[: len(HEAD_FIELDS)] = (  # optimizer, name, layer, expected_missing, cause, missing_cause
+        first.optimizer,
+        f"{layer}/*" if layer else "*",
+        first.layer,
+        all(columns[_EXPECTED_AT]),
+        None,
+        first.missing_cause,
     )
+    values[_STATE_AT] = _OK if columns[_STATE_AT].count(_OK) == len(members) else "mixed"
+    return tuple.__new__(VariableRecord, values)
 
 
 def _layer_roll_ups(records: Iterable[VariableRecord]) -> tuple[list[VariableRecord], list[VariableRecord]]:

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
-from gradtel import history
+from gradtel import history, statistics
 from gradtel.layout import (
     COUNTER_ROWS,
     FIRST_MISSING,
@@ -43,20 +43,13 @@ from gradtel.layout import (
     G_SKIPPED,
     G_STEPS,
     GLOBAL_COUNTERS,
-    MAX_ABS,
-    MISSING,
     N_GLOBALS,
     N_ROWS,
-    NONFINITE,
-    NORM,
-    ROWS_TOUCHED,
     STATE,
     STATE_MISSING,
     STATE_NONFINITE,
     STATE_OK,
     STATE_ZERO,
-    STEPS_SEEN,
-    ZERO,
     Snapshot,
 )
 
@@ -67,6 +60,8 @@ from gradtel.layout import (
 STACK_ELEMENTS = 1 << 8
 #: The max_abs path stacks larger ones too (its reductions are two per stack instead of two per gradient).
 STACK_ELEMENTS_MAX_ABS = 1 << 16
+#: The statistics whose rows take one value per step; the first-bad and recovery rows follow them, as one block.
+_STEP_VALUES = (statistics.Update.COUNT, statistics.Update.LATEST)
 
 
 def _as_measurable(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor | None]:
@@ -348,15 +343,18 @@ class StatsTable:
         finite_sumsq = tf.where(finite, sumsq, tf.zeros_like(sumsq))  # missing ones are 0 already
         global_norm = tf.sqrt(tf.reduce_sum(finite_sumsq)) if present.any() else tf.constant(np.nan, tf.float64)
         state = STATE_ZERO * zero + STATE_NONFINITE * nonfinite + np.where(present, STATE_OK, STATE_MISSING)
-        rows: list[tf.Tensor | np.ndarray] = [np.zeros(0)] * FIRST_MISSING  # then the six first/recovered rows
-        rows[MISSING] = (~present).astype(np.float64)
-        rows[ZERO] = zero
-        rows[NONFINITE] = counted_nonfinite
-        rows[STEPS_SEEN] = np.ones(self.n)
-        rows[NORM] = tf.sqrt(sumsq) + np.where(present, 0.0, np.nan)
-        rows[MAX_ABS] = max_abs
-        rows[STATE] = state
-        rows[ROWS_TOUCHED] = _rows_touched(measured)
+        # This step's value of each statistic folded by its own row (gradtel/statistics.py; a counter adds it).
+        values: dict[str, tf.Tensor | np.ndarray] = {
+            "steps": np.ones(self.n),
+            "missing_steps": (~present).astype(np.float64),
+            "zero_steps": zero,
+            "nonfinite_steps": counted_nonfinite,
+            "norm": tf.sqrt(sumsq) + np.where(present, 0.0, np.nan),
+            "max_abs": max_abs,
+            "rows_touched": _rows_touched(measured),
+            "state": state,
+        }
+        rows = [values[s.field] for s in statistics.STATISTICS if s.update in _STEP_VALUES]
         first_and_recovered = self._first_and_recovered(old, step, state, zero, counted_nonfinite, present)
         widths = self._record_history(
             before, width, layer_width, global_norm, finite_sumsq, state, zero, nonfinite, present

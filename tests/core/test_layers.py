@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
         "gradtel.version",
         "gradtel.metrics",
         "gradtel.vocabulary",
+        "gradtel.statistics",
         "gradtel.logonce",
         "gradtel.layout",
         "gradtel.naming",
@@ -30,8 +31,8 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     # the in-graph statistics; the diagnosis of missing gradients
     ("gradtel.stats", "gradtel.diagnosis"),
-    # one optimizer's tables and records
-    ("gradtel.handle",),
+    # one optimizer's tables, its steps recorded, its missing gradients reported, its records read
+    ("gradtel.tables", "gradtel.records", "gradtel.recording", "gradtel.missing", "gradtel.handle"),
     # settings and series selection; tables for people
     ("gradtel.series", "gradtel.config", "gradtel.render", "gradtel.htmlreport"),
     # the process's handles and diagnoser
