@@ -135,7 +135,9 @@ def test_keras3_gan_both_train_step_optimizers_are_measured_and_the_compile_defa
         assert set(records) == set(expected)  # every variable of its sub-model, no other
         for path, norm in expected.items():
             assert records[path].steps == 3 and records[path].state == "ok"
-            assert records[path].norm == pytest.approx(norm, rel=1e-4)
+            # abs: the replay runs three Adam steps eagerly where fit ran them compiled; float32 op order (oneDNN's
+            # threaded reductions) moves a near-zero gradient's norm by ~1e-7 (seen: 2.8043e-4 against 2.8035e-4)
+            assert records[path].norm == pytest.approx(norm, rel=1e-4, abs=1e-6)
         assert handle.totals()[1] == pytest.approx(np.sqrt(sum(n * n for n in expected.values())), rel=1e-4)
 
     # compile()'s default optimizer never stepped: one INFO line names it, and gradtel stops watching it.
