@@ -331,10 +331,11 @@ class StatsTable:
         # A missing gradient's 0 is finite: never non-finite. On the max_abs path a finite gradient whose float32
         # squares overflowed was recomputed in float64, so only NaN/Inf elements leave its sum non-finite.
         finite = tf.math.is_finite(sumsq)
-        nonfinite = tf.cast(tf.logical_not(finite), tf.float64)
+        not_finite = tf.logical_not(finite)
+        nonfinite = tf.cast(not_finite, tf.float64)
         zero = tf.cast(tf.equal(sumsq, 0.0), tf.float64) * present.astype(np.float64)
         if loss_scaled:
-            skipped = tf.cast(tf.reduce_any(tf.logical_not(finite)), tf.float64)
+            skipped = tf.cast(tf.reduce_any(not_finite), tf.float64)
             counted_nonfinite = nonfinite * (1.0 - skipped)
         else:
             skipped, counted_nonfinite = tf.constant(0.0, tf.float64), nonfinite
@@ -357,7 +358,7 @@ class StatsTable:
         rows = [values[s.field] for s in statistics.STATISTICS if s.update in _STEP_VALUES]
         first_and_recovered = self._first_and_recovered(old, step, state, zero, counted_nonfinite, present)
         widths = self._record_history(
-            before, width, layer_width, global_norm, finite_sumsq, state, zero, nonfinite, present
+            before, step, width, layer_width, global_norm, finite_sumsq, state, zero, nonfinite, present
         )
         globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, skipped, *widths])
         delta = tf.concat([globals_, *rows, first_and_recovered], 0)
@@ -391,6 +392,7 @@ class StatsTable:
     def _record_history(
         self,
         before: tf.Tensor,
+        step: tf.Tensor,
         width: tf.Tensor,
         layer_width: tf.Tensor,
         global_norm: tf.Tensor,
@@ -401,8 +403,7 @@ class StatsTable:
         present: np.ndarray,
     ) -> list[tf.Tensor]:
         """Fold this step into the histories (a fixed number of vector ops, whatever the number of variables);
-        returns their steps per point, kept in the table's global slots."""
-        step = before + 1.0
+        returns their steps per point, kept in the table's global slots. ``step`` is ``before + 1``, 1-based."""
         # A norm over the finite gradients is 0 when every present one is non-finite: the history says "no value"
         # then (-inf, null in the report), not a vanishing 0; the same for a layer, and for one with no gradient.
         none, some = np.float64(-np.inf), np.float64(0.0)
