@@ -55,6 +55,8 @@ def _overhead(res: dict[str, Any]) -> list[str]:
     rows = [
         ("deep_mlp", "optimizer-bound: 64x Dense(32), batch 16, Adam, tf.function", so),
         ("transformer", "Transformer encoder 2 blocks d=64, seq 32, batch 16, Adam, tf.function", so),
+        ("deep_mlp_goal", "optimizer-bound, the goal's run: 40-step blocks, plain and gradtel only", so),
+        ("transformer_goal", "Transformer, the goal's run: 40-step blocks, plain and gradtel only", so),
         ("fit_jit_deep_mlp", "deep_mlp via model.fit(jit_compile=True)", so),
         ("eager_deep_mlp16", "16x Dense(32), eager custom loop", so),
     ]
@@ -189,7 +191,9 @@ def _startup(res: dict[str, Any]) -> list[str]:
         "Ratio, extra and share are per round (each gradtel child against the plain child of its round). Plain model "
         "MiB: the plain process's peak above its RSS with TensorFlow and Keras loaded, before the model was built. "
         "Extra MiB after step 2: gradtel's extra RSS (VmRSS) once the first two steps are done, what the process "
-        "keeps.",
+        "keeps. The second table splits the first step: the trace (Python), TensorFlow's first call (graph "
+        "optimisation, kernels) and the garbage collections in either; extra s is gradtel's added first step, "
+        "per variable in the next column: flat when gradtel's start-up is linear.",
         "",
         f"Code measured: {code.get('commit', 'unknown')}"
         + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
@@ -211,6 +215,25 @@ def _startup(res: dict[str, Any]) -> list[str]:
         ("extra_end_rss_mib", 1),
     )
     lines += _startup_rows(_startup_sizes(su), columns)
+    phased = [d for d in _startup_sizes(su) if "first_call_ratio" in d]
+    if phased:
+        lines += [
+            "",
+            "| variables | rounds plain/gradtel | plain trace s | plain first call s | trace ratio | "
+            "first call ratio | extra s | extra ms/variable | plain GC s | extra GC s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        columns = (
+            ("plain_step_trace_s", 2),
+            ("plain_first_call_s", 2),
+            ("step_trace_ratio", 3),
+            ("first_call_ratio", 3),
+            ("extra_first_step_s", 2),
+            ("extra_ms_per_variable", 2),
+            ("plain_gc_s", 2),
+            ("extra_gc_s", 2),
+        )
+        lines += _startup_rows(phased, columns)
     traces = _startup_sizes(su.get("trace", {}))
     if traces:
         lines += [
@@ -276,9 +299,12 @@ def goals(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     so, ex, me = res.get("step_overhead", {}), res.get("export_cost", {}), res.get("memory", {})
     out: list[tuple[str, str, bool | None]] = []
     for key in ("deep_mlp", "transformer"):
-        d = (so.get(key) or {}).get("gradtel")
+        # The goal's own run (two runners, long blocks) when the results have one; older results judged the
+        # five-variant run.
+        d = (so.get(f"{key}_goal") or so.get(key) or {}).get("gradtel")
         g = GOALS[key]
-        out.append((f"step ratio {key} <= {g}", _r(d), d["median"] <= g if d else None))
+        interval = f"; median's 95% interval {d['ci_low']:.3f}-{d['ci_high']:.3f}" if d and "ci_low" in d else ""
+        out.append((f"step ratio {key} <= {g}", _r(d) + interval, d["median"] <= g if d else None))
     for mode in ("variable", "auto"):
         d = ex.get(f"10000_{mode}") if isinstance(ex, dict) else None
         ok = d is not None and "error" not in d

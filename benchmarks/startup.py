@@ -23,6 +23,7 @@ a plain one that did not finish leaves nothing to compare with, so the size's in
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -36,7 +37,7 @@ from benchmarks import section, timing
 
 MIB = 2**20
 #: variables -> rounds (each round one plain and one instrumented child, in alternating order).
-SIZES = {100: 5, 1_000: 5, 10_000: 3}
+SIZES = {100: 9, 1_000: 5, 10_000: 3}
 QUICK_SIZES = {100: 2, 1_000: 2}
 #: variables -> rounds of the trace-only measurement (see ``child``): it reaches 50,000 variables.
 TRACE_SIZES = {1_000: 3, 10_000: 3, 50_000: 1}
@@ -98,20 +99,51 @@ def child(n: int, instrumented: bool, trace_only: bool = False) -> dict[str, Any
             "rss_start_mib": rss_start / MIB,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
+    collecting = _collection_timer()
+    step.get_concrete_function()  # what ``step()`` would trace first: timed apart so the phases can be told apart
+    traced = time.perf_counter()
     timing.sync(step())
     first = time.perf_counter()
+    gc_s = collecting()
     timing.sync(step())
     second = time.perf_counter()
     return {
         "variables": len(layer.trainable_variables),
         "build_s": built - started,
         "first_step_s": first - built,
+        "step_trace_s": traced - built,
+        "first_call_s": first - traced,
+        "gc_s": gc_s,
         "second_step_ms": (second - first) * 1e3,
         "rss_start_mib": rss_start / MIB,
         "rss_built_mib": rss_built / MIB,
         "rss_end_mib": timing.rss_bytes() / MIB,  # after the second step: what stays once the trace is done
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _collection_timer() -> Any:
+    """Start timing Python's garbage collections; the returned function stops and gives their seconds.
+
+    Why: a full collection walks every tracked object (TensorFlow and Keras hold about 300,000 at start), so it
+    costs 0.2 s at 100 variables and 0.6 s at 10,000; a process crosses the allocation threshold that triggers one
+    at a point that depends on everything allocated before, so one child can pay a collection its twin just missed.
+    """
+    spent = [0.0, 0.0]  # seconds so far, start of the running collection
+
+    def timer(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            spent[1] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - spent[1]
+
+    gc.callbacks.append(timer)
+
+    def stop() -> float:
+        gc.callbacks.remove(timer)
+        return spent[0]
+
+    return stop
 
 
 def _spawn(n: int, variant: str, timeout_s: float, trace_only: bool) -> dict[str, Any]:
@@ -144,6 +176,8 @@ def _variant_stats(variant: str, runs: list[dict[str, Any]], timed: str) -> dict
     }
     if timed == "first_step_s":
         out[f"{variant}_second_step_ms"] = _stats([r["second_step_ms"] for r in runs])
+        for phase in ("step_trace_s", "first_call_s", "gc_s"):
+            out[f"{variant}_{phase}"] = _stats([r[phase] for r in runs])
     return out
 
 
@@ -159,6 +193,14 @@ def _paired_stats(n: int, plain: list[dict[str, Any]], inst: list[dict[str, Any]
     }
     if timed == "first_step_s":  # what is still held after the second step (the transient part is the trace's)
         out["extra_end_rss_mib"] = _stats([i["rss_end_mib"] - p["rss_end_mib"] for p, i in pairs])
+        # Where the extra time goes: the trace (Python: gradtel's ops and diagnosis), TensorFlow's first call
+        # (graph optimisation and kernels for gradtel's ops), and garbage collection (in both, counted apart).
+        out["step_trace_ratio"] = _stats([i["step_trace_s"] / p["step_trace_s"] for p, i in pairs])
+        out["first_call_ratio"] = _stats([i["first_call_s"] / p["first_call_s"] for p, i in pairs])
+        extra_s = [i[timed] - p[timed] for p, i in pairs]
+        out["extra_first_step_s"] = _stats(extra_s)
+        out["extra_gc_s"] = _stats([i["gc_s"] - p["gc_s"] for p, i in pairs])
+        out["extra_ms_per_variable"] = _stats([e * 1e3 / n for e in extra_s])
     return out
 
 

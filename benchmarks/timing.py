@@ -6,6 +6,7 @@ steps (ABBA order, so drift cancels) and taking the median of per-round ratios i
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -28,6 +29,8 @@ class Ratio:
     rounds: int
     base_step_ms: float  # median baseline time per step
     cand_step_ms: float  # median candidate time per step
+    ci_low: float  # a 95 % confidence interval of the median ratio (order statistics: no distribution assumed)
+    ci_high: float
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -47,6 +50,17 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A 95 % confidence interval of the median: the order statistics n/2 -+ 0.98 sqrt(n) (the normal
+    approximation of the binomial count below the median). Why: a goal 1 % from 1.0 needs the median's own
+    uncertainty beside it, not only the spread of single rounds."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 0.98 * n**0.5
+    low, high = max(0, int(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return ordered[low], ordered[high]
+
+
 def summarise(base: list[float], cand: list[float], steps: int) -> Ratio:
     ratios = [c / b for b, c in zip(base, cand, strict=True)]
     q1, med, q3 = quantiles(ratios)
@@ -59,6 +73,7 @@ def summarise(base: list[float], cand: list[float], steps: int) -> Ratio:
         len(ratios),
         1e3 * statistics.median(base) / steps,
         1e3 * statistics.median(cand) / steps,
+        *median_interval(ratios),
     )
 
 

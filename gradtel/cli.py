@@ -255,8 +255,27 @@ def _demo(args: argparse.Namespace) -> int:
     return status
 
 
+class _LogFormat(logging.Formatter):
+    """``LEVEL logger: message``, the logger's name left out when the message names gradtel already.
+
+    gradtel's messages begin with "gradtel:" so that they can be told apart in a training job's own log; the CLI's
+    name prefix on top of that said it twice (``WARNING gradtel.export: gradtel: ...``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self._named = logging.Formatter("%(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.getMessage().startswith("gradtel:"):
+            return self._named.format(record)
+        return super().format(record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["stack"]:  # its options, --help included, belong to gradtel.localstack
