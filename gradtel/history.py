@@ -5,16 +5,18 @@ and state), while the host sees them only when something reads the table. The ex
 their cost and happen only when a scraper or a push asks (never with ``OTEL_METRICS_EXPORTER=none``, in a notebook
 or a CI job), and the report is read once, at exit: sampling at either place would lose the first steps and every
 extreme between two reads. Folding each step into a fixed buffer in the step costs a fixed number of vector ops
-(two segment reductions, a scatter and a rarely taken ``cond`` per buffer) whatever the model's size, and no host
-round trip; the report reads the buffers once, where it reads the table.
+(two segment reductions, a two-row read and write and a scatter per buffer) whatever the model's size, no control
+flow in the user's graph, and no host round trip; the report reads the buffers once, where it reads the table.
 
 How: a buffer of ``P`` points by ``K`` columns, every column merged by max (a minimum is kept negated, so it is a
 max too), empty points at -inf. Point ``i`` covers the steps ``[i*w + 1, (i+1)*w]``; ``w``, the steps per point,
-starts at 1. When a step would land past the last point, adjacent pairs of points are merged (the max of each pair,
-so the minima and maxima stay exact), the second half is emptied and ``w`` doubles. A run of any length thus keeps
-between ``P/2`` and ``P`` points, its first and its last step, and the extremes of every interval: a 1,000,000-step
-run keeps 489 points of 2,048 steps each. Each point also records its own first and last step, so a reader needs
-nothing else to place it (and a read racing a merge misplaces nothing).
+starts at 1. When a step would land past the last point, ``w`` doubles and adjacent pairs of points are merged (the
+max of each pair, so the minima and maxima stay exact), one pair at the first step of each new point, so the merge
+is spread over the steps instead of being a ``cond`` in the step (``gradtel.stats._History`` says where each point
+lives). A run of any length thus keeps ``P`` points once it has filled the buffer, its first and its last step, and
+the extremes of every interval: a 1,000,000-step run keeps 512 points, 466 of 2,048 steps and 46 of 1,024. Each
+point also records its own first and last step, so a reader needs nothing else to place it: it sorts them (and a
+read racing a merge misplaces nothing).
 
 Two histories per table: the optimizer-level one (global norm min/max, the counts of unexpectedly missing, all-zero
 and non-finite variables: at most 512 points) and the per-layer one (each layer's norm min/max over its finite
@@ -74,9 +76,11 @@ def layer_columns(n_layers: int) -> int:
     return 2 + 3 * n_layers
 
 
-def _valid(buffer: np.ndarray) -> np.ndarray:
-    """The points that hold a step (the others are still empty)."""
-    return buffer[:, LAST_STEP] > 0
+def _points(buffer: np.ndarray) -> np.ndarray:
+    """The points that hold a step (the others are still empty), in step order (a buffer keeps them in rotated
+    slots, see ``gradtel.stats._History``)."""
+    points = buffer[buffer[:, LAST_STEP] > 0]
+    return points[np.argsort(points[:, LAST_STEP], kind="stable")]
 
 
 def _finite(values: np.ndarray) -> list[float | None]:
@@ -93,7 +97,7 @@ def _steps(buffer: np.ndarray) -> dict[str, Any]:
 
 def decode_global(buffer: np.ndarray, width: float) -> dict[str, Any]:
     """The optimizer-level history as the report writes it (docs/report.md, ``history.global``)."""
-    points = buffer[_valid(buffer)]
+    points = _points(buffer)
     return {
         "steps_per_point": int(max(width, 1)),
         **_steps(points),
@@ -107,7 +111,7 @@ def decode_global(buffer: np.ndarray, width: float) -> dict[str, Any]:
 
 def decode_layers(buffer: np.ndarray, width: float, layers: Sequence[str]) -> dict[str, Any]:
     """The per-layer history as the report writes it (docs/report.md, ``history.layers``)."""
-    points = buffer[_valid(buffer)]
+    points = _points(buffer)
     n = len(layers)
     norm_min, norm_max, worst = (points[:, 2 + k * n : 2 + (k + 1) * n] for k in range(3))
     series = [

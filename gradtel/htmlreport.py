@@ -273,7 +273,7 @@ def _optimizer_section(optimizer: dict[str, Any], origin: dict[str, Any] | None)
     per_point = glob["steps_per_point"]
     parts = [
         head,
-        f'<p class="muted">{len(glob["last_step"])} points, each covering {per_point} step(s): a '
+        f'<p class="muted">{len(glob["last_step"])} points, each covering up to {per_point} step(s): a '
         "point keeps the largest (dark line) and the smallest (light line) value of its steps, so no spike "
         "is averaged away.</p>",
         "<h3>Global gradient norm</h3>",
@@ -308,7 +308,7 @@ def _optimizer_section(optimizer: dict[str, Any], origin: dict[str, Any] | None)
     if lines:
         parts += [
             "<h3>Gradient norm per layer</h3>",
-            f"<p>The L2 norm of each layer's finite gradients (largest within each point of "
+            f"<p>The L2 norm of each layer's finite gradients (largest within each point of up to "
             f"{layers['steps_per_point']} step(s)); at most {LAYER_LINES} layers: where a NaN began, then "
             "the largest.</p>",
             _line_chart("gradient norm per layer", "layer norm", layers, lines, markers),

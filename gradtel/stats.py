@@ -20,8 +20,8 @@ twice the cost on a model of many small layers; it stacks shape-alike gradients 
 
 The same update keeps, per variable, the step at which each bad state first appeared and the latest return to
 health (vector ops on the table's own rows), and folds the step into the run's downsampled history (one scatter of
-one row into another gradtel-owned variable; gradtel/history.py says how and why): about 45 more ops per step,
-whatever the number of variables.
+one row into another gradtel-owned variable, with no control flow; gradtel/history.py says how and why): about 70
+more ops per step, most of them on scalars, whatever the number of variables.
 """
 
 from __future__ import annotations
@@ -211,10 +211,23 @@ def _new_variable(initial_value: tf.Tensor, **kwargs: Any) -> tf.Variable:
 
 
 class _History:
-    """One downsampled history buffer in a gradtel-owned variable (layout and reasons in gradtel/history.py)."""
+    """One downsampled history buffer in a gradtel-owned variable (layout and reasons in gradtel/history.py).
+
+    The step folds itself in without a ``cond``: merging the points of a full buffer is spread over the following
+    steps, one pair at the first step of each new point, into slots that a bit rotation assigns (see ``record``).
+    Why: a ``tf.cond`` in the step puts control flow (an ``If``, lowered to Switch/Merge) into the user's graph,
+    and TensorFlow's graph optimisation of the whole step then took 13 % longer at 1,000 variables and 21 % at
+    2,000 (measured side by side; without the ``cond``: 1 % and 3 %), a start-up cost growing with the model.
+    """
 
     def __init__(self, points: int, columns: int, name: str) -> None:
         self.points = points
+        self.bits = points.bit_length() - 1  # points is a power of two
+        # The slot of timeline point b after c doublings: b's bits rotated left by c (mod bits), as one lookup.
+        self._slots = np.array(
+            [[((b << c) | (b >> (self.bits - c))) & (points - 1) for b in range(points)] for c in range(self.bits)],
+            np.int32,
+        ).reshape(-1)
         with tf.init_scope():
             self.variable = _new_variable(
                 tf.fill([points, columns], tf.constant(-np.inf, tf.float64)),
@@ -229,23 +242,27 @@ class _History:
         """Fold the values (one per column) of the step after the first ``before`` steps into its point; returns
         the steps per point from now on (``width`` until the buffer fills, then doubled).
 
-        When the step lands past the last point, adjacent points are merged first (rarely: log2 of the run's
-        length in all), so the per-step cost is one scatter of one row and an untaken ``cond``.
+        Point ``b`` (0-based, steps ``[b*w + 1, (b+1)*w]``) lives in the slot ``b`` rotated left by ``log2(w)``
+        bits. When the buffer is full the width doubles and the next step falls on point ``P/2``; from then on
+        the first step of each new point ``P/2 + j`` first merges the old pair ``2j, 2j + 1`` (timeline-adjacent
+        at the old width) into the slot of new point ``j`` and empties the other one of the pair, which is new
+        point ``P/2 + j``'s own slot. By the last new point every pair is merged, so the next doubling finds the
+        same layout one rotation on. Every point names its own steps, so a read between merges is exact too.
+        Per step: two rows read, two written and one scattered, a few scalar ops, and no control flow.
         """
-        width = tf.cond(before >= self.points * width, lambda: self._halve(width), lambda: width)
-        index = tf.reshape(tf.cast(tf.math.floordiv(before, width), tf.int32), [1])
-        # The raw op on the handle: under a strategy, the ON_READ variable has no scatter_max, but in the replica
-        # context its handle is this replica's own copy, which is what the step updates.
-        tf.raw_ops.ResourceScatterMax(resource=self.variable.handle, indices=index, updates=tf.expand_dims(values, 0))
+        half, empty = self.points // 2, tf.constant(-np.inf, tf.float64)
+        width = tf.where(before >= self.points * width, 2.0 * width, width)
+        turns = tf.cast(tf.round(tf.math.log(width) / np.log(2.0)), tf.int32) % self.bits
+        point = tf.cast(tf.math.floordiv(before, width), tf.int32)  # < points
+        merging = tf.logical_and(width > 1.0, tf.equal(tf.math.floormod(before, width), 0.0))
+        # [the merged pair's slot, this point's slot]; outside a merge the first is any slot, written back as read
+        slots = tf.gather(self._slots, turns * self.points + tf.stack([tf.maximum(point - half, 0), point]))
+        handle = self.variable.handle  # the raw ops on the handle: under a strategy, this replica's own copy
+        pair = tf.raw_ops.ResourceGather(resource=handle, indices=slots, dtype=tf.float64)
+        merged = tf.stack([tf.reduce_max(pair, axis=0), tf.fill(tf.shape(pair[1]), empty)])
+        tf.raw_ops.ResourceScatterUpdate(resource=handle, indices=slots, updates=tf.where(merging, merged, pair))
+        tf.raw_ops.ResourceScatterMax(resource=handle, indices=slots[1:], updates=tf.expand_dims(values, 0))
         return width
-
-    def _halve(self, width: tf.Tensor) -> tf.Tensor:
-        old = self.variable.read_value()
-        merged = tf.reduce_max(tf.reshape(old, [self.points // 2, 2, -1]), axis=1)
-        empty = tf.fill(tf.shape(merged), tf.constant(-np.inf, tf.float64))
-        written = self.variable.assign(tf.concat([merged, empty], 0))
-        with tf.control_dependencies([written]):
-            return 2.0 * width
 
     def read(self) -> np.ndarray:
         local = getattr(self.variable, "values", None)
@@ -295,7 +312,7 @@ class StatsTable:
         self.layers = list(index)
         self._expected = np.array(expected if expected is not None else [False] * n_variables, bool)
         # One buffer for both histories while the layers' points are as many as the global ones (up to ~170
-        # layers): one scatter and one cond per step instead of two.
+        # layers): one set of history ops per step instead of two.
         layer_points = history.layer_points(len(index))
         self.shared_history = layer_points == history.GLOBAL_POINTS
         global_columns = history.GLOBAL_COLUMNS + (history.layer_columns(len(index)) - 2 if self.shared_history else 0)

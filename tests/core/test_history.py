@@ -47,15 +47,29 @@ def test_first_bad_steps_and_recoveries_per_variable():
 
 
 def _reference(values: np.ndarray, points: int) -> tuple[int, list[tuple[int, int, float, float]]]:
-    """Steps per point and (first, last, min, max) per point, by the rule of gradtel/history.py, in NumPy."""
+    """Steps per point and (first, last, min, max) per point, by the rule of gradtel/history.py, in NumPy.
+
+    The width is the least power of two that fits the steps in ``points`` points. Once it is 2 or more, the
+    ``m`` points begun at this width (after the ``points / 2`` the previous width filled) have each merged one
+    pair of the previous width's points: the first ``m`` points are at this width, the previous width's points
+    ``2m`` onwards are still at half of it, then come the ``m`` new points.
+    """
     steps = len(values)
     width = 1
     while math.ceil(steps / width) > points:
         width *= 2
+    if width == 1:
+        bounds = [(s, s + 1) for s in range(steps)]
+    else:
+        half = width // 2
+        begun = math.ceil((steps - points * half) / width)
+        bounds = [(j * width, (j + 1) * width) for j in range(begun)]
+        bounds += [(k * half, (k + 1) * half) for k in range(2 * begun, points)]
+        bounds += [(points * half + j * width, points * half + (j + 1) * width) for j in range(begun)]
     out = []
-    for start in range(0, steps, width):
-        chunk = values[start : start + width]
-        out.append((start + 1, min(start + width, steps), float(chunk.min()), float(chunk.max())))
+    for start, end in bounds:
+        chunk = values[start : min(end, steps)]
+        out.append((start + 1, min(end, steps), float(chunk.min()), float(chunk.max())))
     return width, out
 
 
@@ -102,7 +116,7 @@ def test_history_keeps_first_last_steps_and_extremes(monkeypatch, n_layers):
     assert all(state == "ok" for s in layers["series"] for state in s["state"])
 
 
-def test_a_million_steps_keep_under_512_points_with_the_first_last_and_extreme_steps():
+def test_a_million_steps_keep_512_points_with_the_first_last_and_extreme_steps():
     buffer = stats._History(history.GLOBAL_POINTS, 3, "million")
     spike = 654_321
 
@@ -117,14 +131,19 @@ def test_a_million_steps_keep_under_512_points_with_the_first_last_and_extreme_s
             lambda before, _: before < steps, body, (tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64))
         )[1]
 
-    width = float(run(1_000_000))
+    steps = 1_000_000
+    width = float(run(steps))
     points = buffer.read()
-    points = points[points[:, 1] > 0]
-    assert width == 2048 and len(points) == math.ceil(1_000_000 / 2048) == 489
-    assert -points[0, 0] == 1 and points[-1, 1] == 1_000_000
+    points = points[np.argsort(points[:, 1])]
+    assert width == 2048 and len(points) == 512 and (points[:, 1] > 0).all()
+    assert -points[0, 0] == 1 and points[-1, 1] == steps
     np.testing.assert_array_equal(-points[1:, 0], points[:-1, 1] + 1)  # contiguous: every step is in a point
     holding = points[(-points[:, 0] <= spike) & (points[:, 1] >= spike)]
     assert holding[0, 2] == 1e9 and (points[:, 2] == 1e9).sum() == 1
+    values = np.arange(1, steps + 1) % 97.0
+    values[spike - 1] = 1e9
+    _, expected = _reference(values, history.GLOBAL_POINTS)
+    assert [(-p[0], p[1], p[2]) for p in points] == [(e[0], e[1], e[3]) for e in expected]
 
 
 def test_expected_missing_variables_are_not_counted_as_unhealthy_in_the_history():
