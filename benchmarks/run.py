@@ -1,6 +1,8 @@
 """Run every benchmark section, each in a fresh process, and write results/latest.{json,md}.
 
-    .venv/bin/python -m benchmarks.run [--quick] [--only SECTION ...] [--merge] [--out DIR]
+    .venv/bin/python -m benchmarks.run [--quick] [--only SECTION ...] [--merge] [--out DIR] [-- SECTION ARGS]
+
+Arguments after ``--`` go to every section run (e.g. ``--only startup --merge -- --trace-sizes 1000 10000``).
 
 Sections: step_overhead, debugger, floor, export_cost, memory, startup (see docs/benchmarks.md).
 """
@@ -23,10 +25,10 @@ SECTIONS = ("step_overhead", "debugger", "floor", "export_cost", "memory", "star
 RESULTS = Path(__file__).parent / "results"
 
 
-def _section(name: str, quick: bool) -> dict[str, Any]:
+def _section(name: str, quick: bool, extra: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, f"{name}.json")
-        cmd = [sys.executable, "-m", f"benchmarks.{name}", "--out", out] + (["--quick"] if quick else [])
+        cmd = [sys.executable, "-m", f"benchmarks.{name}", "--out", out] + (["--quick"] if quick else []) + extra
         start = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not os.path.exists(out):
@@ -46,6 +48,7 @@ def main() -> None:
         "and when they were re-run)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.json and latest.md")
+    parser.add_argument("extra", nargs="*", help="after --: arguments for the sections")
     args = parser.parse_args()
     started = time.perf_counter()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -58,7 +61,7 @@ def main() -> None:
         results = {"mode": "quick" if args.quick else "full", "started_utc": now, "machine": timing.machine()}
     for name in args.only or SECTIONS:
         print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
-        results[name] = _section(name, args.quick)
+        results[name] = _section(name, args.quick, args.extra)
         if merging:
             results["rerun"][name] = now
         print(f"[benchmarks] {name} done in {results[name].get('wall_s')} s", file=sys.stderr, flush=True)
