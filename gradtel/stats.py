@@ -223,6 +223,7 @@ class _History:
     def __init__(self, points: int, columns: int, name: str) -> None:
         self.points = points
         self.bits = points.bit_length() - 1  # points is a power of two
+        self._emptied = np.full([columns], -np.inf)  # what a merge leaves in the slot it frees
         # The slot of timeline point b after c doublings: b's bits rotated left by c (mod bits), as one lookup.
         self._slots = np.array(
             [[((b << c) | (b >> (self.bits - c))) & (points - 1) for b in range(points)] for c in range(self.bits)],
@@ -250,7 +251,7 @@ class _History:
         same layout one rotation on. Every point names its own steps, so a read between merges is exact too.
         Per step: two rows read, two written and one scattered, a few scalar ops, and no control flow.
         """
-        half, empty = self.points // 2, tf.constant(-np.inf, tf.float64)
+        half = self.points // 2
         width = tf.where(before >= self.points * width, 2.0 * width, width)
         turns = tf.cast(tf.round(tf.math.log(width) / np.log(2.0)), tf.int32) % self.bits
         point = tf.cast(tf.math.floordiv(before, width), tf.int32)  # < points
@@ -259,7 +260,7 @@ class _History:
         slots = tf.gather(self._slots, turns * self.points + tf.stack([tf.maximum(point - half, 0), point]))
         handle = self.variable.handle  # the raw ops on the handle: under a strategy, this replica's own copy
         pair = tf.raw_ops.ResourceGather(resource=handle, indices=slots, dtype=tf.float64)
-        merged = tf.stack([tf.reduce_max(pair, axis=0), tf.fill(tf.shape(pair[1]), empty)])
+        merged = tf.stack([tf.reduce_max(pair, axis=0), self._emptied])
         tf.raw_ops.ResourceScatterUpdate(resource=handle, indices=slots, updates=tf.where(merging, merged, pair))
         tf.raw_ops.ResourceScatterMax(resource=handle, indices=slots[1:], updates=tf.expand_dims(values, 0))
         return width
