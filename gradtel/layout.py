@@ -1,7 +1,17 @@
 """The packed layout of gradtel's accumulator variable, shared by the step (writer) and the exporter (reader).
 
-One float64 vector per table: ``[globals..., rows x variables]``. Kept free of TensorFlow so the exporter, the
-report and the CLI can decode snapshots without importing it.
+One float64 vector per table, in three blocks, so that the step adds its counts to one slice, replaces the next and
+takes the max of the last, with no per-element mask: a mask is a constant of one value per element, and TensorFlow's
+graph optimisation at a step's first call pays for the graph's bytes too (docs/benchmarks.md, "The first call's
+graph").
+
+- accumulated: ``[steps, skipped]``, then the MISSING, ZERO and NONFINITE rows. STEPS_SEEN is not stored: every
+  variable of a table is seen at each of the table's steps.
+- latest: ``[global norm, history width, layer history width]``, then the NORM, MAX_ABS, ROWS_TOUCHED and STATE rows.
+- max-folded: the FIRST_* rows (as ``FIRST_BASE - step``) and the RECOVERED_* rows (as the step).
+
+``Storage`` says where each block starts; ``Storage.decode`` turns one read into a :class:`Snapshot` of plain rows.
+Kept free of TensorFlow so the exporter, the report and the CLI can decode snapshots without importing it.
 """
 
 from __future__ import annotations
@@ -28,15 +38,9 @@ FIRST_MISSING, FIRST_ZERO, FIRST_NONFINITE = (
 RECOVERED_MISSING, RECOVERED_ZERO = ROW["recovered_missing_step"], ROW["recovered_zero_step"]
 RECOVERED_NONFINITE = ROW["recovered_nonfinite_step"]
 N_ROWS = len(statistics.STATISTICS)
-#: Counter rows accumulate; the others are replaced by each step's value.
-COUNTER_ROWS = tuple(ROW[s.field] for s in statistics.STATISTICS if s.update is statistics.Update.COUNT)
-#: Optimizer-level slots, stored before the per-variable rows: steps, latest global norm, loss-scale skipped steps,
-#: and the steps per point of the two histories (see gradtel/history.py).
-G_STEPS, G_GLOBAL_NORM, G_SKIPPED, G_HISTORY_WIDTH, G_LAYER_HISTORY_WIDTH = range(5)
-N_GLOBALS = 5
-#: Which optimizer-level slots accumulate (steps, skipped) and which hold the latest value.
-GLOBAL_COUNTERS = (True, False, True, False, False)
-
+#: The first bad steps are stored as FIRST_BASE - step, so that a max keeps the earliest one (0: never); float64
+#: holds every integer up to it exactly.
+FIRST_BASE = float(2**53)
 #: Values of the STATE row.
 STATE_OK, STATE_MISSING, STATE_ZERO, STATE_NONFINITE = 0.0, 1.0, 2.0, 3.0
 STATE_NAMES = {
@@ -45,6 +49,68 @@ STATE_NAMES = {
     STATE_ZERO: State.ZERO,
     STATE_NONFINITE: State.NONFINITE,
 }
+
+
+#: Rows of each block, in storage order (the statistics' own order, STEPS_SEEN left out): the counters, the
+#: latest values, the first-bad and recovery steps.
+ACCUMULATED_ROWS = (MISSING, ZERO, NONFINITE)
+LATEST_ROWS = (NORM, MAX_ABS, ROWS_TOUCHED, STATE)
+MAX_ROWS = tuple(range(FIRST_MISSING, N_ROWS))
+#: The slots before each block's rows.
+ACCUMULATED_GLOBALS = 2  # steps, skipped (steps a loss-scale optimizer skipped because a gradient overflowed)
+LATEST_GLOBALS = 3  # global norm at the latest step, steps per point of the two histories (gradtel/history.py)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where the blocks of a table of ``n`` variables start in its flat vector."""
+
+    n: int
+
+    @property
+    def latest(self) -> int:
+        """The latest block (its globals first)."""
+        return ACCUMULATED_GLOBALS + len(ACCUMULATED_ROWS) * self.n
+
+    @property
+    def state(self) -> int:
+        """The STATE row (the last of the latest block): the step reads the previous step's."""
+        return self.folded - self.n
+
+    @property
+    def folded(self) -> int:
+        """The max-folded block."""
+        return self.latest + LATEST_GLOBALS + len(LATEST_ROWS) * self.n
+
+    @property
+    def size(self) -> int:
+        """Values in all (13 per variable and 5)."""
+        return self.folded + len(MAX_ROWS) * self.n
+
+    def initial(self) -> np.ndarray:
+        """Before any step: zeros, and one step per point in both histories."""
+        flat = np.zeros(self.size)
+        flat[self.latest + 1 : self.latest + 3] = 1.0
+        return flat
+
+    def decode(self, flat: np.ndarray) -> Snapshot:
+        """One read of the variable as the reader's rows, in the statistics' order."""
+        n, latest, folded = self.n, self.latest, self.folded
+        rows = np.empty([N_ROWS, n])
+        rows[STEPS_SEEN] = flat[0]
+        rows[list(ACCUMULATED_ROWS)] = flat[ACCUMULATED_GLOBALS:latest].reshape(-1, n)
+        rows[list(LATEST_ROWS)] = flat[latest + LATEST_GLOBALS : folded].reshape(-1, n)
+        first, recovered = flat[folded:].reshape(2, 3, n)
+        rows[FIRST_MISSING : FIRST_MISSING + 3] = np.where(first > 0.0, FIRST_BASE - first, 0.0)
+        rows[RECOVERED_MISSING : RECOVERED_MISSING + 3] = recovered
+        return Snapshot(
+            steps=int(flat[0]),
+            global_norm=float(flat[latest]),
+            skipped=int(flat[1]),
+            rows=rows,
+            history_width=float(flat[latest + 1]),
+            layer_history_width=float(flat[latest + 2]),
+        )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ Cost: on a CPU a step of small tensors pays per op, not per byte, and a first st
 too. By default small shape-alike gradients (up to 256 elements) are stacked and reduced together (three ops per
 distinct shape), every other gradient gets one ``L2Loss`` (TensorFlow's cheapest whole-tensor reduction), and
 everything after that works on one vector of all the variables: a fixed ~25 ops however many variables there are.
+Its constants of one value per variable are integers (layer ids, element counts, 4 bytes each), plus a boolean mask
+only where some gradients are missing: the first call's graph optimisation pays for the graph's bytes as well
+(docs/benchmarks.md, "The first call's graph").
 Zero and non-finite are then read off the float32 sum of squares: "zero" is a gradient whose every element squares
 to 0 in float32 (|g| below ~1e-19, too small for any optimizer to move the variable), "non-finite" one holding
 NaN/Inf or whose sum of squares overflows float32 (a norm above ~1.8e19: an exploding gradient, on which Adam's own
@@ -33,24 +36,16 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
-from gradtel import history, statistics
+from gradtel import history
 from gradtel.layout import (
-    COUNTER_ROWS,
-    FIRST_MISSING,
-    G_GLOBAL_NORM,
-    G_HISTORY_WIDTH,
-    G_LAYER_HISTORY_WIDTH,
-    G_SKIPPED,
-    G_STEPS,
-    GLOBAL_COUNTERS,
-    N_GLOBALS,
-    N_ROWS,
-    STATE,
+    FIRST_BASE,
+    LATEST_GLOBALS,
     STATE_MISSING,
     STATE_NONFINITE,
     STATE_OK,
     STATE_ZERO,
     Snapshot,
+    Storage,
 )
 
 #: Gradients with at most this many elements (and a static shape) are stacked with their shape-alikes and reduced
@@ -60,8 +55,8 @@ from gradtel.layout import (
 STACK_ELEMENTS = 1 << 8
 #: The max_abs path stacks larger ones too (its reductions are two per stack instead of two per gradient).
 STACK_ELEMENTS_MAX_ABS = 1 << 16
-#: The statistics whose rows take one value per step; the first-bad and recovery rows follow them, as one block.
-_STEP_VALUES = (statistics.Update.COUNT, statistics.Update.LATEST)
+#: The STATE values that are bad, in the order of the MISSING, ZERO, NONFINITE rows (and of the first-bad ones).
+_BAD_STATES = np.array([[STATE_MISSING], [STATE_ZERO], [STATE_NONFINITE]])
 
 
 def _as_measurable(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor | None]:
@@ -120,6 +115,8 @@ class _Groups:
 
     def in_table_order(self, values: tf.Tensor, filler: float) -> tf.Tensor:
         """``values`` (one per gradient in ``order``) as a float64 vector in table order, ``filler`` where missing."""
+        if self.order == list(range(self.n)):  # nothing missing and nothing moved: no gather (and no index constant)
+            return tf.cast(values, tf.float64)
         index = np.full(self.n, len(self.order), np.int32)  # missing ones point at the trailing filler
         index[self.order] = np.arange(len(self.order), dtype=np.int32)
         values = tf.concat([tf.cast(values, tf.float64), tf.constant([filler], tf.float64)], 0)
@@ -183,17 +180,23 @@ def _exact_reduce(measured: Sequence[tf.Tensor | None]) -> tuple[tf.Tensor, tf.T
 
 
 def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None] | None]) -> tf.Tensor:
-    """Elements (dense) or distinct rows (IndexedSlices) per gradient; static wherever the shape is known."""
-    static = np.array([0 if m is None else m[0].shape.num_elements() or 0 for m in measured], np.float64)
+    """Elements (dense) or distinct rows (IndexedSlices) per gradient; static wherever the shape is known.
+
+    The static counts are an integer constant cast in the step: half the bytes of a float64 one (see
+    gradtel/layout.py for why a constant's bytes matter).
+    """
+    static = np.array([0 if m is None else m[0].shape.num_elements() or 0 for m in measured], np.int64)
+    static = static.astype(np.int32) if static.max(initial=0) < 2**31 else static
     dynamic = [
         (i, m[1] if m[1] is not None else tf.size(m[0]))
         for i, m in enumerate(measured)
         if m is not None and (m[1] is not None or m[0].shape.num_elements() is None)
     ]
     if not dynamic:
-        return tf.constant(static)
+        return tf.cast(static, tf.float64)
     indices = tf.constant([[i] for i, _ in dynamic])
-    return tf.tensor_scatter_nd_update(static, indices, tf.cast(tf.stack([d for _, d in dynamic]), tf.float64))
+    counts = tf.cast(tf.stack([d for _, d in dynamic]), static.dtype)
+    return tf.cast(tf.tensor_scatter_nd_update(static, indices, counts), tf.float64)
 
 
 def _new_variable(initial_value: tf.Tensor, **kwargs: Any) -> tf.Variable:
@@ -223,12 +226,7 @@ class _History:
     def __init__(self, points: int, columns: int, name: str) -> None:
         self.points = points
         self.bits = points.bit_length() - 1  # points is a power of two
-        self._emptied = np.full([columns], -np.inf)  # what a merge leaves in the slot it frees
-        # The slot of timeline point b after c doublings: b's bits rotated left by c (mod bits), as one lookup.
-        self._slots = np.array(
-            [[((b << c) | (b >> (self.bits - c))) & (points - 1) for b in range(points)] for c in range(self.bits)],
-            np.int32,
-        ).reshape(-1)
+        self.columns = columns
         with tf.init_scope():
             self.variable = _new_variable(
                 tf.fill([points, columns], tf.constant(-np.inf, tf.float64)),
@@ -256,11 +254,17 @@ class _History:
         turns = tf.cast(tf.round(tf.math.log(width) / np.log(2.0)), tf.int32) % self.bits
         point = tf.cast(tf.math.floordiv(before, width), tf.int32)  # < points
         merging = tf.logical_and(width > 1.0, tf.equal(tf.math.floormod(before, width), 0.0))
-        # [the merged pair's slot, this point's slot]; outside a merge the first is any slot, written back as read
-        slots = tf.gather(self._slots, turns * self.points + tf.stack([tf.maximum(point - half, 0), point]))
+        # [the merged pair's point, this point]; outside a merge the first is any point, written back as read
+        points = tf.stack([tf.maximum(point - half, 0), point])
+        # their slots: the points' bits rotated left by the doublings (mod bits); a few scalar ops instead of a
+        # lookup table (a constant of points x bits values in every step's graph)
+        rotated = tf.bitwise.bitwise_or(
+            tf.bitwise.left_shift(points, turns), tf.bitwise.right_shift(points, self.bits - turns)
+        )
+        slots = tf.bitwise.bitwise_and(rotated, self.points - 1)
         handle = self.variable.handle  # the raw ops on the handle: under a strategy, this replica's own copy
         pair = tf.raw_ops.ResourceGather(resource=handle, indices=slots, dtype=tf.float64)
-        merged = tf.stack([tf.reduce_max(pair, axis=0), self._emptied])
+        merged = tf.stack([tf.reduce_max(pair, axis=0), tf.fill([self.columns], tf.constant(-np.inf, tf.float64))])
         tf.raw_ops.ResourceScatterUpdate(resource=handle, indices=slots, updates=tf.where(merging, merged, pair))
         tf.raw_ops.ResourceScatterMax(resource=handle, indices=slots[1:], updates=tf.expand_dims(values, 0))
         return width
@@ -274,7 +278,7 @@ class StatsTable:
     """Accumulated gradient statistics for one fixed list of variables, in one gradtel-owned variable.
 
     The variable is created eagerly (``tf.init_scope``) and never attached to the optimizer or the model, so
-    checkpoints keep their layout. Its packed layout is ``[globals..., rows x variables]``. Two more variables hold
+    checkpoints keep their layout. Its packed layout is three blocks (gradtel/layout.py). Two more variables hold
     the run's downsampled history (gradtel/history.py); ``layers`` (each variable's layer) groups its per-layer
     series and ``expected`` (declared expected to be missing) keeps those out of the unhealthy counts.
     """
@@ -289,22 +293,18 @@ class StatsTable:
     ) -> None:
         self.n = n_variables
         self.max_abs = max_abs
+        self.storage = Storage(n_variables)
         # ON_READ: under a strategy every replica updates its own copy (no cross-replica traffic in the step);
         # the exporter reads the first local replica's.
         with tf.init_scope():
-            initial = np.zeros([N_GLOBALS + N_ROWS * n_variables])
-            initial[[G_HISTORY_WIDTH, G_LAYER_HISTORY_WIDTH]] = 1.0  # steps per point of the histories
             self.variable = _new_variable(
-                initial,
+                self.storage.initial(),
                 trainable=False,
                 name=f"gradtel_{name}",
                 dtype=tf.float64,
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-        keep = np.zeros([N_ROWS, n_variables], bool)
-        keep[list(COUNTER_ROWS)] = True
-        self._accumulate = np.concatenate([GLOBAL_COUNTERS, keep.reshape(-1)])
         index: dict[str, int] = {}
         self._layer_ids = np.array(
             [index.setdefault(layer, len(index)) for layer in layers or [""] * n_variables], np.int32
@@ -327,8 +327,11 @@ class StatsTable:
     def update(self, grads: Sequence[tf.Tensor | tf.IndexedSlices | None], loss_scaled: bool = False) -> None:
         """Build (graph) or run (eager) the ops that fold one step's gradients into the table.
 
-        ``grads`` is aligned with the table's variables; None marks a missing gradient (static per trace), so
-        every per-variable row is one vector op with the missing ones masked by trace-time constants.
+        ``grads`` is aligned with the table's variables; None marks a missing gradient (static per trace). Every
+        per-variable row is one vector op; a boolean constant of one value per variable is added only where a trace
+        needs it (some gradients missing, some variables declared expected to be missing), because the first call
+        pays for the graph's bytes (gradtel/layout.py). The state (ok, missing, zero, non-finite) is computed once
+        and the count, first-bad and recovery rows are read off it.
         ``loss_scaled``: a dynamic loss-scale optimizer skips a step whose gradients overflow and lowers its
         scale; that routine event is counted as a skipped step, not as per-variable non-finite steps (the state
         row still says which variables were non-finite, and no first non-finite step is set).
@@ -336,76 +339,65 @@ class StatsTable:
         present = np.array([g is not None for g in grads])
         measured = [None if g is None else _as_measurable(g) for g in grads]
         dense = [None if m is None else m[0] for m in measured]
-        max_abs: tf.Tensor | np.ndarray = np.full(self.n, np.nan)  # not measured
+        max_abs: tf.Tensor | None = None  # not measured
         if not present.any():
             sumsq = tf.zeros([self.n], tf.float64)
         elif self.max_abs:
             sumsq, max_abs = _exact_reduce(dense)
         else:
             sumsq = _sums_of_squares(dense)
+        missing = None if present.all() else tf.constant(~present)
+        at = self.storage
         old = self.variable.read_value()
-        before, _, _, width, layer_width = tf.unstack(old[:N_GLOBALS])  # steps before this one, history widths
+        before = old[0]  # steps before this one
         step = before + 1.0  # this step, 1-based
+        width, layer_width = tf.unstack(old[at.latest + 1 : at.latest + LATEST_GLOBALS])
         # A missing gradient's 0 is finite: never non-finite. On the max_abs path a finite gradient whose float32
         # squares overflowed was recomputed in float64, so only NaN/Inf elements leave its sum non-finite.
         finite = tf.math.is_finite(sumsq)
-        not_finite = tf.logical_not(finite)
-        nonfinite = tf.cast(not_finite, tf.float64)
-        zero = tf.cast(tf.equal(sumsq, 0.0), tf.float64) * present.astype(np.float64)
+        ok_or_zero = tf.where(tf.equal(sumsq, 0.0), np.float64(STATE_ZERO), np.float64(STATE_OK))
+        state = tf.where(finite, ok_or_zero, np.float64(STATE_NONFINITE))
+        if missing is not None:
+            state = tf.where(missing, np.float64(STATE_MISSING), state)
+        bad = tf.cast(tf.equal(state, _BAD_STATES), tf.float64)  # [3, n]: 1.0 where missing / zero / non-finite
         if loss_scaled:
-            skipped = tf.cast(tf.reduce_any(not_finite), tf.float64)
-            counted_nonfinite = nonfinite * (1.0 - skipped)
+            skipped = tf.reduce_max(bad[2])
+            counted = bad * tf.reshape(tf.stack([np.float64(1.0), np.float64(1.0), 1.0 - skipped]), [3, 1])
         else:
-            skipped, counted_nonfinite = tf.constant(0.0, tf.float64), nonfinite
+            skipped, counted = tf.constant(0.0, tf.float64), bad
         # Over the finite gradients: a NaN would hide the norm of every other variable (and OpenTelemetry drops
         # non-finite observations); non-finite gradients are counted on their own.
-        finite_sumsq = tf.where(finite, sumsq, tf.zeros_like(sumsq))  # missing ones are 0 already
+        finite_sumsq = tf.where(finite, sumsq, 0.0)  # missing ones are 0 already
         global_norm = tf.sqrt(tf.reduce_sum(finite_sumsq)) if present.any() else tf.constant(np.nan, tf.float64)
-        state = STATE_ZERO * zero + STATE_NONFINITE * nonfinite + np.where(present, STATE_OK, STATE_MISSING)
-        # This step's value of each statistic folded by its own row (gradtel/statistics.py; a counter adds it).
-        values: dict[str, tf.Tensor | np.ndarray] = {
-            "steps": np.ones(self.n),
-            "missing_steps": (~present).astype(np.float64),
-            "zero_steps": zero,
-            "nonfinite_steps": counted_nonfinite,
-            "norm": tf.sqrt(sumsq) + np.where(present, 0.0, np.nan),
-            "max_abs": max_abs,
-            "rows_touched": _rows_touched(measured),
-            "state": state,
-        }
-        rows = [values[s.field] for s in statistics.STATISTICS if s.update in _STEP_VALUES]
-        first_and_recovered = self._first_and_recovered(old, step, state, zero, counted_nonfinite, present)
-        widths = self._record_history(
-            before, step, width, layer_width, global_norm, finite_sumsq, state, zero, nonfinite, present
-        )
-        globals_ = tf.stack([tf.constant(1.0, tf.float64), global_norm, skipped, *widths])
-        delta = tf.concat([globals_, *rows, first_and_recovered], 0)
-        self.variable.assign(tf.where(self._accumulate, old + delta, delta), read_value=False)
+        norm = tf.sqrt(sumsq)
+        if missing is not None:
+            norm = tf.where(missing, np.float64(np.nan), norm)
+        widths = self._record_history(before, step, width, layer_width, global_norm, finite_sumsq, state, bad, present)
+        accumulated = old[: at.latest] + tf.concat([tf.stack([np.float64(1.0), skipped]), tf.reshape(counted, [-1])], 0)
+        latest = [
+            tf.stack([global_norm, *widths]),
+            norm,
+            norm * np.nan if max_abs is None else max_abs,  # NaN: not measured (no constant of NaNs in the graph)
+            _rows_touched(measured),
+            state,
+        ]
+        folded = self._first_and_recovered(old, step, state, counted)
+        self.variable.assign(tf.concat([accumulated, *latest, folded], 0), read_value=False)
 
-    def _first_and_recovered(
-        self,
-        old: tf.Tensor,
-        step: tf.Tensor,
-        state: tf.Tensor,
-        zero: tf.Tensor,
-        nonfinite: tf.Tensor,
-        present: np.ndarray,
-    ) -> tf.Tensor:
-        """The six rows FIRST_MISSING..RECOVERED_NONFINITE, flattened (about 14 ops on [3, n] blocks).
+    def _first_and_recovered(self, old: tf.Tensor, step: tf.Tensor, state: tf.Tensor, bad: tf.Tensor) -> tf.Tensor:
+        """The six rows FIRST_MISSING..RECOVERED_NONFINITE, flattened, each the max of its old value and this step's.
 
-        A first bad step is kept once set. A recovery is a step whose state is ok right after a step in that state
-        (the STATE row still holds the previous step's); every variable of a table is seen at each of its steps.
-        A loss-scale optimizer's routine overflow sets no first non-finite step, and the reader ignores a recovery
-        from a state whose first step was never set.
+        A first bad step is stored as ``FIRST_BASE - step``, so the max keeps the earliest one; a recovery (a step
+        whose state is ok right after a step in that state: the STATE row still holds the previous step's) as the
+        step, so the max keeps the latest. Every variable of a table is seen at each of its steps. ``bad`` is
+        counted: a loss-scale optimizer's routine overflow sets no first non-finite step, and the reader ignores a
+        recovery from a state whose first step was never set.
         """
-        start = N_GLOBALS + FIRST_MISSING * self.n
-        first_old, recovered_old = tf.unstack(tf.reshape(old[start : start + 6 * self.n], [2, 3, self.n]))
-        bad = tf.stack([tf.constant((~present).astype(np.float64)), zero, nonfinite])  # 1.0 where bad
-        first = tf.where(first_old > 0.0, first_old, bad * step)
-        previous = old[N_GLOBALS + STATE * self.n : N_GLOBALS + (STATE + 1) * self.n]
-        was = tf.equal(previous, np.array([[STATE_MISSING], [STATE_ZERO], [STATE_NONFINITE]]))
-        recovered = tf.where(tf.logical_and(was, tf.equal(state, STATE_OK)), step, recovered_old)
-        return tf.reshape(tf.concat([first, recovered], 0), [-1])
+        at = self.storage
+        was = tf.cast(tf.equal(old[at.state : at.folded], _BAD_STATES), tf.float64)
+        recovered = was * tf.where(tf.equal(state, STATE_OK), step, 0.0)
+        now = tf.reshape(tf.concat([bad * (FIRST_BASE - step), recovered], 0), [-1])
+        return tf.maximum(old[at.folded :], now)
 
     def _record_history(
         self,
@@ -416,16 +408,15 @@ class StatsTable:
         global_norm: tf.Tensor,
         finite_sumsq: tf.Tensor,
         state: tf.Tensor,
-        zero: tf.Tensor,
-        nonfinite: tf.Tensor,
+        bad: tf.Tensor,
         present: np.ndarray,
     ) -> list[tf.Tensor]:
         """Fold this step into the histories (a fixed number of vector ops, whatever the number of variables);
-        returns their steps per point, kept in the table's global slots. ``step`` is ``before + 1``, 1-based."""
+        returns their steps per point, kept in the table's latest globals. ``step`` is ``before + 1``, 1-based."""
         # A norm over the finite gradients is 0 when every present one is non-finite: the history says "no value"
         # then (-inf, null in the report), not a vanishing 0; the same for a layer, and for one with no gradient.
         none, some = np.float64(-np.inf), np.float64(0.0)
-        n_nonfinite = tf.reduce_sum(nonfinite)
+        _, n_zero, n_nonfinite = tf.unstack(tf.reduce_sum(bad, axis=1))
         no_global = tf.where(tf.equal(n_nonfinite, float(present.sum())), none, some)
         global_norm = global_norm if present.any() else some  # NaN without gradients: no value either way
         global_values = tf.stack(
@@ -435,21 +426,22 @@ class StatsTable:
                 no_global - global_norm,
                 global_norm + no_global,
                 tf.constant(float(np.sum(~present & ~self._expected)), tf.float64),
-                tf.reduce_sum(zero),
+                n_zero,
                 n_nonfinite,
             ]
         )
         n_layers = len(self.layers)
+        layer_ids = tf.constant(self._layer_ids)  # one constant for the three segment reductions
         present_per_layer = np.bincount(self._layer_ids[present], minlength=n_layers).astype(np.float64)
-        layer_nonfinite = tf.math.unsorted_segment_sum(nonfinite, self._layer_ids, n_layers)
+        layer_nonfinite = tf.math.unsorted_segment_sum(bad[2], layer_ids, n_layers)
         no_layer = tf.where(tf.equal(layer_nonfinite, present_per_layer), none, some)
-        layer_norm = tf.sqrt(tf.math.unsorted_segment_sum(finite_sumsq, self._layer_ids, n_layers))
+        layer_norm = tf.sqrt(tf.math.unsorted_segment_sum(finite_sumsq, layer_ids, n_layers))
         expected_missing = ~present & self._expected
-        severity = state - 0.5 * expected_missing.astype(np.float64) if expected_missing.any() else state
+        severity = tf.where(expected_missing, state - 0.5, state) if expected_missing.any() else state
         layer_values = [
             no_layer - layer_norm,
             layer_norm + no_layer,
-            tf.math.unsorted_segment_max(severity, self._layer_ids, n_layers),
+            tf.math.unsorted_segment_max(severity, layer_ids, n_layers),
         ]
         if self.layer_history is None:  # one buffer: the layers' columns follow the global ones, steps shared
             width = self.history.record(before, width, tf.concat([global_values, *layer_values], 0))
@@ -462,15 +454,7 @@ class StatsTable:
     def snapshot(self) -> Snapshot:
         """One read of the packed variable (safe from any thread while the step runs)."""
         local = getattr(self.variable, "values", None)  # a distributed variable: its local replicas' copies
-        flat = (local[0] if local else self.variable).numpy()
-        return Snapshot(
-            steps=int(flat[G_STEPS]),
-            global_norm=float(flat[G_GLOBAL_NORM]),
-            skipped=int(flat[G_SKIPPED]),
-            rows=flat[N_GLOBALS:].reshape(N_ROWS, self.n),
-            history_width=float(flat[G_HISTORY_WIDTH]),
-            layer_history_width=float(flat[G_LAYER_HISTORY_WIDTH]),
-        )
+        return self.storage.decode((local[0] if local else self.variable).numpy())
 
     def read_history(self) -> tuple[np.ndarray, np.ndarray]:
         """The optimizer-level and the per-layer history buffers (one read each; each point names its own

@@ -31,7 +31,15 @@ def test_the_record_the_rows_and_the_step_block_follow_the_table_order() -> None
     updates = [s.update for s in STATISTICS]
     assert updates[-6:] == [Update.FIRST] * 3 + [Update.LATEST_SET] * 3
     assert Update.FIRST not in updates[:-6] and Update.LATEST_SET not in updates[:-6]
-    assert tuple(i for i, s in enumerate(STATISTICS) if s.update is Update.COUNT) == layout.COUNTER_ROWS
+    # the table's storage blocks (gradtel/layout.py): the counters after STEPS_SEEN (read from the step count), the
+    # latest values ending with STATE (the step reads the previous one there), then the first-bad and recovery rows
+    counters = tuple(i for i, s in enumerate(STATISTICS) if s.update is Update.COUNT)
+    assert counters == (layout.STEPS_SEEN, *layout.ACCUMULATED_ROWS)
+    assert tuple(i for i, s in enumerate(STATISTICS) if s.update is Update.LATEST) == layout.LATEST_ROWS
+    assert layout.LATEST_ROWS[-1] == layout.STATE
+    assert (layout.STEPS_SEEN, *layout.ACCUMULATED_ROWS, *layout.LATEST_ROWS, *layout.MAX_ROWS) == tuple(
+        range(len(FIELDS))
+    )
     assert len({s.key for s in STATISTICS}) == len(STATISTICS)
     assert all(not s.requires or s.requires in statistics.ROW for s in STATISTICS)
 
