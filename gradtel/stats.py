@@ -298,7 +298,7 @@ class StatsTable:
         # the exporter reads the first local replica's.
         with tf.init_scope():
             self.variable = _new_variable(
-                self.storage.initial(),
+                self.storage.initial()[np.newaxis],  # one row: the step reads it by ResourceGather (see update)
                 trainable=False,
                 name=f"gradtel_{name}",
                 dtype=tf.float64,
@@ -348,7 +348,11 @@ class StatsTable:
             sumsq = _sums_of_squares(dense)
         missing = None if present.all() else tf.constant(~present)
         at = self.storage
-        old = self.variable.read_value()
+        # The table's one row, read by ResourceGather rather than ReadVariableOp: a ReadVariableOp in the step, even
+        # of a scalar, made TensorFlow's graph optimisation of the whole step 15-24 % slower at 2,000 variables,
+        # and the first call 4-5 % slower at 1,000 (docs/benchmarks.md, "The first call's graph"); a gather, 0-2 %.
+        # Under a strategy the handle is this replica's own copy.
+        old = tf.reshape(tf.raw_ops.ResourceGather(resource=self.variable.handle, indices=[0], dtype=tf.float64), [-1])
         before = old[0]  # steps before this one
         step = before + 1.0  # this step, 1-based
         width, layer_width = tf.unstack(old[at.latest + 1 : at.latest + LATEST_GLOBALS])
@@ -382,7 +386,7 @@ class StatsTable:
             state,
         ]
         folded = self._first_and_recovered(old, step, state, counted)
-        self.variable.assign(tf.concat([accumulated, *latest, folded], 0), read_value=False)
+        self.variable.assign(tf.concat([accumulated, *latest, folded], 0)[tf.newaxis], read_value=False)
 
     def _first_and_recovered(self, old: tf.Tensor, step: tf.Tensor, state: tf.Tensor, bad: tf.Tensor) -> tf.Tensor:
         """The six rows FIRST_MISSING..RECOVERED_NONFINITE, flattened, each the max of its old value and this step's.
@@ -454,7 +458,7 @@ class StatsTable:
     def snapshot(self) -> Snapshot:
         """One read of the packed variable (safe from any thread while the step runs)."""
         local = getattr(self.variable, "values", None)  # a distributed variable: its local replicas' copies
-        return self.storage.decode((local[0] if local else self.variable).numpy())
+        return self.storage.decode((local[0] if local else self.variable).numpy()[0])
 
     def read_history(self) -> tuple[np.ndarray, np.ndarray]:
         """The optimizer-level and the per-layer history buffers (one read each; each point names its own
