@@ -1,6 +1,7 @@
 """The packed layout of gradtel's accumulator variable, shared by the step (writer) and the exporter (reader).
 
-One float64 vector per table, in three blocks, so that the step adds its counts to one slice, replaces the next and
+One float64 vector per table (the one row of a ``[1, size]`` variable, which the step reads by ``ResourceGather``:
+gradtel/stats.py says why), in three blocks, so that the step adds its counts to one slice, replaces the next and
 takes the max of the last, with no per-element mask: a mask is a constant of one value per element, and TensorFlow's
 graph optimisation at a step's first call pays for the graph's bytes too (docs/benchmarks.md, "The first call's
 graph").
