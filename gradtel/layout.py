@@ -74,6 +74,11 @@ class Storage:
         return ACCUMULATED_GLOBALS + len(ACCUMULATED_ROWS) * self.n
 
     @property
+    def widths(self) -> slice:
+        """The two histories' steps per point, after the global norm at the head of the latest block."""
+        return slice(self.latest + 1, self.latest + LATEST_GLOBALS)
+
+    @property
     def state(self) -> int:
         """The STATE row (the last of the latest block): the step reads the previous step's."""
         return self.folded - self.n
@@ -91,7 +96,7 @@ class Storage:
     def initial(self) -> np.ndarray:
         """Before any step: zeros, and one step per point in both histories."""
         flat = np.zeros(self.size)
-        flat[self.latest + 1 : self.latest + 3] = 1.0
+        flat[self.widths] = 1.0
         return flat
 
     def decode(self, flat: np.ndarray) -> Snapshot:
@@ -104,13 +109,14 @@ class Storage:
         first, recovered = flat[folded:].reshape(2, 3, n)
         rows[FIRST_MISSING : FIRST_MISSING + 3] = np.where(first > 0.0, FIRST_BASE - first, 0.0)
         rows[RECOVERED_MISSING : RECOVERED_MISSING + 3] = recovered
+        width, layer_width = flat[self.widths]
         return Snapshot(
             steps=int(flat[0]),
             global_norm=float(flat[latest]),
             skipped=int(flat[1]),
             rows=rows,
-            history_width=float(flat[latest + 1]),
-            layer_history_width=float(flat[latest + 2]),
+            history_width=float(width),
+            layer_history_width=float(layer_width),
         )
 
 

@@ -39,7 +39,6 @@ from tensorflow.python.ops import resource_variable_ops
 from gradtel import history
 from gradtel.layout import (
     FIRST_BASE,
-    LATEST_GLOBALS,
     STATE_MISSING,
     STATE_NONFINITE,
     STATE_OK,
@@ -213,6 +212,16 @@ def _new_variable(initial_value: tf.Tensor, **kwargs: Any) -> tf.Variable:
     return resource_variable_ops.ResourceVariable(initial_value, **kwargs)
 
 
+def _read_rows(variable: tf.Variable, rows: Any) -> tf.Tensor:
+    """Rows of a gradtel variable, read in the step by ``ResourceGather``, never by ``ReadVariableOp``.
+
+    Why: one ``ReadVariableOp`` in the step, even of a scalar, made TensorFlow's graph optimisation of the whole step
+    15-24 % slower at 2,000 variables and its first call 4-5 % slower at 1,000; the same read as a gather cost 0-2 %
+    (docs/benchmarks.md, "The first call's graph"). On the handle, under a strategy, this replica's own copy.
+    """
+    return tf.raw_ops.ResourceGather(resource=variable.handle, indices=rows, dtype=tf.float64)
+
+
 class _History:
     """One downsampled history buffer in a gradtel-owned variable (layout and reasons in gradtel/history.py).
 
@@ -263,7 +272,7 @@ class _History:
         )
         slots = tf.bitwise.bitwise_and(rotated, self.points - 1)
         handle = self.variable.handle  # the raw ops on the handle: under a strategy, this replica's own copy
-        pair = tf.raw_ops.ResourceGather(resource=handle, indices=slots, dtype=tf.float64)
+        pair = _read_rows(self.variable, slots)
         merged = tf.stack([tf.reduce_max(pair, axis=0), tf.fill([self.columns], tf.constant(-np.inf, tf.float64))])
         tf.raw_ops.ResourceScatterUpdate(resource=handle, indices=slots, updates=tf.where(merging, merged, pair))
         tf.raw_ops.ResourceScatterMax(resource=handle, indices=slots[1:], updates=tf.expand_dims(values, 0))
@@ -298,7 +307,7 @@ class StatsTable:
         # the exporter reads the first local replica's.
         with tf.init_scope():
             self.variable = _new_variable(
-                self.storage.initial()[np.newaxis],  # one row: the step reads it by ResourceGather (see update)
+                self.storage.initial()[np.newaxis],  # one row: the step reads it by ResourceGather (_read_rows)
                 trainable=False,
                 name=f"gradtel_{name}",
                 dtype=tf.float64,
@@ -348,14 +357,10 @@ class StatsTable:
             sumsq = _sums_of_squares(dense)
         missing = None if present.all() else tf.constant(~present)
         at = self.storage
-        # The table's one row, read by ResourceGather rather than ReadVariableOp: a ReadVariableOp in the step, even
-        # of a scalar, made TensorFlow's graph optimisation of the whole step 15-24 % slower at 2,000 variables,
-        # and the first call 4-5 % slower at 1,000 (docs/benchmarks.md, "The first call's graph"); a gather, 0-2 %.
-        # Under a strategy the handle is this replica's own copy.
-        old = tf.reshape(tf.raw_ops.ResourceGather(resource=self.variable.handle, indices=[0], dtype=tf.float64), [-1])
+        old = tf.reshape(_read_rows(self.variable, [0]), [-1])  # the table is one row (see _read_rows)
         before = old[0]  # steps before this one
         step = before + 1.0  # this step, 1-based
-        width, layer_width = tf.unstack(old[at.latest + 1 : at.latest + LATEST_GLOBALS])
+        width, layer_width = tf.unstack(old[at.widths])
         # A missing gradient's 0 is finite: never non-finite. On the max_abs path a finite gradient whose float32
         # squares overflowed was recomputed in float64, so only NaN/Inf elements leave its sum non-finite.
         finite = tf.math.is_finite(sumsq)
