@@ -129,6 +129,21 @@ def _assemble(parts: Sequence[tf.Tensor]) -> tf.Tensor:
     return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
 
 
+def _finite(values: tf.Tensor) -> tf.Tensor:
+    """Where ``values`` (float64) are finite: ``x - x`` is 0 for a finite x and NaN for NaN or +-inf.
+
+    Why not ``tf.math.is_finite``: with oneDNN on (TensorFlow's default on x86 CPUs), a function's first call has
+    its graph pass (``MklLayoutRewritePass``) scan TensorFlow's whole kernel registry, twice, for every (op type,
+    dtype) pair of the graph that the calling thread has not looked up yet: about 1.5 ms a pair here, once per
+    process. The update used 37 pairs that a plain step did not (48 ms of a 100-variable model's first call,
+    measured by perf); it now keeps to 18 (28 ms): add, subtract, multiply, max, select, equal, sum, square root,
+    floor division and modulo and two segment reductions in float64, slicing, reshaping, stacking and
+    concatenating, and the float32 sums of squares. tests/core/test_statistics.py holds the list; see
+    docs/benchmarks.md, "A first call's fixed cost".
+    """
+    return tf.equal(values - values, 0.0)
+
+
 def _sums_of_squares(measured: Sequence[tf.Tensor | None]) -> tf.Tensor:
     """Sum of squares of each gradient as one float64 vector in table order (0 where the gradient is missing).
 
@@ -234,11 +249,9 @@ class _History:
 
     def __init__(self, points: int, columns: int, name: str) -> None:
         self.points = points
-        self.bits = points.bit_length() - 1  # points is a power of two
-        self.columns = columns
         with tf.init_scope():
             self.variable = _new_variable(
-                tf.fill([points, columns], tf.constant(-np.inf, tf.float64)),
+                np.full([points, columns], -np.inf),  # NumPy: an eager Fill's first run costs 5-10 ms
                 trainable=False,
                 name=name,
                 dtype=tf.float64,
@@ -257,25 +270,34 @@ class _History:
         point ``P/2 + j``'s own slot. By the last new point every pair is merged, so the next doubling finds the
         same layout one rotation on. Every point names its own steps, so a read between merges is exact too.
         Per step: two rows read, two written and one scattered, a few scalar ops, and no control flow.
+
+        The slots are float64 arithmetic, not bit operations or a logarithm: each op type the step uses is a cost
+        the first call pays once per dtype (see :func:`_finite`), so the history uses the update's own few.
+        ``w mod (P - 1)`` is ``2 ** (log2(w) mod log2(P))`` (``2 ** log2(P)`` is 1 modulo ``P - 1``), and a point
+        ``p < P`` rotated left by those bits is ``p * 2**t mod P + p * 2**t // P``: every value an exact integer.
         """
         half = self.points // 2
-        width = tf.where(before >= self.points * width, 2.0 * width, width)
-        turns = tf.cast(tf.round(tf.math.log(width) / np.log(2.0)), tf.int32) % self.bits
-        point = tf.cast(tf.math.floordiv(before, width), tf.int32)  # < points
-        merging = tf.logical_and(width > 1.0, tf.equal(tf.math.floormod(before, width), 0.0))
+        width = tf.where(tf.equal(before, self.points * width), 2.0 * width, width)  # a full buffer: doubled
+        rotation = tf.math.floormod(width, self.points - 1.0)
+        point = tf.math.floordiv(before, width)  # < points
+        merging = tf.logical_and(tf.equal(before, point * width), tf.logical_not(tf.equal(width, 1.0)))
         # [the merged pair's point, this point]; outside a merge the first is any point, written back as read
-        points = tf.stack([tf.maximum(point - half, 0), point])
-        # their slots: the points' bits rotated left by the doublings (mod bits); a few scalar ops instead of a
-        # lookup table (a constant of points x bits values in every step's graph)
-        rotated = tf.bitwise.bitwise_or(
-            tf.bitwise.left_shift(points, turns), tf.bitwise.right_shift(points, self.bits - turns)
-        )
-        slots = tf.bitwise.bitwise_and(rotated, self.points - 1)
+        shifted = tf.maximum(point - np.array([half, 0.0]), 0.0) * rotation
+        slots = tf.math.floormod(shifted, self.points) + tf.math.floordiv(shifted, self.points)
+        indices = tf.cast(slots, tf.int32)
         handle = self.variable.handle  # the raw ops on the handle: under a strategy, this replica's own copy
-        pair = _read_rows(self.variable, slots)
-        merged = tf.stack([tf.reduce_max(pair, axis=0), tf.fill([self.columns], tf.constant(-np.inf, tf.float64))])
-        tf.raw_ops.ResourceScatterUpdate(resource=handle, indices=slots, updates=tf.where(merging, merged, pair))
-        tf.raw_ops.ResourceScatterMax(resource=handle, indices=slots[1:], updates=tf.expand_dims(values, 0))
+        pair = _read_rows(self.variable, indices)
+        first, second = pair[0], pair[1]
+        merged = tf.concat(
+            [
+                tf.where(merging, tf.maximum(first, second), first),
+                tf.where(merging, np.float64(-np.inf), second),
+            ],
+            0,
+        )
+        tf.raw_ops.ResourceScatterUpdate(resource=handle, indices=indices, updates=tf.reshape(merged, [2, -1]))
+        this = tf.cast(slots[1:], tf.int32)  # sliced as float64: an int32 slice would be one more (op, dtype)
+        tf.raw_ops.ResourceScatterMax(resource=handle, indices=this, updates=tf.reshape(values, [1, -1]))
         return width
 
     def read(self) -> np.ndarray:
@@ -363,7 +385,7 @@ class StatsTable:
         width, layer_width = tf.unstack(old[at.widths])
         # A missing gradient's 0 is finite: never non-finite. On the max_abs path a finite gradient whose float32
         # squares overflowed was recomputed in float64, so only NaN/Inf elements leave its sum non-finite.
-        finite = tf.math.is_finite(sumsq)
+        finite = _finite(sumsq)
         ok_or_zero = tf.where(tf.equal(sumsq, 0.0), np.float64(STATE_ZERO), np.float64(STATE_OK))
         state = tf.where(finite, ok_or_zero, np.float64(STATE_NONFINITE))
         if missing is not None:
@@ -391,7 +413,7 @@ class StatsTable:
             state,
         ]
         folded = self._first_and_recovered(old, step, state, counted)
-        self.variable.assign(tf.concat([accumulated, *latest, folded], 0)[tf.newaxis], read_value=False)
+        self.variable.assign(tf.reshape(tf.concat([accumulated, *latest, folded], 0), [1, -1]), read_value=False)
 
     def _first_and_recovered(self, old: tf.Tensor, step: tf.Tensor, state: tf.Tensor, bad: tf.Tensor) -> tf.Tensor:
         """The six rows FIRST_MISSING..RECOVERED_NONFINITE, flattened, each the max of its old value and this step's.
@@ -430,11 +452,11 @@ class StatsTable:
         global_norm = global_norm if present.any() else some  # NaN without gradients: no value either way
         global_values = tf.stack(
             [
-                -step,
+                -1.0 * step,
                 step,
                 no_global - global_norm,
                 global_norm + no_global,
-                tf.constant(float(np.sum(~present & ~self._expected)), tf.float64),
+                np.float64(np.sum(~present & ~self._expected)),
                 n_zero,
                 n_nonfinite,
             ]

@@ -185,6 +185,51 @@ def test_the_update_reads_its_variables_without_read_variable_op(max_abs):
     assert list(snap.rows[layout.FIRST_ZERO]) == [0, 0, 1] and list(snap.rows[layout.FIRST_MISSING]) == [0, 1, 0]
 
 
+#: Every (op type, dtype) the default update may use. With oneDNN on, a function's first call scans TensorFlow's kernel
+#: registry once for each pair its thread has not met yet (gradtel.stats._finite): a new pair is a start-up cost of
+#: about 1-2 ms in every job, so one is added here only on purpose.
+UPDATE_PAIRS = {
+    *(
+        (op, "float64")
+        for op in (
+            "AddV2", "Sub", "Mul", "Maximum", "SelectV2", "Equal", "Sum", "Sqrt", "FloorDiv", "FloorMod",
+            "UnsortedSegmentSum", "UnsortedSegmentMax", "StridedSlice", "Reshape", "ConcatV2", "Pack", "Unpack",
+        )
+    ),
+    *((op, "float32") for op in ("Pack", "Square", "Sum", "L2Loss", "Mul", "ConcatV2")),
+}  # fmt: skip
+
+
+#: What an IndexedSlices gradient adds: its repeated rows merged (gradtel.stats._as_measurable) and counted.
+SPARSE_PAIRS = {
+    ("Unique", "int32"),
+    ("Shape", "int32"),
+    ("StridedSlice", "int32"),
+    ("Pack", "int32"),
+    ("TensorScatterUpdate", "int32"),
+    ("UnsortedSegmentSum", "float32"),
+}
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_update_keeps_to_a_few_op_types_per_dtype(sparse):
+    """Stacked and single, present and missing gradients: the update's ops with a ``T`` attribute (the ones the
+    oneDNN pass looks up) stay within UPDATE_PAIRS, and within SPARSE_PAIRS more for an IndexedSlices gradient."""
+    table = stats.StatsTable(6, f"pairs{sparse}", layers=["a", "a", "b", "b", "c", "c"])
+    last = tf.IndexedSlices(tf.ones([2, 3]), tf.constant([0, 2]), tf.constant([4, 3])) if sparse else tf.ones([7])
+    grads = [tf.ones([4]), tf.ones([4]), None, tf.ones([300, 3]), tf.ones([5]), last]
+    update = tf.function(lambda: table.update(grads), autograph=False)
+    pairs = set()
+    for op in update.get_concrete_function().graph.get_operations():
+        try:
+            pairs.add((op.type, op.get_attr("T").name))
+        except (ValueError, AttributeError):  # no T, or a list of types: not looked up
+            continue
+    assert pairs - UPDATE_PAIRS <= (SPARSE_PAIRS if sparse else set())
+    update()
+    assert table.snapshot().rows[layout.NORM, 0] == pytest.approx(2.0)
+
+
 def test_graph_grows_with_distinct_shapes_not_with_variables():
     """The cost model in gradtel.stats: shape-alike small gradients are stacked and reduced together, so the graph
     grows by a fixed number of ops per distinct shape; a gradient of a shape of its own costs one L2Loss."""
