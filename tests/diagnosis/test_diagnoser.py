@@ -7,7 +7,7 @@ import json
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.eager import backprop
+from tensorflow.python.eager import backprop, context
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import resource_variable_ops
 
@@ -55,6 +55,24 @@ def test_new_missing_set_is_recorded_on_the_next_step(diagnoser: Diagnoser) -> N
     assert sorted(c.category for c in full.causes.values()) == ["unused", "unused"]
     assert not diagnoser.recording
     assert eager_step(diagnoser, heads, use_b=False) is full
+
+
+def test_a_trace_lifts_the_op_callback_and_eager_recording_goes_on(diagnoser: Diagnoser) -> None:
+    """While an op callback is registered TensorFlow serialises every op it builds to offer it, and the recorder
+    ignores graph ops: it lifts its callback while a function traces, puts it back after, and still records."""
+    traced_with: list[list] = []
+
+    @tf.function
+    def double(x: tf.Tensor) -> tf.Tensor:
+        traced_with.append(list(context.context().op_callbacks))  # runs while tracing only
+        return x * 2.0
+
+    assert diagnoser.recording
+    double(tf.ones(2))
+    assert traced_with == [[]]
+    assert diagnoser._recorder._on_op in context.context().op_callbacks
+    full = eager_step(diagnoser, two_heads(), use_b=False)
+    assert sorted(c.category for c in full.causes.values()) == ["unused", "unused"]
 
 
 def test_recording_is_bounded() -> None:
