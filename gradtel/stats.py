@@ -11,7 +11,14 @@ distinct shape), every other gradient gets one ``L2Loss`` (TensorFlow's cheapest
 everything after that works on one vector of all the variables: a fixed ~25 ops however many variables there are.
 Its constants of one value per variable are integers (layer ids, element counts, 4 bytes each), plus a boolean mask
 only where some gradients are missing: the first call's graph optimisation pays for the graph's bytes as well
-(docs/benchmarks.md, "The first call's graph").
+(docs/benchmarks.md, "The first call's graph"). And it pays per kind of op: with oneDNN on (TensorFlow's default on
+x86 CPUs) a function's first call scans TensorFlow's whole kernel registry, twice, for every (op type, dtype) pair of
+its graph that the calling thread has not looked up yet (``MklLayoutRewritePass``; about 1.5 ms a pair, once per
+process). So the update keeps to 18 pairs (it used 37: 48 ms of a 100-variable model's first call, now 28 ms): add,
+subtract, multiply, max, select, equal, sum, square root, floor division and modulo and two segment reductions in
+float64, slicing, reshaping, stacking and concatenating, and the float32 sums of squares; no ``IsFinite``, ``Neg``,
+logarithm or bit operation. tests/core/test_statistics.py holds the list (docs/benchmarks.md, "A first call's fixed
+cost").
 Zero and non-finite are then read off the float32 sum of squares: "zero" is a gradient whose every element squares
 to 0 in float32 (|g| below ~1e-19, too small for any optimizer to move the variable), "non-finite" one holding
 NaN/Inf or whose sum of squares overflows float32 (a norm above ~1.8e19: an exploding gradient, on which Adam's own
@@ -132,14 +139,7 @@ def _assemble(parts: Sequence[tf.Tensor]) -> tf.Tensor:
 def _finite(values: tf.Tensor) -> tf.Tensor:
     """Where ``values`` (float64) are finite: ``x - x`` is 0 for a finite x and NaN for NaN or +-inf.
 
-    Why not ``tf.math.is_finite``: with oneDNN on (TensorFlow's default on x86 CPUs), a function's first call has
-    its graph pass (``MklLayoutRewritePass``) scan TensorFlow's whole kernel registry, twice, for every (op type,
-    dtype) pair of the graph that the calling thread has not looked up yet: about 1.5 ms a pair here, once per
-    process. The update used 37 pairs that a plain step did not (48 ms of a 100-variable model's first call,
-    measured by perf); it now keeps to 18 (28 ms): add, subtract, multiply, max, select, equal, sum, square root,
-    floor division and modulo and two segment reductions in float64, slicing, reshaping, stacking and
-    concatenating, and the float32 sums of squares. tests/core/test_statistics.py holds the list; see
-    docs/benchmarks.md, "A first call's fixed cost".
+    Not ``tf.math.is_finite``: one more (op type, dtype) pair for the first call to look up (module docstring).
     """
     return tf.equal(values - values, 0.0)
 
@@ -237,6 +237,13 @@ def _read_rows(variable: tf.Variable, rows: Any) -> tf.Tensor:
     return tf.raw_ops.ResourceGather(resource=variable.handle, indices=rows, dtype=tf.float64)
 
 
+def _host_value(variable: tf.Variable) -> np.ndarray:
+    """A gradtel variable's value on the host, in one read; of a distributed one (ON_READ), the first local
+    replica's copy, the one the step of this process updates."""
+    local = getattr(variable, "values", None)
+    return np.asarray((local[0] if local else variable).numpy())
+
+
 class _History:
     """One downsampled history buffer in a gradtel-owned variable (layout and reasons in gradtel/history.py).
 
@@ -271,8 +278,8 @@ class _History:
         same layout one rotation on. Every point names its own steps, so a read between merges is exact too.
         Per step: two rows read, two written and one scattered, a few scalar ops, and no control flow.
 
-        The slots are float64 arithmetic, not bit operations or a logarithm: each op type the step uses is a cost
-        the first call pays once per dtype (see :func:`_finite`), so the history uses the update's own few.
+        The slots are float64 arithmetic, not bit operations or a logarithm: each (op type, dtype) pair is a cost
+        the first call pays (module docstring), so the history uses the update's own few.
         ``w mod (P - 1)`` is ``2 ** (log2(w) mod log2(P))`` (``2 ** log2(P)`` is 1 modulo ``P - 1``), and a point
         ``p < P`` rotated left by those bits is ``p * 2**t mod P + p * 2**t // P``: every value an exact integer.
         """
@@ -301,8 +308,7 @@ class _History:
         return width
 
     def read(self) -> np.ndarray:
-        local = getattr(self.variable, "values", None)
-        return np.asarray((local[0] if local else self.variable).numpy())
+        return _host_value(self.variable)
 
 
 class StatsTable:
@@ -452,7 +458,7 @@ class StatsTable:
         global_norm = global_norm if present.any() else some  # NaN without gradients: no value either way
         global_values = tf.stack(
             [
-                -1.0 * step,
+                -1.0 * step,  # not -step: a float64 Neg would be one more (op, dtype) pair
                 step,
                 no_global - global_norm,
                 global_norm + no_global,
@@ -484,8 +490,7 @@ class StatsTable:
 
     def snapshot(self) -> Snapshot:
         """One read of the packed variable (safe from any thread while the step runs)."""
-        local = getattr(self.variable, "values", None)  # a distributed variable: its local replicas' copies
-        return self.storage.decode((local[0] if local else self.variable).numpy()[0])
+        return self.storage.decode(_host_value(self.variable)[0])
 
     def read_history(self) -> tuple[np.ndarray, np.ndarray]:
         """The optimizer-level and the per-layer history buffers (one read each; each point names its own

@@ -186,8 +186,8 @@ def test_the_update_reads_its_variables_without_read_variable_op(max_abs):
 
 
 #: Every (op type, dtype) the default update may use. With oneDNN on, a function's first call scans TensorFlow's kernel
-#: registry once for each pair its thread has not met yet (gradtel.stats._finite): a new pair is a start-up cost of
-#: about 1-2 ms in every job, so one is added here only on purpose.
+#: registry for each pair its thread has not met yet (gradtel.stats, module docstring): a new pair is a start-up cost
+#: of about 1-2 ms in every job, so one is added here only on purpose.
 UPDATE_PAIRS = {
     *(
         (op, "float64")
