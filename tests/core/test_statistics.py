@@ -209,23 +209,39 @@ SPARSE_PAIRS = {
     ("TensorScatterUpdate", "int32"),
     ("UnsortedSegmentSum", "float32"),
 }
+#: What ``max_abs`` adds (opt-in, about twice the cost): max |g|, and the ``cond`` that recomputes in float64 a sum
+#: of squares that over- or underflowed in float32 (its branches are lowered into the step at the first call).
+MAX_ABS_PAIRS = {
+    ("Abs", "float32"),
+    ("Max", "float32"),
+    ("Reshape", "float32"),
+    ("IsInf", "float64"),
+    ("IsFinite", "float64"),
+    ("Greater", "float64"),
+    ("Square", "float64"),
+    ("Identity", "float64"),
+}
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_the_update_keeps_to_a_few_op_types_per_dtype(sparse):
-    """Stacked and single, present and missing gradients: the update's ops with a ``T`` attribute (the ones the
-    oneDNN pass looks up) stay within UPDATE_PAIRS, and within SPARSE_PAIRS more for an IndexedSlices gradient."""
-    table = stats.StatsTable(6, f"pairs{sparse}", layers=["a", "a", "b", "b", "c", "c"])
+def _pairs(graph_def):
+    """The (op type, dtype) of every node with a ``T`` attribute (the ones the oneDNN pass looks up), in the graph
+    and in the functions it calls (a ``cond``'s branches)."""
+    nodes = [*graph_def.node, *(n for f in graph_def.library.function for n in f.node_def)]
+    return {(n.op, tf.as_dtype(n.attr["T"].type).name) for n in nodes if n.attr["T"].type}
+
+
+@pytest.mark.parametrize("case", ["dense", "sparse", "max_abs"])
+def test_the_update_keeps_to_a_few_op_types_per_dtype(case):
+    """Stacked and single, present and missing gradients: the update's (op type, dtype) pairs stay within
+    UPDATE_PAIRS, plus SPARSE_PAIRS for an IndexedSlices gradient and MAX_ABS_PAIRS on the max_abs path."""
+    table = stats.StatsTable(6, f"pairs_{case}", max_abs=case == "max_abs", layers=["a", "a", "b", "b", "c", "c"])
+    sparse = case == "sparse"
     last = tf.IndexedSlices(tf.ones([2, 3]), tf.constant([0, 2]), tf.constant([4, 3])) if sparse else tf.ones([7])
     grads = [tf.ones([4]), tf.ones([4]), None, tf.ones([300, 3]), tf.ones([5]), last]
     update = tf.function(lambda: table.update(grads), autograph=False)
-    pairs = set()
-    for op in update.get_concrete_function().graph.get_operations():
-        try:
-            pairs.add((op.type, op.get_attr("T").name))
-        except (ValueError, AttributeError):  # no T, or a list of types: not looked up
-            continue
-    assert pairs - UPDATE_PAIRS <= (SPARSE_PAIRS if sparse else set())
+    pairs = _pairs(update.get_concrete_function().graph.as_graph_def())
+    allowed = {"dense": set(), "sparse": SPARSE_PAIRS, "max_abs": MAX_ABS_PAIRS}[case]
+    assert pairs == UPDATE_PAIRS | allowed  # no new pair, and no listed one unused (the lists stay exact)
     update()
     assert table.snapshot().rows[layout.NORM, 0] == pytest.approx(2.0)
 
