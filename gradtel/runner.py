@@ -162,24 +162,42 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _watch_steps() -> None:
     """``gradtel check``: once every optimizer the script has created has taken N steps (or, after the first one
-    has, ``check_timeout`` seconds went by), print the diagnosis and end the process with its verdict."""
+    has, ``check_timeout`` seconds went by), print the diagnosis and end the process with its verdict.
+
+    A Keras model's ``compile()`` default that was never given a gradient, while an optimizer the same model holds
+    has stepped, is not waited for: that is the GAN pattern, whose ``train_step`` steps its own optimizers only
+    (gradtel/callback.py). Any other optimizer that has not stepped yet may still come (a generator stepped after
+    five critic steps, in a function traced later), so it gets the timeout.
+    """
     need, first_done, all_done = _options.check_steps or 1, None, None
+    unused: set[str] | None = None  # names of compile() defaults beside stepping optimizers, looked for once
     while not _finished.is_set():
         try:
             handles = registry.handles(active_only=True)
             done = [h.summary().steps >= need for h in handles]
-            if done and all(done):
+            if any(done) and unused is None:
+                unused = _unused_compile_defaults(handles, done)
+            skipped = [h.name for h, d in zip(handles, done, strict=True) if not d]
+            # still never given a gradient: one that got one after all is waited for like any other
+            idle = {h.name for h in handles if h.name in (unused or ()) and not h.tables.by_key}
+            if done and all(name in idle for name in skipped):
                 all_done = all_done or time.monotonic()
                 if _between_steps(all_done):
+                    if skipped:
+                        print(
+                            f"gradtel check: not waiting for {', '.join(skipped)}: a model's optimizer made by "
+                            "compile() that its train_step never stepped, while the optimizers it holds did",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     _stop_and_judge()
                     return
             if any(done):
                 first_done = first_done or time.monotonic()
                 expired = first_done + _options.check_timeout
                 if time.monotonic() >= expired and _between_steps(expired):
-                    waiting = ", ".join(h.name for h, d in zip(handles, done, strict=True) if not d)
                     print(
-                        f"gradtel check: optimizer(s) {waiting} took fewer than {need} step(s) in the "
+                        f"gradtel check: optimizer(s) {', '.join(skipped)} took fewer than {need} step(s) in the "
                         f"{_options.check_timeout:g} s after the first was done; judging what was measured",
                         file=sys.stderr,
                         flush=True,
@@ -189,6 +207,17 @@ def _watch_steps() -> None:
         except Exception:
             log.debug("gradtel check: counters not readable yet", exc_info=True)
         time.sleep(CHECK_POLL_S)
+
+
+def _unused_compile_defaults(handles: list[Any], done: list[bool]) -> set[str]:
+    """The names of the handles not done whose optimizer never got a gradient (no table: not even traced) and is a
+    model's ``compile()`` default beside held optimizers that stepped."""
+    from gradtel.callback import compiled_beside_stepping
+
+    optimizers = {id(registry.live(o)): o for o in registry.live_optimizers()}
+    waiting = [h for h, d in zip(handles, done, strict=True) if not d and not h.tables.by_key and id(h) in optimizers]
+    unused = compiled_beside_stepping([optimizers[id(h)] for h in waiting])
+    return {h.name for h in waiting if any(optimizers[id(h)] is u for u in unused)}
 
 
 def _between_steps(since: float) -> bool:

@@ -120,3 +120,49 @@ def test_run_prints_the_findings_on_stderr(tmp_path):
     assert summary[0].startswith("gradtel: optimizers: adam (0 steps, raised: No gradients provided")
     assert summary[1].startswith("gradtel: loss_disconnected: ") and summary[1].endswith(f"train.py:{LOSS_LINE})")
     assert "d1/kernel" in summary[1]
+
+
+# The keras-io GAN's shape: compile(d_optimizer, g_optimizer) calls super().compile(), which makes a default
+# optimizer (RMSprop) that the custom train_step never steps. fit runs until gradtel check ends it.
+KERAS_IO_GAN = textwrap.dedent("""
+    import numpy as np, tensorflow as tf, keras
+
+    class GAN(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.generator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4, name="g")], name="gen")
+            self.critic = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="c")], name="critic")
+
+        def compile(self, d_optimizer, g_optimizer):
+            super().compile()
+            self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
+
+        def train_step(self, real):
+            noise = tf.ones((tf.shape(real)[0], 2))
+            with tf.GradientTape() as tape:
+                fake = self.critic(self.generator(noise))
+                loss = tf.reduce_mean(tf.nn.softplus(fake)) + tf.reduce_mean(tf.nn.softplus(-self.critic(real)))
+            grads = tape.gradient(loss, self.critic.trainable_variables)
+            self.d_optimizer.apply(grads, self.critic.trainable_variables)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.nn.softplus(-self.critic(self.generator(noise))))
+            grads = tape.gradient(loss, self.generator.trainable_variables)
+            self.g_optimizer.apply(grads, self.generator.trainable_variables)
+            return {"loss": loss}
+
+    gan = GAN()
+    gan.compile(keras.optimizers.Adam(name="d_opt"), keras.optimizers.Adam(name="g_opt"))
+    gan.fit(np.ones((64, 4), "float32"), batch_size=8, epochs=1_000_000, verbose=0)  # ended by gradtel check
+""")
+
+
+@pytest.mark.slow
+def test_check_does_not_wait_for_the_optimizer_compile_made_beside_a_gans_own(tmp_path):
+    """With a 600 s --timeout, only the rule ends this check within the helper's 180 s: the model's compile()
+    default never got a gradient while the optimizers the model holds stepped."""
+    done = gradtel_script(tmp_path, KERAS_IO_GAN, "check", "--steps", "2", "--timeout", "600", "--json", mode=None)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = {o["name"]: o["steps"] for o in json.loads(done.stdout)["optimizers"]}
+    assert steps["d_opt"] >= 2 and steps["g_opt"] >= 2 and steps["rm_sprop"] == 0, steps
+    assert "gradtel check: not waiting for rm_sprop: a model's optimizer made by compile()" in done.stderr
+    assert "took fewer than" not in done.stderr
