@@ -177,15 +177,15 @@ def _watch_steps() -> None:
             done = [h.summary().steps >= need for h in handles]
             if any(done) and unused is None:
                 unused = _unused_compile_defaults(handles, done)
-            skipped = [h.name for h, d in zip(handles, done, strict=True) if not d]
+            waiting = [h.name for h, d in zip(handles, done, strict=True) if not d]
             # still never given a gradient: one that got one after all is waited for like any other
             idle = {h.name for h in handles if h.name in (unused or ()) and not h.tables.by_key}
-            if done and all(name in idle for name in skipped):
+            if done and all(name in idle for name in waiting):
                 all_done = all_done or time.monotonic()
                 if _between_steps(all_done):
-                    if skipped:
+                    if waiting:
                         print(
-                            f"gradtel check: not waiting for {', '.join(skipped)}: a model's optimizer made by "
+                            f"gradtel check: not waiting for {', '.join(waiting)}: a model's optimizer made by "
                             "compile() that its train_step never stepped, while the optimizers it holds did",
                             file=sys.stderr,
                             flush=True,
@@ -197,7 +197,7 @@ def _watch_steps() -> None:
                 expired = first_done + _options.check_timeout
                 if time.monotonic() >= expired and _between_steps(expired):
                     print(
-                        f"gradtel check: optimizer(s) {', '.join(skipped)} took fewer than {need} step(s) in the "
+                        f"gradtel check: optimizer(s) {', '.join(waiting)} took fewer than {need} step(s) in the "
                         f"{_options.check_timeout:g} s after the first was done; judging what was measured",
                         file=sys.stderr,
                         flush=True,
