@@ -232,8 +232,8 @@ def _attribute_optimizers(model: Any, types: tuple[type, ...]) -> Iterator[tuple
 
 def compiled_beside_stepping(optimizers: Iterable[Any]) -> list[Any]:
     """Of ``optimizers``, each that is a Keras model's ``model.optimizer`` while another optimizer the same model
-    holds as an attribute has taken a step: the GAN pattern (``compile()`` made a default optimizer that the custom
-    ``train_step`` never steps), for ``gradtel check``, which has no model at hand as this callback has.
+    holds as an attribute has taken a step: the GAN pattern (``model.compile()`` made a default optimizer that the
+    custom ``train_step`` never steps), for ``gradtel check``, which has no model at hand as this callback has.
 
     Keras keeps no registry of its models, so they are looked for among the garbage collector's objects: one pass
     (about 0.05 s with TensorFlow and Keras loaded), made once per check. ``type(obj)``, not ``isinstance``: a

@@ -164,7 +164,7 @@ def _watch_steps() -> None:
     """``gradtel check``: once every optimizer the script has created has taken N steps (or, after the first one
     has, ``check_timeout`` seconds went by), print the diagnosis and end the process with its verdict.
 
-    A Keras model's ``compile()`` default that was never given a gradient, while an optimizer the same model holds
+    A Keras ``model.compile()`` default that was never given a gradient, while an optimizer the same model holds
     has stepped, is not waited for: that is the GAN pattern, whose ``train_step`` steps its own optimizers only
     (gradtel/callback.py). Any other optimizer that has not stepped yet may still come (a generator stepped after
     five critic steps, in a function traced later), so it gets the timeout.
@@ -185,8 +185,8 @@ def _watch_steps() -> None:
                 if _between_steps(all_done):
                     if waiting:
                         print(
-                            f"gradtel check: not waiting for {', '.join(waiting)}: a model's optimizer made by "
-                            "compile() that its train_step never stepped, while the optimizers it holds did",
+                            f"gradtel check: not waiting for {', '.join(waiting)}: the optimizer model.compile() "
+                            "made, which train_step never stepped, while the optimizers the model holds did",
                             file=sys.stderr,
                             flush=True,
                         )
@@ -211,7 +211,7 @@ def _watch_steps() -> None:
 
 def _unused_compile_defaults(handles: list[Any], done: list[bool]) -> set[str]:
     """The names of the handles not done whose optimizer never got a gradient (no table: not even traced) and is a
-    model's ``compile()`` default beside held optimizers that stepped."""
+    ``model.compile()`` default beside held optimizers that stepped."""
     from gradtel.callback import compiled_beside_stepping
 
     optimizers = {id(registry.live(o)): o for o in registry.live_optimizers()}
