@@ -17,6 +17,10 @@ from keras import layers
 
 EXPECT = {"check_exit": 0, "run_exit": 0, "optimizers": 2, "stepping": 2}
 
+# Seeded: unseeded, about one initialisation in six leaves the critic's ReLU units dead for the buffer's one sample
+# at the first step, the actor's gradient is exactly 0 (measured without gradtel), and `gradtel check`, judging
+# that step, rightly fails.
+keras.utils.set_random_seed(0)
 num_states, num_actions, upper_bound = 3, 1, 2.0
 rng = np.random.default_rng(0)
 
