@@ -170,7 +170,7 @@ def _watch_steps() -> None:
     five critic steps, in a function traced later), so it gets the timeout.
     """
     need, first_done, all_done = _options.check_steps or 1, None, None
-    unused: set[str] | None = None  # names of compile() defaults beside stepping optimizers, looked for once
+    unused: list[Any] | None = None  # handles of compile() defaults beside stepping optimizers, looked for once
     while not _finished.is_set():
         try:
             handles = registry.handles(active_only=True)
@@ -179,7 +179,7 @@ def _watch_steps() -> None:
                 unused = _unused_compile_defaults(handles, done)
             waiting = [h.name for h, d in zip(handles, done, strict=True) if not d]
             # still never given a gradient: one that got one after all is waited for like any other
-            idle = {h.name for h in handles if h.name in (unused or ()) and not h.tables.by_key}
+            idle = {h.name for h in unused or () if not h.tables.by_key}
             if done and all(name in idle for name in waiting):
                 all_done = all_done or time.monotonic()
                 if _between_steps(all_done):
@@ -209,15 +209,15 @@ def _watch_steps() -> None:
         time.sleep(CHECK_POLL_S)
 
 
-def _unused_compile_defaults(handles: list[Any], done: list[bool]) -> set[str]:
-    """The names of the handles not done whose optimizer never got a gradient (no table: not even traced) and is a
+def _unused_compile_defaults(handles: list[Any], done: list[bool]) -> list[Any]:
+    """The handles not done whose optimizer never got a gradient (no table: not even traced) and is a
     ``model.compile()`` default beside held optimizers that stepped."""
     from gradtel.callback import compiled_beside_stepping
 
     optimizers = {id(registry.live(o)): o for o in registry.live_optimizers()}
     waiting = [h for h, d in zip(handles, done, strict=True) if not d and not h.tables.by_key and id(h) in optimizers]
     unused = compiled_beside_stepping([optimizers[id(h)] for h in waiting])
-    return {h.name for h in waiting if any(optimizers[id(h)] is u for u in unused)}
+    return [h for h in waiting if any(optimizers[id(h)] is u for u in unused)]
 
 
 def _between_steps(since: float) -> bool:
