@@ -93,6 +93,15 @@ class Storage:
         """Values in all (13 per variable and 5)."""
         return self.folded + len(MAX_ROWS) * self.n
 
+    @property
+    def pieces(self) -> list[int]:
+        """The lengths of the pieces the step cuts one read into (one ``SplitV``), in storage order: steps,
+        skipped, the counters; the global norm, the two histories' widths, the latest rows but STATE, STATE; the
+        max-folded block."""
+        assert (ACCUMULATED_GLOBALS, LATEST_GLOBALS) == (2, 3)  # the step names each of these pieces
+        n = self.n
+        return [1, 1, len(ACCUMULATED_ROWS) * n, 1, 1, 1, (len(LATEST_ROWS) - 1) * n, n, len(MAX_ROWS) * n]
+
     def initial(self) -> np.ndarray:
         """Before any step: zeros, and one step per point in both histories."""
         flat = np.zeros(self.size)

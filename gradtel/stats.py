@@ -84,6 +84,29 @@ def _as_float(t: tf.Tensor) -> tf.Tensor:
     return t if t.dtype in (tf.float32, tf.float64) else tf.cast(t, tf.float32)
 
 
+class _Constants:
+    """One graph node per distinct constant value of one update (made in one graph: one trace, or one eager call).
+
+    Why: every literal in ``tf.where(x, 0.0, y)`` or a slice's bounds is a ``Const`` node of its own, and a node costs
+    as much as an op to build from Python (~0.13 ms) and again at the function's first call: at 100 variables the
+    update held 85 constants of 31 values (docs/benchmarks.md, "What the rest of the 100-variable cost is").
+    """
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[str, tuple[int, ...], bytes], tf.Tensor] = {}
+
+    def __call__(self, value: Any, dtype: tf.DType = tf.float64) -> tf.Tensor:
+        array = np.asarray(value, dtype.as_numpy_dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._made:
+            self._made[key] = tf.constant(array)
+        return self._made[key]
+
+    def axis(self, value: Any) -> tf.Tensor:
+        """An int32 axis, shape or size list."""
+        return self(value, tf.int32)
+
+
 class _Groups:
     """The present gradients split into stacks of shape-alike small ones and the rest, reduced one by one.
 
@@ -119,51 +142,52 @@ class _Groups:
         """The trailing axes of a stack: reducing over them leaves one value per member."""
         return list(range(1, stack.shape.rank))
 
-    def in_table_order(self, values: tf.Tensor, filler: float) -> tf.Tensor:
+    def in_table_order(self, values: tf.Tensor, filler: float, constants: _Constants) -> tf.Tensor:
         """``values`` (one per gradient in ``order``) as a float64 vector in table order, ``filler`` where missing."""
         if self.order == list(range(self.n)):  # nothing missing and nothing moved: no gather (and no index constant)
             return tf.cast(values, tf.float64)
         index = np.full(self.n, len(self.order), np.int32)  # missing ones point at the trailing filler
         index[self.order] = np.arange(len(self.order), dtype=np.int32)
-        values = tf.concat([tf.cast(values, tf.float64), tf.constant([filler], tf.float64)], 0)
-        return tf.gather(values, index)
+        values = tf.concat([tf.cast(values, tf.float64), constants([filler])], constants.axis(0))
+        return tf.gather(values, constants.axis(index), axis=constants.axis(0))
 
 
-def _assemble(parts: Sequence[tf.Tensor]) -> tf.Tensor:
+def _assemble(parts: Sequence[tf.Tensor], constants: _Constants) -> tf.Tensor:
     """Vectors of possibly different float dtypes as one vector (one cast after the concat when they agree)."""
     if len({p.dtype for p in parts}) == 1:
-        return tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
-    return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
+        return tf.concat(parts, axis=constants.axis(0)) if len(parts) > 1 else parts[0]
+    return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=constants.axis(0))
 
 
-def _finite(values: tf.Tensor) -> tf.Tensor:
+def _finite(values: tf.Tensor, constants: _Constants) -> tf.Tensor:
     """Where ``values`` (float64) are finite: ``x - x`` is 0 for a finite x and NaN for NaN or +-inf.
 
     Not ``tf.math.is_finite``: one more (op type, dtype) pair for the first call to look up (module docstring).
     """
-    return tf.equal(values - values, 0.0)
+    return tf.equal(values - values, constants(0.0))
 
 
-def _sums_of_squares(measured: Sequence[tf.Tensor | None]) -> tf.Tensor:
-    """Sum of squares of each gradient as one float64 vector in table order (0 where the gradient is missing).
+def _sums_of_squares(measured: Sequence[tf.Tensor | None], constants: _Constants) -> tf.Tensor:
+    """Sum of squares of each gradient as one float64 vector in table order (NaN where the gradient is missing:
+    its norm is NaN, "no value", and the state says missing).
 
     Stacks are squared and summed in their own (float32) precision, so "zero" and "non-finite" mean the same as
     for the gradients reduced one by one with ``L2Loss`` (sum(t**2) / 2, TensorFlow's cheapest whole-tensor
     reduction).
     """
     groups = _Groups(measured, STACK_ELEMENTS)
-    parts = [tf.reduce_sum(tf.square(stack), axis=groups.axes(stack)) for _, stack in groups.stacks]
+    parts = [tf.reduce_sum(tf.square(stack), axis=constants.axis(groups.axes(stack))) for _, stack in groups.stacks]
     if groups.single:
         halves = [tf.nn.l2_loss(_as_float(measured[i])) for i in groups.single]
         dtypes = {h.dtype for h in halves}
         dtype = dtypes.pop() if len(dtypes) == 1 else tf.float64  # one cast after the stack when they all agree
-        parts.append(2.0 * tf.stack([h if h.dtype == dtype else tf.cast(h, dtype) for h in halves]))
-    return groups.in_table_order(_assemble(parts), 0.0)
+        parts.append(constants(2.0, dtype) * tf.stack([h if h.dtype == dtype else tf.cast(h, dtype) for h in halves]))
+    return groups.in_table_order(_assemble(parts, constants), np.nan, constants)
 
 
-def _exact_reduce(measured: Sequence[tf.Tensor | None]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Sum of squares and max |g| of each gradient, as two float64 vectors in table order (0 and NaN where
-    missing), exact at float32's edges: the ``max_abs`` path.
+def _exact_reduce(measured: Sequence[tf.Tensor | None], constants: _Constants) -> tuple[tf.Tensor, tf.Tensor]:
+    """Sum of squares and max |g| of each gradient, as two float64 vectors in table order (NaN where missing),
+    exact at float32's edges: the ``max_abs`` path.
 
     float32 squares overflow above ~1.8e19 and underflow below ~1e-19: a step where a finite, non-zero gradient got
     an inf or 0 sum is recomputed in float64 (a cond that almost never takes its expensive branch, and captures one
@@ -184,16 +208,22 @@ def _exact_reduce(measured: Sequence[tf.Tensor | None]) -> tuple[tf.Tensor, tf.T
         maxabs_parts.append(tf.reshape(tf.reduce_max(tf.abs(t)), [1]))
         exact_parts.append(lambda t=t: tf.reshape(tf.reduce_sum(tf.square(tf.cast(t, tf.float64))), [1]))
 
-    sumsq = tf.cast(_assemble(sumsq_parts), tf.float64)
-    maxabs = tf.maximum(tf.cast(_assemble(maxabs_parts), tf.float64), 0.0)  # an empty gradient's max is -inf: 0
+    sumsq = tf.cast(_assemble(sumsq_parts, constants), tf.float64)
+    maxabs = tf.maximum(
+        tf.cast(_assemble(maxabs_parts, constants), tf.float64), 0.0
+    )  # an empty gradient's max is -inf: 0
     overflow = tf.logical_and(tf.math.is_inf(sumsq), tf.math.is_finite(maxabs))
     underflow = tf.logical_and(tf.equal(sumsq, 0.0), maxabs > 0.0)
     inexact = tf.reduce_any(tf.logical_or(overflow, underflow))
-    sumsq = tf.cond(inexact, lambda: tf.cast(_assemble([f() for f in exact_parts]), tf.float64), lambda: sumsq)
-    return groups.in_table_order(sumsq, 0.0), groups.in_table_order(maxabs, np.nan)
+
+    def exact() -> tf.Tensor:  # a branch is a graph of its own, with its own constants
+        return tf.cast(_assemble([f() for f in exact_parts], _Constants()), tf.float64)
+
+    sumsq = tf.cond(inexact, exact, lambda: sumsq)
+    return groups.in_table_order(sumsq, np.nan, constants), groups.in_table_order(maxabs, np.nan, constants)
 
 
-def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None] | None]) -> tf.Tensor:
+def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None] | None], constants: _Constants) -> tf.Tensor:
     """Elements (dense) or distinct rows (IndexedSlices) per gradient; static wherever the shape is known.
 
     The static counts are an integer constant cast in the step: half the bytes of a float64 one (see
@@ -207,10 +237,12 @@ def _rows_touched(measured: Sequence[tuple[tf.Tensor, tf.Tensor | None] | None])
         if m is not None and (m[1] is not None or m[0].shape.num_elements() is None)
     ]
     if not dynamic:
-        return tf.cast(static, tf.float64)
+        return tf.cast(constants(static, tf.as_dtype(static.dtype)), tf.float64)
     indices = tf.constant([[i] for i, _ in dynamic])
     counts = tf.cast(tf.stack([d for _, d in dynamic]), static.dtype)
-    return tf.cast(tf.tensor_scatter_nd_update(static, indices, counts), tf.float64)
+    return tf.cast(
+        tf.tensor_scatter_nd_update(constants(static, tf.as_dtype(static.dtype)), indices, counts), tf.float64
+    )
 
 
 def _new_variable(initial_value: tf.Tensor, **kwargs: Any) -> tf.Variable:
@@ -227,8 +259,9 @@ def _new_variable(initial_value: tf.Tensor, **kwargs: Any) -> tf.Variable:
     return resource_variable_ops.ResourceVariable(initial_value, **kwargs)
 
 
-def _read_rows(variable: tf.Variable, rows: Any) -> tf.Tensor:
-    """Rows of a gradtel variable, read in the step by ``ResourceGather``, never by ``ReadVariableOp``.
+def _read_rows(variable: tf.Variable, rows: tf.Tensor) -> tf.Tensor:
+    """Rows of a gradtel variable (one row, without its axis, for a scalar index), read in the step by
+    ``ResourceGather``, never by ``ReadVariableOp``.
 
     Why: one ``ReadVariableOp`` in the step, even of a scalar, made TensorFlow's graph optimisation of the whole step
     15-24 % slower at 2,000 variables and its first call 4-5 % slower at 1,000; the same read as a gather cost 0-2 %
@@ -266,9 +299,12 @@ class _History:
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
 
-    def record(self, before: tf.Tensor, width: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+    def record(
+        self, before: tf.Tensor, width: tf.Tensor, values: tf.Tensor, constants: _Constants | None = None
+    ) -> tf.Tensor:
         """Fold the values (one per column) of the step after the first ``before`` steps into its point; returns
-        the steps per point from now on (``width`` until the buffer fills, then doubled).
+        the steps per point from now on (``width`` until the buffer fills, then doubled). ``before`` and ``width``
+        are scalars or one-element vectors.
 
         Point ``b`` (0-based, steps ``[b*w + 1, (b+1)*w]``) lives in the slot ``b`` rotated left by ``log2(w)``
         bits. When the buffer is full the width doubles and the next step falls on point ``P/2``; from then on
@@ -276,35 +312,32 @@ class _History:
         at the old width) into the slot of new point ``j`` and empties the other one of the pair, which is new
         point ``P/2 + j``'s own slot. By the last new point every pair is merged, so the next doubling finds the
         same layout one rotation on. Every point names its own steps, so a read between merges is exact too.
-        Per step: two rows read, two written and one scattered, a few scalar ops, and no control flow.
+        Per step: two rows read and written back by one scatter (outside a merge, both are this point's row), a
+        few scalar ops, and no control flow.
 
         The slots are float64 arithmetic, not bit operations or a logarithm: each (op type, dtype) pair is a cost
         the first call pays (module docstring), so the history uses the update's own few.
         ``w mod (P - 1)`` is ``2 ** (log2(w) mod log2(P))`` (``2 ** log2(P)`` is 1 modulo ``P - 1``), and a point
         ``p < P`` rotated left by those bits is ``p * 2**t mod P + p * 2**t // P``: every value an exact integer.
         """
-        half = self.points // 2
-        width = tf.where(tf.equal(before, self.points * width), 2.0 * width, width)  # a full buffer: doubled
-        rotation = tf.math.floormod(width, self.points - 1.0)
+        c = constants or _Constants()
+        points = float(self.points)
+        width = tf.where(tf.equal(before, c(points) * width), c(2.0) * width, width)  # a full buffer: doubled
+        rotation = tf.math.floormod(width, c(points - 1.0))
         point = tf.math.floordiv(before, width)  # < points
-        merging = tf.logical_and(tf.equal(before, point * width), tf.logical_not(tf.equal(width, 1.0)))
-        # [the merged pair's point, this point]; outside a merge the first is any point, written back as read
-        shifted = tf.maximum(point - np.array([half, 0.0]), 0.0) * rotation
-        slots = tf.math.floormod(shifted, self.points) + tf.math.floordiv(shifted, self.points)
-        indices = tf.cast(slots, tf.int32)
-        handle = self.variable.handle  # the raw ops on the handle: under a strategy, this replica's own copy
-        pair = _read_rows(self.variable, indices)
-        first, second = pair[0], pair[1]
-        merged = tf.concat(
-            [
-                tf.where(merging, tf.maximum(first, second), first),
-                tf.where(merging, np.float64(-np.inf), second),
-            ],
-            0,
+        # The first step of a point after a doubling: ``before`` a multiple of a width of 2 or more.
+        merging = tf.equal(tf.maximum(tf.math.floormod(before, width), c(2.0) - width), c(0.0))
+        # [while merging the merged pair's new point (``point - P/2``), else this point; this point]
+        pair = point - c([self.points // 2, 0.0]) * tf.cast(merging, tf.float64)
+        shifted = pair * rotation
+        indices = tf.cast(tf.math.floormod(shifted, c(points)) + tf.math.floordiv(shifted, c(points)), tf.int32)
+        first, second = tf.unstack(_read_rows(self.variable, indices))
+        this = tf.maximum(tf.where(merging, c(-np.inf), second), values)  # emptied by a merge, then this step's
+        merged = tf.where(merging, tf.maximum(first, second), this)
+        # The raw op on the handle: under a strategy, this replica's own copy.
+        tf.raw_ops.ResourceScatterUpdate(
+            resource=self.variable.handle, indices=indices, updates=tf.stack([merged, this])
         )
-        tf.raw_ops.ResourceScatterUpdate(resource=handle, indices=indices, updates=tf.reshape(merged, [2, -1]))
-        this = tf.cast(slots[1:], tf.int32)  # sliced as float64: an int32 slice would be one more (op, dtype)
-        tf.raw_ops.ResourceScatterMax(resource=handle, indices=this, updates=tf.reshape(values, [1, -1]))
         return width
 
     def read(self) -> np.ndarray:
@@ -373,119 +406,123 @@ class StatsTable:
         scale; that routine event is counted as a skipped step, not as per-variable non-finite steps (the state
         row still says which variables were non-finite, and no first non-finite step is set).
         """
+        c = _Constants()
         present = np.array([g is not None for g in grads])
         measured = [None if g is None else _as_measurable(g) for g in grads]
         dense = [None if m is None else m[0] for m in measured]
         max_abs: tf.Tensor | None = None  # not measured
         if not present.any():
-            sumsq = tf.zeros([self.n], tf.float64)
+            sumsq = tf.fill(c.axis([self.n]), c(np.nan))
         elif self.max_abs:
-            sumsq, max_abs = _exact_reduce(dense)
+            sumsq, max_abs = _exact_reduce(dense, c)
         else:
-            sumsq = _sums_of_squares(dense)
-        missing = None if present.all() else tf.constant(~present)
-        at = self.storage
-        old = tf.reshape(_read_rows(self.variable, [0]), [-1])  # the table is one row (see _read_rows)
-        before = old[0]  # steps before this one
-        step = before + 1.0  # this step, 1-based
-        width, layer_width = tf.unstack(old[at.widths])
-        # A missing gradient's 0 is finite: never non-finite. On the max_abs path a finite gradient whose float32
-        # squares overflowed was recomputed in float64, so only NaN/Inf elements leave its sum non-finite.
-        finite = _finite(sumsq)
-        ok_or_zero = tf.where(tf.equal(sumsq, 0.0), np.float64(STATE_ZERO), np.float64(STATE_OK))
-        state = tf.where(finite, ok_or_zero, np.float64(STATE_NONFINITE))
-        if missing is not None:
-            state = tf.where(missing, np.float64(STATE_MISSING), state)
-        bad = tf.cast(tf.equal(state, _BAD_STATES), tf.float64)  # [3, n]: 1.0 where missing / zero / non-finite
+            sumsq = _sums_of_squares(dense, c)  # NaN where missing
+        # The table's one row (see _read_rows), cut into the pieces this step adds to, replaces or folds by max.
+        before, skipped, counts, _, width, layer_width, _, old_state, old_folded = tf.split(
+            _read_rows(self.variable, c.axis(0)), c.axis(self.storage.pieces), c.axis(0)
+        )
+        step = before + c(1.0)  # this step, 1-based (one-element vectors, like every global here)
+        # A missing gradient's NaN is overridden by the missing state. On the max_abs path a finite gradient whose
+        # float32 squares overflowed was recomputed in float64, so only NaN/Inf elements leave its sum non-finite.
+        finite = _finite(sumsq, c)
+        ok_or_zero = tf.where(tf.equal(sumsq, c(0.0)), c(STATE_ZERO), c(STATE_OK))
+        state = tf.where(finite, ok_or_zero, c(STATE_NONFINITE))
+        if not present.all():
+            state = tf.where(c(~present, tf.bool), c(STATE_MISSING), state)
+        bad = tf.cast(tf.equal(state, c(_BAD_STATES)), tf.float64)  # [3, n]: 1.0 where missing / zero / non-finite
+        nonfinite = tf.unstack(bad)[2]
+        counted = bad
         if loss_scaled:
-            skipped = tf.reduce_max(bad[2])
-            counted = bad * tf.reshape(tf.stack([np.float64(1.0), np.float64(1.0), 1.0 - skipped]), [3, 1])
-        else:
-            skipped, counted = tf.constant(0.0, tf.float64), bad
+            skip = tf.reduce_max(nonfinite, axis=c.axis(0), keepdims=True)
+            counted = bad * (c(1.0) - c(_BAD_STATES == STATE_NONFINITE) * skip)  # the non-finite row not counted
+            skipped = skipped + skip
         # Over the finite gradients: a NaN would hide the norm of every other variable (and OpenTelemetry drops
         # non-finite observations); non-finite gradients are counted on their own.
-        finite_sumsq = tf.where(finite, sumsq, 0.0)  # missing ones are 0 already
-        global_norm = tf.sqrt(tf.reduce_sum(finite_sumsq)) if present.any() else tf.constant(np.nan, tf.float64)
-        norm = tf.sqrt(sumsq)
-        if missing is not None:
-            norm = tf.where(missing, np.float64(np.nan), norm)
-        widths = self._record_history(before, step, width, layer_width, global_norm, finite_sumsq, state, bad, present)
-        accumulated = old[: at.latest] + tf.concat([tf.stack([np.float64(1.0), skipped]), tf.reshape(counted, [-1])], 0)
+        finite_sumsq = tf.where(finite, sumsq, c(0.0))
+        global_norm = tf.sqrt(tf.reduce_sum(finite_sumsq, axis=c.axis(0), keepdims=True)) if present.any() else None
+        norm = tf.sqrt(sumsq)  # NaN where missing
+        widths = self._record_history(
+            c, before, step, width, layer_width, global_norm, finite_sumsq, state, bad, nonfinite, present
+        )
         latest = [
-            tf.stack([global_norm, *widths]),
+            c([np.nan]) if global_norm is None else global_norm,
+            *widths,
             norm,
-            norm * np.nan if max_abs is None else max_abs,  # NaN: not measured (no constant of NaNs in the graph)
-            _rows_touched(measured),
+            norm * c(np.nan) if max_abs is None else max_abs,  # NaN: not measured (no constant of n NaNs)
+            _rows_touched(measured, c),
             state,
         ]
-        folded = self._first_and_recovered(old, step, state, counted)
-        self.variable.assign(tf.reshape(tf.concat([accumulated, *latest, folded], 0), [1, -1]), read_value=False)
+        counts = counts + tf.reshape(counted, c.axis([-1]))
+        folded = self._first_and_recovered(c, old_state, old_folded, step, state, counted)
+        row = tf.concat([step, skipped, counts, *latest, folded], c.axis(0))
+        self.variable.assign(tf.reshape(row, c.axis([1, -1])), read_value=False)
 
-    def _first_and_recovered(self, old: tf.Tensor, step: tf.Tensor, state: tf.Tensor, bad: tf.Tensor) -> tf.Tensor:
+    @staticmethod
+    def _first_and_recovered(
+        c: _Constants, old_state: tf.Tensor, old: tf.Tensor, step: tf.Tensor, state: tf.Tensor, bad: tf.Tensor
+    ) -> tf.Tensor:
         """The six rows FIRST_MISSING..RECOVERED_NONFINITE, flattened, each the max of its old value and this step's.
 
         A first bad step is stored as ``FIRST_BASE - step``, so the max keeps the earliest one; a recovery (a step
-        whose state is ok right after a step in that state: the STATE row still holds the previous step's) as the
-        step, so the max keeps the latest. Every variable of a table is seen at each of its steps. ``bad`` is
+        whose state is ok right after a step in that state: ``old_state``, the STATE row of the previous step) as
+        the step, so the max keeps the latest. Every variable of a table is seen at each of its steps. ``bad`` is
         counted: a loss-scale optimizer's routine overflow sets no first non-finite step, and the reader ignores a
         recovery from a state whose first step was never set.
         """
-        at = self.storage
-        was = tf.cast(tf.equal(old[at.state : at.folded], _BAD_STATES), tf.float64)
-        recovered = was * tf.where(tf.equal(state, STATE_OK), step, 0.0)
-        now = tf.reshape(tf.concat([bad * (FIRST_BASE - step), recovered], 0), [-1])
-        return tf.maximum(old[at.folded :], now)
+        was = tf.cast(tf.equal(old_state, c(_BAD_STATES)), tf.float64)
+        recovered = was * tf.where(tf.equal(state, c(STATE_OK)), step, c(0.0))
+        now = tf.reshape(tf.concat([bad * (c(FIRST_BASE) - step), recovered], c.axis(0)), c.axis([-1]))
+        return tf.maximum(old, now)
 
     def _record_history(
         self,
+        c: _Constants,
         before: tf.Tensor,
         step: tf.Tensor,
         width: tf.Tensor,
         layer_width: tf.Tensor,
-        global_norm: tf.Tensor,
+        global_norm: tf.Tensor | None,
         finite_sumsq: tf.Tensor,
         state: tf.Tensor,
         bad: tf.Tensor,
+        nonfinite: tf.Tensor,
         present: np.ndarray,
     ) -> list[tf.Tensor]:
         """Fold this step into the histories (a fixed number of vector ops, whatever the number of variables);
-        returns their steps per point, kept in the table's latest globals. ``step`` is ``before + 1``, 1-based."""
+        returns their steps per point, kept in the table's latest globals. ``step`` is ``before + 1``, 1-based;
+        ``global_norm`` None: no gradient at all."""
         # A norm over the finite gradients is 0 when every present one is non-finite: the history says "no value"
         # then (-inf, null in the report), not a vanishing 0; the same for a layer, and for one with no gradient.
-        none, some = np.float64(-np.inf), np.float64(0.0)
-        _, n_zero, n_nonfinite = tf.unstack(tf.reduce_sum(bad, axis=1))
-        no_global = tf.where(tf.equal(n_nonfinite, float(present.sum())), none, some)
-        global_norm = global_norm if present.any() else some  # NaN without gradients: no value either way
-        global_values = tf.stack(
-            [
-                -1.0 * step,  # not -step: a float64 Neg would be one more (op, dtype) pair
-                step,
-                no_global - global_norm,
-                global_norm + no_global,
-                np.float64(np.sum(~present & ~self._expected)),
-                n_zero,
-                n_nonfinite,
-            ]
-        )
-        n_layers = len(self.layers)
-        layer_ids = tf.constant(self._layer_ids)  # one constant for the three segment reductions
-        present_per_layer = np.bincount(self._layer_ids[present], minlength=n_layers).astype(np.float64)
-        layer_nonfinite = tf.math.unsorted_segment_sum(bad[2], layer_ids, n_layers)
-        no_layer = tf.where(tf.equal(layer_nonfinite, present_per_layer), none, some)
-        layer_norm = tf.sqrt(tf.math.unsorted_segment_sum(finite_sumsq, layer_ids, n_layers))
+        none, some = c(-np.inf), c(0.0)
+        per_state = tf.reduce_sum(bad, axis=c.axis(1))  # missing, zero, non-finite
+        all_nonfinite = tf.equal(tf.gather(per_state, c.axis([2, 2]), axis=c.axis(0)), c(float(present.sum())))
+        signs = c([-1.0, 1.0])  # [-x, x]: a minimum is kept negated, so that every column merges by max
+        steps = signs * step
         expected_missing = ~present & self._expected
-        severity = tf.where(expected_missing, state - 0.5, state) if expected_missing.any() else state
+        unexpected = per_state - c([expected_missing.sum(), 0.0, 0.0]) if expected_missing.any() else per_state
+        global_values = [
+            steps,  # the point's first step (negated) and last step
+            signs * (some if global_norm is None else global_norm) + tf.where(all_nonfinite, none, some),
+            unexpected,  # the unexpectedly missing, the all-zero and the non-finite variables
+        ]
+        n_layers = len(self.layers)
+        layer_ids, segments = c.axis(self._layer_ids), c.axis(n_layers)  # shared by the three segment reductions
+        present_per_layer = np.bincount(self._layer_ids[present], minlength=n_layers).astype(np.float64)
+        layer_nonfinite = tf.math.unsorted_segment_sum(nonfinite, layer_ids, segments)
+        no_layer = tf.where(tf.equal(layer_nonfinite, c(present_per_layer)), none, some)
+        layer_norm = tf.sqrt(tf.math.unsorted_segment_sum(finite_sumsq, layer_ids, segments))
+        severity = tf.where(c(expected_missing, tf.bool), state - c(0.5), state) if expected_missing.any() else state
         layer_values = [
             no_layer - layer_norm,
             layer_norm + no_layer,
-            tf.math.unsorted_segment_max(severity, layer_ids, n_layers),
+            tf.math.unsorted_segment_max(severity, layer_ids, segments),
         ]
         if self.layer_history is None:  # one buffer: the layers' columns follow the global ones, steps shared
-            width = self.history.record(before, width, tf.concat([global_values, *layer_values], 0))
+            width = self.history.record(before, width, tf.concat([*global_values, *layer_values], c.axis(0)), c)
             return [width, width]
         return [
-            self.history.record(before, width, global_values),
-            self.layer_history.record(before, layer_width, tf.concat([global_values[:2], *layer_values], 0)),
+            self.history.record(before, width, tf.concat(global_values, c.axis(0)), c),
+            self.layer_history.record(before, layer_width, tf.concat([steps, *layer_values], c.axis(0)), c),
         ]
 
     def snapshot(self) -> Snapshot:
