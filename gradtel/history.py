@@ -5,7 +5,7 @@ and state), while the host sees them only when something reads the table. The ex
 their cost and happen only when a scraper or a push asks (never with ``OTEL_METRICS_EXPORTER=none``, in a notebook
 or a CI job), and the report is read once, at exit: sampling at either place would lose the first steps and every
 extreme between two reads. Folding each step into a fixed buffer in the step costs a fixed number of vector ops
-(two segment reductions, a two-row read and write and a scatter per buffer) whatever the model's size, no control
+(three segment reductions, and a two-row read and one scatter per buffer) whatever the model's size, no control
 flow in the user's graph, and no host round trip; the report reads the buffers once, where it reads the table.
 
 How: a buffer of ``P`` points by ``K`` columns, every column merged by max (a minimum is kept negated, so it is a

@@ -96,16 +96,19 @@ class Storage:
     @property
     def pieces(self) -> list[int]:
         """The lengths of the pieces the step cuts one read into (one ``SplitV``), in storage order: steps,
-        skipped, the counters; the global norm, the two histories' widths, the latest rows but STATE, STATE; the
+        skipped, the counters; the global norm, the two histories' widths, the latest rows one by one; the
         max-folded block."""
         assert (ACCUMULATED_GLOBALS, LATEST_GLOBALS) == (2, 3)  # the step names each of these pieces
         n = self.n
-        return [1, 1, len(ACCUMULATED_ROWS) * n, 1, 1, 1, (len(LATEST_ROWS) - 1) * n, n, len(MAX_ROWS) * n]
+        return [1, 1, len(ACCUMULATED_ROWS) * n, 1, 1, 1, *[n] * len(LATEST_ROWS), len(MAX_ROWS) * n]
 
     def initial(self) -> np.ndarray:
-        """Before any step: zeros, and one step per point in both histories."""
+        """Before any step: zeros, one step per point in both histories, and max |g| not measured (NaN: a table
+        without ``max_abs`` keeps the row as it is)."""
         flat = np.zeros(self.size)
         flat[self.widths] = 1.0
+        max_abs = self.latest + LATEST_GLOBALS + LATEST_ROWS.index(MAX_ABS) * self.n
+        flat[max_abs : max_abs + self.n] = np.nan
         return flat
 
     def decode(self, flat: np.ndarray) -> Snapshot:

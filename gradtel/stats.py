@@ -14,10 +14,10 @@ only where some gradients are missing: the first call's graph optimisation pays 
 (docs/benchmarks.md, "The first call's graph"). And it pays per kind of op: with oneDNN on (TensorFlow's default on
 x86 CPUs) a function's first call scans TensorFlow's whole kernel registry, twice, for every (op type, dtype) pair of
 its graph that the calling thread has not looked up yet (``MklLayoutRewritePass``; about 1.5 ms a pair, once per
-process). So the update keeps to 18 pairs (it used 37: 48 ms of a 100-variable model's first call, now 28 ms): add,
-subtract, multiply, max, select, equal, sum, square root, floor division and modulo and two segment reductions in
-float64, slicing, reshaping, stacking and concatenating, and the float32 sums of squares; no ``IsFinite``, ``Neg``,
-logarithm or bit operation. tests/core/test_statistics.py holds the list (docs/benchmarks.md, "A first call's fixed
+process). So the update keeps to 15 float64 pairs and the float32 sums of squares (it used 37 pairs: 48 ms of a
+100-variable model's first call; 18 pairs 28 ms): add, subtract, multiply, max, select, equal, sum, square root,
+floor division and modulo, two segment reductions, splitting, reshaping and concatenating; no ``IsFinite``, ``Neg``,
+``Pack``, ``Unpack``, slice, logarithm or bit operation. tests/core/test_statistics.py holds the list (docs/benchmarks.md, "A first call's fixed
 cost").
 Zero and non-finite are then read off the float32 sum of squares: "zero" is a gradient whose every element squares
 to 0 in float32 (|g| below ~1e-19, too small for any optimizer to move the variable), "non-finite" one holding
@@ -29,9 +29,14 @@ edges exact (a finite gradient whose float32 squares over- or underflowed is rec
 twice the cost on a model of many small layers; it stacks shape-alike gradients up to 65,536 elements.
 
 The same update keeps, per variable, the step at which each bad state first appeared and the latest return to
-health (vector ops on the table's own rows), and folds the step into the run's downsampled history (one scatter of
-one row into another gradtel-owned variable, with no control flow; gradtel/history.py says how and why): about 70
-more ops per step, most of them on scalars, whatever the number of variables.
+health (vector ops on the table's own rows), and folds the step into the run's downsampled history (a two-row read
+and one scatter into another gradtel-owned variable, with no control flow; gradtel/history.py says how and why).
+The whole update is about 100 graph nodes at 100 variables of one shape, half of them the history's; it grows with
+the distinct shapes and the large gradients, not with the variables. Nodes, not only kinds, cost at a first call: a
+node is built from Python (~0.13 ms) and optimised and set up again when the function first runs, a constant as much
+as an op. So each distinct constant is one node
+(``_Constants``) and the table's row is cut by one ``SplitV``: at 100 variables the update had 172 nodes, 79 of them
+constants (docs/benchmarks.md, "Fewer nodes").
 """
 
 from __future__ import annotations
@@ -88,8 +93,7 @@ class _Constants:
     """One graph node per distinct constant value of one update (made in one graph: one trace, or one eager call).
 
     Why: every literal in ``tf.where(x, 0.0, y)`` or a slice's bounds is a ``Const`` node of its own, and a node costs
-    as much as an op to build from Python (~0.13 ms) and again at the function's first call: at 100 variables the
-    update held 85 constants of 31 values (docs/benchmarks.md, "What the rest of the 100-variable cost is").
+    as much as an op to build from Python and again at the function's first call (module docstring).
     """
 
     def __init__(self) -> None:
@@ -331,13 +335,12 @@ class _History:
         pair = point - c([self.points // 2, 0.0]) * tf.cast(merging, tf.float64)
         shifted = pair * rotation
         indices = tf.cast(tf.math.floormod(shifted, c(points)) + tf.math.floordiv(shifted, c(points)), tf.int32)
-        first, second = tf.unstack(_read_rows(self.variable, indices))
+        first, second = tf.split(_read_rows(self.variable, indices), c.axis([1, 1]), c.axis(0))  # [1, columns]
         this = tf.maximum(tf.where(merging, c(-np.inf), second), values)  # emptied by a merge, then this step's
         merged = tf.where(merging, tf.maximum(first, second), this)
         # The raw op on the handle: under a strategy, this replica's own copy.
-        tf.raw_ops.ResourceScatterUpdate(
-            resource=self.variable.handle, indices=indices, updates=tf.stack([merged, this])
-        )
+        rows = tf.concat([merged, this], c.axis(0))
+        tf.raw_ops.ResourceScatterUpdate(resource=self.variable.handle, indices=indices, updates=rows)
         return width
 
     def read(self) -> np.ndarray:
@@ -418,7 +421,7 @@ class StatsTable:
         else:
             sumsq = _sums_of_squares(dense, c)  # NaN where missing
         # The table's one row (see _read_rows), cut into the pieces this step adds to, replaces or folds by max.
-        before, skipped, counts, _, width, layer_width, _, old_state, old_folded = tf.split(
+        before, skipped, counts, _, width, layer_width, _, old_max_abs, _, old_state, old_folded = tf.split(
             _read_rows(self.variable, c.axis(0)), c.axis(self.storage.pieces), c.axis(0)
         )
         step = before + c(1.0)  # this step, 1-based (one-element vectors, like every global here)
@@ -430,7 +433,7 @@ class StatsTable:
         if not present.all():
             state = tf.where(c(~present, tf.bool), c(STATE_MISSING), state)
         bad = tf.cast(tf.equal(state, c(_BAD_STATES)), tf.float64)  # [3, n]: 1.0 where missing / zero / non-finite
-        nonfinite = tf.unstack(bad)[2]
+        nonfinite = tf.cast(tf.equal(state, c(STATE_NONFINITE)), tf.float64)  # bad's last row (no float64 Unpack)
         counted = bad
         if loss_scaled:
             skip = tf.reduce_max(nonfinite, axis=c.axis(0), keepdims=True)
@@ -448,7 +451,7 @@ class StatsTable:
             c([np.nan]) if global_norm is None else global_norm,
             *widths,
             norm,
-            norm * c(np.nan) if max_abs is None else max_abs,  # NaN: not measured (no constant of n NaNs)
+            old_max_abs if max_abs is None else max_abs,  # not measured: the NaNs the table started with
             _rows_touched(measured, c),
             state,
         ]

@@ -193,7 +193,7 @@ UPDATE_PAIRS = {
         (op, "float64")
         for op in (
             "AddV2", "Sub", "Mul", "Maximum", "SelectV2", "Equal", "Sum", "Sqrt", "FloorDiv", "FloorMod",
-            "UnsortedSegmentSum", "UnsortedSegmentMax", "SplitV", "Reshape", "ConcatV2", "Pack", "Unpack",
+            "UnsortedSegmentSum", "UnsortedSegmentMax", "SplitV", "Reshape", "ConcatV2",
         )
     ),
     *((op, "float32") for op in ("Pack", "Square", "Sum", "L2Loss", "Mul", "ConcatV2")),
