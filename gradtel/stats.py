@@ -17,8 +17,8 @@ its graph that the calling thread has not looked up yet (``MklLayoutRewritePass`
 process). So the update keeps to 15 float64 pairs and the float32 sums of squares (it used 37 pairs: 48 ms of a
 100-variable model's first call; 18 pairs 28 ms): add, subtract, multiply, max, select, equal, sum, square root,
 floor division and modulo, two segment reductions, splitting, reshaping and concatenating; no ``IsFinite``, ``Neg``,
-``Pack``, ``Unpack``, slice, logarithm or bit operation. tests/core/test_statistics.py holds the list (docs/benchmarks.md, "A first call's fixed
-cost").
+``Pack``, ``Unpack``, slice, logarithm or bit operation. tests/core/test_statistics.py holds the list
+(docs/benchmarks.md, "A first call's fixed cost").
 Zero and non-finite are then read off the float32 sum of squares: "zero" is a gradient whose every element squares
 to 0 in float32 (|g| below ~1e-19, too small for any optimizer to move the variable), "non-finite" one holding
 NaN/Inf or whose sum of squares overflows float32 (a norm above ~1.8e19: an exploding gradient, on which Adam's own
@@ -213,9 +213,8 @@ def _exact_reduce(measured: Sequence[tf.Tensor | None], constants: _Constants) -
         exact_parts.append(lambda t=t: tf.reshape(tf.reduce_sum(tf.square(tf.cast(t, tf.float64))), [1]))
 
     sumsq = tf.cast(_assemble(sumsq_parts, constants), tf.float64)
-    maxabs = tf.maximum(
-        tf.cast(_assemble(maxabs_parts, constants), tf.float64), 0.0
-    )  # an empty gradient's max is -inf: 0
+    maxabs = tf.cast(_assemble(maxabs_parts, constants), tf.float64)
+    maxabs = tf.maximum(maxabs, 0.0)  # an empty gradient's max is -inf: 0
     overflow = tf.logical_and(tf.math.is_inf(sumsq), tf.math.is_finite(maxabs))
     underflow = tf.logical_and(tf.equal(sumsq, 0.0), maxabs > 0.0)
     inexact = tf.reduce_any(tf.logical_or(overflow, underflow))
