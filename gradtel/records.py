@@ -115,6 +115,7 @@ def decode(optimizer: str, snapshots: list[tuple[VariableTable, layout.Snapshot]
     at = _STATE_AT
     for table, snap in snapshots:
         by_variable = _statistics_by_variable(snap.rows)
+        zero_causes: dict[int, Cause | None] | None = None  # worked out at the first zero gradient (rare)
         for i, name in enumerate(table.names):
             values = by_variable[i]
             seen, state_value = values[_STEPS_AT], values[at]
@@ -127,7 +128,10 @@ def decode(optimizer: str, snapshots: list[tuple[VariableTable, layout.Snapshot]
             elif state == _MISSING and table.expected[i]:
                 state = _EXPECTED_MISSING
             missing_cause = table.causes.get(i) if values[_MISSING_AT] or not seen else None
-            cause = missing_cause if state in _NO_GRADIENT else table.zero_hint(i) if state == _ZERO else None
+            cause = missing_cause if state in _NO_GRADIENT else None
+            if state == _ZERO:
+                zero_causes = table.zero_causes(snap.rows[layout.STATE]) if zero_causes is None else zero_causes
+                cause = zero_causes.get(i)
             head = (optimizer, name, table.layers[i], table.expected[i], cause, missing_cause)
             record = new(VariableRecord, head + values[:at] + (state,) + values[at + 1 :])
             previous = out.get(name)

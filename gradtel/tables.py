@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gradtel import layout
 from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
 
@@ -58,6 +60,14 @@ class VariableTable:
             if hint is not None:
                 return hint
         return None
+
+    def zero_causes(self, states: np.ndarray) -> dict[int, Cause | None]:
+        """The causes of one step's all-zero gradients (``states``: the table's STATE row), by variable index: each
+        variable's hint, checked against the others' (``settle_zero_hints``)."""
+        from gradtel.diagnosis.cause import settle_zero_hints
+
+        hints = {int(i): self.zero_hint(int(i)) for i in np.flatnonzero(states == layout.STATE_ZERO)}
+        return settle_zero_hints(hints, not (states == layout.STATE_OK).any(), self.names)
 
 
 class Tables:

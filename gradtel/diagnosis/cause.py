@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gradtel.vocabulary import CauseName, MissingCause, cause, fix_for
+from gradtel.vocabulary import CauseName, MissingCause, ZeroCause, cause, fix_for
 
 #: Category used when the diagnosis itself failed or had nothing to go on.
 UNKNOWN = MissingCause.UNKNOWN
@@ -61,3 +61,30 @@ def make_cause(category: str, detail: str, op: str | None = None, location: str 
     """A cause whose explanation is the specific finding followed by the category's generic fix."""
     where = f" ({location})" if location else ""
     return Cause(cause(category), op, location, f"{detail}{where}. {fix_for(category)}")
+
+
+def settle_zero_hints(
+    hints: dict[int, Cause | None], every_gradient_zero: bool, names: Sequence[str]
+) -> dict[int, Cause | None]:
+    """The hints of one step's all-zero gradients (by variable index; None: no gating op on its paths), checked
+    against each other.
+
+    Why: a hint is structural (every path from the variable crosses a ReLU), the zero is what happened. A dead ReLU
+    zeroes the gradients of the variables before it, never every gradient of the step: the bias of a layer after
+    it still gets one. So when every gradient of the step is zero and one with no hint is among them (its zero came
+    from nearer the loss: a saturated output, a loss constant for this batch), the ReLU on the others' paths
+    explains nothing, and their cause is ``other``.
+    """
+    witness = next((i for i, h in hints.items() if h is None), None) if every_gradient_zero else None
+    if witness is None:
+        return hints
+    settled = dict(hints)
+    for i, hint in hints.items():
+        if hint is not None and hint.category == ZeroCause.DEAD_ACTIVATION:
+            settled[i] = make_cause(
+                ZeroCause.OTHER,
+                f"Every path from `{names[i]}` to the loss crosses a {hint.op or 'ReLU'}, but every gradient of "
+                f"this step is zero, `{names[witness]}`'s too, whose paths cross none: the zero comes from nearer "
+                "the loss, not from a dead activation",
+            )
+    return settled

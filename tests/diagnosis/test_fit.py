@@ -122,3 +122,47 @@ def test_tf_keras_fit_argmax_layer(diagnoser: Diagnoser) -> None:
     for cause in causes.values():
         assert (cause.category, cause.op) == ("non_differentiable_op", "ArgMax")
         assert cause.location.endswith(f"{os.sep}test_fit.py:{culprit_line(Hard)}")
+
+
+def _zero_causes(model: keras.Model) -> dict[str, str]:
+    """Fit one batch with the model's optimizer instrumented; the report's causes of its zero gradients."""
+    import gradtel
+
+    model.compile(optimizer="sgd", loss="mse")
+    handle = gradtel.instrument(model.optimizer, start_exporter=False)
+    model.fit(np.full((8, 3), 10.0, "float32"), np.full((8, 1), 0.5, "float32"), epochs=1, batch_size=8, verbose=0)
+    ours = [v for v in gradtel.report()["variables"] if v["optimizer"] == handle.name]
+    # by layer/variable (the names start with the model's: sequential/hid/kernel)
+    return {v["name"].split("/", 1)[1]: v["cause"]["category"] for v in ours if v["status"] == "zero"}
+
+
+def test_a_saturated_output_is_not_blamed_on_the_relus_before_it(instrumented_cleanup: None) -> None:
+    """Every gradient is exactly zero (the sigmoid saturates to 1.0 in float32) while every ReLU is active: the
+    ReLU layers' structural hint is contradicted by the output layer's zero, whose path crosses no ReLU."""
+    ones = {"kernel_initializer": "ones"}
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="relu", name="hid", **ones),
+            keras.layers.Dense(1, activation="sigmoid", name="out", **ones),
+        ]
+    )
+    assert float(model(np.full((1, 3), 10.0, "float32"))[0, 0]) == 1.0  # saturated, not a dead ReLU
+    assert _zero_causes(model) == dict.fromkeys(["hid/kernel", "hid/bias", "out/kernel", "out/bias"], "other")
+
+
+def test_a_dead_relu_keeps_its_cause_while_a_later_bias_trains(instrumented_cleanup: None) -> None:
+    dead = {"kernel_initializer": "ones", "bias_initializer": keras.initializers.Constant(-1000.0)}
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="relu", name="hid", **dead),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    # out/kernel is zero because its input (the dead layer's output) is; out/bias gets a gradient
+    assert _zero_causes(model) == {
+        "hid/kernel": "dead_activation",
+        "hid/bias": "dead_activation",
+        "out/kernel": "other",
+    }
