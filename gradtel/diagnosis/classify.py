@@ -23,7 +23,7 @@ from typing import Any
 
 from gradtel.diagnosis import graph_source
 from gradtel.diagnosis.cause import UNKNOWN, Cause, make_cause
-from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, OP, DataflowGraph, Node
+from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, OP, Crossing, DataflowGraph, Node
 from gradtel.diagnosis.op_rules import (
     ASSIGN_OPS,
     GATING_ACTIVATIONS,
@@ -105,11 +105,11 @@ class Analysis:
         return None
 
     @cached_property
-    def imports_into_loss(self) -> list[tuple[int, bool]]:
-        """(clock, from NumPy) of each tensor created from a NumPy value or a Python float inside the tape that
-        entered the loss's ancestry."""
+    def imports_into_loss(self) -> list[Crossing]:
+        """Each tensor created from a NumPy value or a Python float inside the tape that entered the loss's
+        ancestry."""
         return [
-            (c.seq, c.numpy)
+            c
             for c in self.flow.imports
             if c.tensor in self.loss_ancestors and c.seq > self.step_start and self.in_tape(c.seq)
         ]
@@ -175,6 +175,22 @@ def _integer_source(flow: DataflowGraph, key: int, reach_from_var: set[int]) -> 
     return None
 
 
+def _integer_source_inside(analysis: Analysis, call: Node, reach_from_var: set[int]) -> Node | None:
+    """Eager mode: where the path turns integer/bool inside the tf.function this call ran (its FuncGraph, noted by
+    the recorder), walked back from the call's integer outputs computed from the variable; None when unknown."""
+    graph = analysis.function_graph(call.op_type)
+    if graph is None or len(graph.inputs) != len(call.inputs) or len(graph.outputs) != len(call.outputs):
+        return None
+    body = graph_source.build(graph)
+    inner = body.descendants(t._id for t, k in zip(graph.inputs, call.inputs, strict=True) if k in reach_from_var)
+    for tensor, key, ok in zip(graph.outputs, call.outputs, call.out_ok, strict=True):
+        if key in reach_from_var and not ok:
+            source = _integer_source(body, tensor._id, inner)
+            if source is not None:
+                return source
+    return None
+
+
 def explain_missing(analysis: Analysis, variable: Any, keys: set[int], name: str) -> Cause:
     """The cause of a None gradient for a trainable, floating variable whose handle has ``keys``."""
     reach_from_var = analysis.flow.descendants(keys, crosses=analysis.crosses)
@@ -198,25 +214,34 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
     variable at all, the variable was not read, or what it fed does not reach the loss.
 
     ``left_tensorflow`` needs evidence of a round trip: a value computed from the variable was copied out
-    (``.numpy()``) and a NumPy value entered the loss after it, or the loss depends on no trainable variable
-    but on a NumPy value created after the variable was used. A tensor fed to a model from NumPy, or an output
-    that is simply unused, is not one.
+    (``.numpy()``, ``float()``) and after it a NumPy value, the copied number itself, or (for a loss that depends
+    on no trainable variable) any Python float entered the loss; or the loss depends on no trainable variable but
+    on a NumPy value created after the variable was used. A tensor fed to a model from NumPy, or an output that
+    is simply unused, is not one. A copy for logging followed by a Python constant in a loss that does depend on
+    other variables (``0.5 * loss``) could be either, so it is ``unknown``.
     """
-    returns = analysis.imports_into_loss
-    in_tape = [
+    escapes = [
         e
         for e in analysis.flow.escapes
-        if e.tensor in reach_from_var
-        and e.seq > analysis.step_start
-        and analysis.in_tape(e.seq)
-        and any(seq >= e.seq for seq, _ in returns)
+        if e.tensor in reach_from_var and e.seq > analysis.step_start and analysis.in_tape(e.seq)
     ]
-    if in_tape:
+    returns = analysis.imports_into_loss
+    whole_loss = not (analysis.loss_ancestors & analysis.trainable_keys)  # nothing trainable left in the loss
+    for escape in escapes:
+        after = [c for c in returns if c.seq >= escape.seq]
+        if any(c.numpy or whole_loss or (c.value is not None and c.value == escape.value) for c in after):
+            return make_cause(
+                "left_tensorflow",
+                f"A value computed from `{name}` was converted to NumPy inside the tape and the loss was "
+                "computed from the copy",
+                location=escape.location,
+            )
+    if escapes and returns and any(c.seq >= escapes[0].seq for c in returns):
         return make_cause(
-            "left_tensorflow",
-            f"A value computed from `{name}` was converted to NumPy inside the tape and the loss was "
-            "computed from the copy",
-            location=in_tape[0].location,
+            UNKNOWN,
+            f"A value computed from `{name}` was copied out of TensorFlow inside the tape (at "
+            f"{escapes[0].location}) and Python numbers entered the loss after it: the loss may have been computed "
+            "from the copy (left_tensorflow), or the value is unused (not_on_loss_path)",
         )
     stale = _stale_capture(analysis, variable)
     if stale is not None:
@@ -282,7 +307,7 @@ def _numpy_reentry(analysis: Analysis, reach_from_var: set[int]) -> Node | None:
     computed from a tensor created from a NumPy value inside the tape after the variable fed an op. Blame
     the newest op computed from the variable before that value came back."""
     flow = analysis.flow
-    returns = [seq for seq, from_numpy in analysis.imports_into_loss if from_numpy]
+    returns = [c.seq for c in analysis.imports_into_loss if c.numpy]
     if not returns:
         return None
     derived = [flow.producer[k] for k in reach_from_var if k in flow.producer]
@@ -362,11 +387,14 @@ def _cut_cause(analysis: Analysis, node: Node, key: int, name: str, reach_from_v
             "outside_tape",
             f"The value computed from `{name}` here is used in the loss but was computed while the "
             "GradientTape was not recording",
+            op=node.op_type,
             location=node.location(),
         )
     index = node.inputs.index(key)
     if not node.in_ok[index]:
         source = _integer_source(analysis.flow, key, reach_from_var) or node
+        if source.kind == FUNCTION:  # eager mode: the op in the called tf.function's body, as in graph mode
+            source = _integer_source_inside(analysis, source, reach_from_var) or source
         return make_cause(
             "non_differentiable_op",
             f"The path from `{name}` to the loss becomes integer/bool at {describe_op(source.op_type)}, "

@@ -68,6 +68,10 @@ class Crossing:
     location: str | None
     #: An import from a NumPy value (not a Python float): evidence on its own that a value came back from NumPy.
     numpy: bool = True
+    #: The Python number that crossed: a scalar copied out (``float(t)``, ``t.numpy()`` of a scalar) or a Python
+    #: float brought in; None for an array. A Python float in the loss is evidence of a round trip only where it
+    #: is a copied value (``0.5 * loss`` also brings one in).
+    value: float | None = None
 
 
 class DataflowGraph:

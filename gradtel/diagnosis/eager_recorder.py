@@ -52,6 +52,14 @@ def _keys(tensors: Any) -> tuple[int, ...]:
     return tuple(t._id for t in tensors)
 
 
+def _scalar(copied: Any) -> float | None:
+    """A copied-out scalar as a Python float (what may come back into the loss as one); None for anything else."""
+    try:
+        return float(copied) if np.ndim(copied) == 0 else None
+    except (TypeError, ValueError):
+        return None
+
+
 class EagerRecorder:
     """Records eagerly executed ops into a bounded DataflowGraph while armed."""
 
@@ -226,10 +234,15 @@ class EagerRecorder:
         recorder = self
 
         def exported(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            noted: tuple[int, str | None] | None = None  # when and where, taken here: the caller's frame
             if recorder._recording():
                 with contextlib.suppress(Exception):
-                    recorder.graph.add_escape(Crossing(tensor._id, recorder.seq, location_of_stack(2)))
-            return method(tensor, *args, **kwargs)
+                    noted = (recorder.seq, location_of_stack(2))
+            copied = method(tensor, *args, **kwargs)
+            if noted is not None:
+                with contextlib.suppress(Exception):
+                    recorder.graph.add_escape(Crossing(tensor._id, *noted, value=_scalar(copied)))
+            return copied
 
         exported.__name__ = method.__name__
         exported.__doc__ = method.__doc__
@@ -330,7 +343,9 @@ class EagerRecorder:
             from_numpy = isinstance(value, np.ndarray | np.generic) and value.dtype.kind in "fc"
             if (from_numpy or isinstance(value, float)) and recorder._recording() and carries_gradient(tensor.dtype):
                 with contextlib.suppress(Exception):
-                    recorder.graph.add_import(Crossing(tensor._id, recorder.seq, location_of_stack(2), from_numpy))
+                    number = None if from_numpy else float(value)
+                    where = location_of_stack(2)
+                    recorder.graph.add_import(Crossing(tensor._id, recorder.seq, where, from_numpy, number))
             return tensor
 
         return convert_to_eager_tensor

@@ -244,3 +244,40 @@ def test_python_float_round_trip_is_left_tensorflow_but_a_constant_factor_is_not
     grads = tape.gradient(loss, unrelated.trainable_variables)
     result = diagnoser.diagnose(list(grads), unrelated.trainable_variables)
     assert {c.category for c in result.causes.values()} == {"loss_disconnected"}
+
+
+def test_a_value_logged_with_float_and_a_python_constant_in_the_loss_is_no_round_trip(diagnoser: Diagnoser) -> None:
+    """An auxiliary output copied out for logging, its loss term forgotten, and a Python constant in the loss: the
+    constant is not the copy, and the loss depends on other variables, so nothing shows a round trip. The copy
+    could still have come back through Python maths, so the answer is unknown, never left_tensorflow."""
+    x = tf.ones((4, 3))
+    main = keras.layers.Dense(1, name="main")
+    aux = keras.layers.Dense(1, name="aux")
+    with tf.GradientTape() as tape:
+        print(float(tf.reduce_mean(aux(x))))  # LOGGED
+        loss = 0.5 * tf.reduce_mean(tf.square(main(x)))
+    variables = main.trainable_variables + aux.trainable_variables
+    result = diagnoser.diagnose(list(tape.gradient(loss, variables)), variables)
+    causes = {variable_path(variables[i]): c for i, c in result.causes.items()}
+    assert {name: c.category for name, c in causes.items()} == {"aux/kernel": "unknown", "aux/bias": "unknown"}
+    where = _line_of("# LOGGED", test_a_value_logged_with_float_and_a_python_constant_in_the_loss_is_no_round_trip)
+    assert all(where in c.explanation for c in causes.values())
+
+
+def test_an_integer_made_inside_a_called_tf_function_is_blamed_in_its_body(diagnoser: Diagnoser) -> None:
+    """Eager mode, a tf.function returning top_k's indices: the op is the body's TopKV2, as in graph mode."""
+    x = tf.reshape(tf.range(24, dtype=tf.float32), (2, 4, 3))
+    scorer = keras.layers.Dense(1, name="scorer")
+
+    @tf.function
+    def top(scores):
+        return tf.math.top_k(scores, k=2).indices  # TOPK
+
+    with tf.GradientTape() as tape:
+        picked = tf.gather(x, top(tf.squeeze(scorer(x), -1)), batch_dims=1)
+        loss = tf.reduce_sum(picked)
+    result = diagnoser.diagnose(list(tape.gradient(loss, scorer.trainable_variables)), scorer.trainable_variables)
+    where = _line_of("# TOPK", test_an_integer_made_inside_a_called_tf_function_is_blamed_in_its_body)
+    assert {(c.category, c.op, os.path.basename(c.location)) for c in result.causes.values()} == {
+        ("non_differentiable_op", "TopKV2", where)
+    }
