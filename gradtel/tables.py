@@ -53,21 +53,22 @@ class VariableTable:
         while len(self.diagnoses) > DIAGNOSES_KEPT:
             del self.diagnoses[next(iter(self.diagnoses))]
 
-    def zero_hint(self, index: int) -> Any:
-        """The newest diagnosis's hint for a variable whose gradient turned out all-zero, or None."""
+    def _zero_hint(self, index: int) -> tuple[Cause | None, frozenset[int]]:
+        """The newest diagnosis's hint for a variable whose gradient turned out all-zero (None if none), and its
+        witnesses in that diagnosis."""
         for diagnosis in reversed(list(self.diagnoses.values())):
             hint = diagnosis.zero_hints.get(index)
             if hint is not None:
-                return hint
-        return None
+                return hint, diagnosis.witnesses.get(index, frozenset())
+        return None, frozenset()
 
     def zero_causes(self, states: np.ndarray) -> dict[int, Cause | None]:
         """The causes of one step's all-zero gradients (``states``: the table's STATE row), by variable index: each
-        variable's hint, checked against the others' (``settle_zero_hints``)."""
+        variable's hint, checked against the step's other zeros (``settle_zero_hints``)."""
         from gradtel.diagnosis.cause import settle_zero_hints
 
-        hints = {int(i): self.zero_hint(int(i)) for i in np.flatnonzero(states == layout.STATE_ZERO)}
-        return settle_zero_hints(hints, not (states == layout.STATE_OK).any(), self.names)
+        zero = {int(i) for i in np.flatnonzero(states == layout.STATE_ZERO)}
+        return settle_zero_hints({i: self._zero_hint(i) for i in zero}, zero, self.names)
 
 
 class Tables:

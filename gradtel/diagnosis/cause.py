@@ -37,11 +37,13 @@ class Diagnosis:
     Both are keyed by the index of the variable in the list given to the optimizer. The hints of a traced step with
     no missing gradient are worked out when first asked for (``resolve``: a zero gradient showed up, from the
     exporter's or the report's thread), not while the step is traced: most steps never need them.
+    ``witnesses``: for a ``dead_activation`` hint, the variables used after its ReLU (``settle_zero_hints``).
     """
 
     causes: dict[int, Cause] = field(default_factory=dict)
     hints: dict[int, Cause] = field(default_factory=dict)
-    resolve: Callable[[], dict[int, Cause]] | None = None
+    witnesses: dict[int, frozenset[int]] = field(default_factory=dict)
+    resolve: Callable[[], tuple[dict[int, Cause], dict[int, frozenset[int]]]] | None = None
 
     @property
     def zero_hints(self) -> dict[int, Cause]:
@@ -50,9 +52,9 @@ class Diagnosis:
             with _RESOLVING:
                 if self.resolve is not None:
                     try:
-                        self.hints = self.resolve()
+                        self.hints, self.witnesses = self.resolve()
                     except Exception:
-                        self.hints = {}
+                        self.hints, self.witnesses = {}, {}
                     self.resolve = None
         return self.hints
 
@@ -64,27 +66,25 @@ def make_cause(category: str, detail: str, op: str | None = None, location: str 
 
 
 def settle_zero_hints(
-    hints: dict[int, Cause | None], every_gradient_zero: bool, names: Sequence[str]
+    hints: dict[int, tuple[Cause | None, frozenset[int]]], zero: set[int], names: Sequence[str]
 ) -> dict[int, Cause | None]:
-    """The hints of one step's all-zero gradients (by variable index; None: no gating op on its paths), checked
-    against each other.
+    """The causes of one step's all-zero gradients (``zero``), from each one's hint and the hint's witnesses.
 
-    Why: a hint is structural (every path from the variable crosses a ReLU), the zero is what happened. A dead ReLU
-    zeroes the gradients of the variables before it, never every gradient of the step: the bias of a layer after
-    it still gets one. So when every gradient of the step is zero and one with no hint is among them (its zero came
-    from nearer the loss: a saturated output, a loss constant for this batch), the ReLU on the others' paths
-    explains nothing, and their cause is ``other``.
+    Why: a ``dead_activation`` hint is structural (every path from the variable to the loss crosses a ReLU); the
+    zero is what happened. A dead ReLU outputs zeros, but the gradient still reaches it: the layers used after it
+    get one (a bias's gradient does not depend on the ReLU's output at all). So when every variable used after the
+    ReLU (its witnesses) is zero too, the zero came from nearer the loss (a saturated output or clip, a loss
+    constant for this batch): the ReLU explains nothing, and the cause is ``other``.
     """
-    witness = next((i for i, h in hints.items() if h is None), None) if every_gradient_zero else None
-    if witness is None:
-        return hints
-    settled = dict(hints)
-    for i, hint in hints.items():
-        if hint is not None and hint.category == ZeroCause.DEAD_ACTIVATION:
+    settled: dict[int, Cause | None] = {}
+    for i, (hint, witnesses) in hints.items():
+        settled[i] = hint
+        if hint is not None and hint.category == ZeroCause.DEAD_ACTIVATION and witnesses and witnesses <= zero:
+            after = names[min(witnesses)]
             settled[i] = make_cause(
                 ZeroCause.OTHER,
-                f"Every path from `{names[i]}` to the loss crosses a {hint.op or 'ReLU'}, but every gradient of "
-                f"this step is zero, `{names[witness]}`'s too, whose paths cross none: the zero comes from nearer "
-                "the loss, not from a dead activation",
+                f"Every path from `{names[i]}` to the loss crosses a {hint.op or 'ReLU'} (at {hint.location}), but "
+                f"the gradients of what is used after it are zero too (`{after}`): the zero comes from nearer the "
+                "loss, not from a dead activation",
             )
     return settled

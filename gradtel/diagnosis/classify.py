@@ -16,7 +16,7 @@ a step of N variables costs O(graph + N), not O(graph x N). Only missing variabl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -467,6 +467,51 @@ def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> C
             location=culprit.location() if culprit is not None else None,
         )
     return None
+
+
+#: Ops a variable's value passes through unchanged on its way to the op that uses it (Keras's autocast, reads).
+_PASS_THROUGH = frozenset({"Identity", "Cast", "ReadVariableOp"})
+#: Distinct ReLUs whose witnesses one diagnosis works out at most (one descendants walk each); hints beyond stand.
+_MAX_WITNESSED_RELUS = 64
+
+
+def relu_witnesses(
+    analysis: Analysis, hinted: Sequence[tuple[int, set[int]]], hints: dict[int, Cause]
+) -> dict[int, frozenset[int]]:
+    """For each ``dead_activation`` hint (by variable index), the variables of ``hinted`` (index, tensor ids) used
+    by an op after its ReLU on the way to the loss: the layers after it, whose gradients a dead ReLU leaves alone
+    (``settle_zero_hints``). One walk per distinct ReLU: in a chain of layers every hint names the same one."""
+    culprits = next((table for category, _, table in analysis.zero_rules if category == "dead_activation"), None)
+    if culprits is None:
+        return {}
+    after_relu: dict[int, frozenset[int]] = {}
+    witnesses: dict[int, frozenset[int]] = {}
+    for index, keys in hinted:
+        hint = hints.get(index)
+        relu = _newest(culprits, keys) if hint is not None and hint.category == "dead_activation" else None
+        if relu is None or (id(relu) not in after_relu and len(after_relu) >= _MAX_WITNESSED_RELUS):
+            continue
+        if id(relu) not in after_relu:
+            after = analysis.flow.descendants(relu.outputs)
+            after_relu[id(relu)] = frozenset(i for i, k in hinted if _used_with(analysis.flow, k, after))
+        witnesses[index] = after_relu[id(relu)]
+    return witnesses
+
+
+def _used_with(flow: DataflowGraph, keys: set[int], after: set[int]) -> bool:
+    """Whether the variable's value (read, then through identities and casts) is an input of an op that also
+    takes one of the tensors ``after``."""
+    stack = [out for node in flow.readers(keys) for out in node.outputs]
+    seen = set(stack)
+    while stack:
+        for node in flow.consumers.get(stack.pop(), ()):
+            if node.kind == LINK or node.op_type in _PASS_THROUGH:
+                fresh = [out for out in node.outputs if out not in seen]
+                seen.update(fresh)
+                stack.extend(fresh)
+            elif any(k in after for k in node.inputs):
+                return True
+    return False
 
 
 def _newest(table: dict[int, Node], keys: set[int]) -> Node | None:

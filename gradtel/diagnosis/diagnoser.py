@@ -27,7 +27,7 @@ from tensorflow.python.framework import ops
 
 from gradtel.diagnosis import graph_source
 from gradtel.diagnosis.cause import UNKNOWN, Cause, Diagnosis, make_cause
-from gradtel.diagnosis.classify import Analysis, explain_missing, influences_loss, zero_hint
+from gradtel.diagnosis.classify import Analysis, explain_missing, influences_loss, relu_witnesses, zero_hint
 from gradtel.diagnosis.eager_recorder import EagerRecorder
 from gradtel.diagnosis.pipeline_hook import PipelineHook
 from gradtel.diagnosis.tape_hook import GradientCall, TapeHook
@@ -212,6 +212,7 @@ class Diagnoser:
                 analysis.trainable_keys = {
                     k for v in (*variables, *call.watched) if is_trainable(v) for k in _keys(v, keys_of)
                 }
+        hinted: list[tuple[int, set[int]]] = []
         for index, (grad, variable) in enumerate(zip(grads, variables, strict=False)):
             try:
                 if grad is None:
@@ -219,9 +220,9 @@ class Diagnoser:
                     cause = _cheap(variable, name) or _walked(analysis, variable, name, keys_of)
                     result.causes[index] = cause
                 elif analysis is not None:
-                    hint = zero_hint(
-                        analysis, _keys(variable, keys_of), variable_path(variable), _is_float16(grad, variable)
-                    )
+                    keys = _keys(variable, keys_of)
+                    hinted.append((index, keys))
+                    hint = zero_hint(analysis, keys, variable_path(variable), _is_float16(grad, variable))
                     if hint is not None:
                         result.zero_hints[index] = hint
             except Exception as error:
@@ -230,6 +231,8 @@ class Diagnoser:
                         UNKNOWN, f"Diagnosing `{variable_path(variable)}` failed ({error!r})"
                     )
         if analysis is not None:
+            with contextlib.suppress(Exception):  # without witnesses every hint stands
+                result.witnesses = relu_witnesses(analysis, hinted, result.zero_hints)
             self._note_influencers(analysis, keys_of)
         return result
 
@@ -263,11 +266,12 @@ class Diagnoser:
             graph = graph_ref()
             return None if graph is None else Analysis(graph_source.build(graph), light)
 
-        def hints() -> dict[int, Cause]:
+        def hints() -> tuple[dict[int, Cause], dict[int, frozenset[int]]]:
             found = analysis()
             if found is None:
-                return {}
-            return {i: h for i, keys, name, half in hinted if (h := zero_hint(found, keys, name, half)) is not None}
+                return {}, {}
+            zero = {i: h for i, keys, name, half in hinted if (h := zero_hint(found, keys, name, half)) is not None}
+            return zero, relu_witnesses(found, [(i, keys) for i, keys, _, _ in hinted], zero)
 
         def influencers() -> None:
             found = analysis()

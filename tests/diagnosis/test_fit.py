@@ -124,16 +124,17 @@ def test_tf_keras_fit_argmax_layer(diagnoser: Diagnoser) -> None:
         assert cause.location.endswith(f"{os.sep}test_fit.py:{culprit_line(Hard)}")
 
 
-def _zero_causes(model: keras.Model) -> dict[str, str]:
+def _zero_causes(model: keras.Model, outputs: int = 1) -> dict[str, str]:
     """Fit one batch with the model's optimizer instrumented; the report's causes of its zero gradients."""
     import gradtel
 
-    model.compile(optimizer="sgd", loss="mse")
+    model.compile(optimizer="sgd", loss=["mse"] * outputs)
     handle = gradtel.instrument(model.optimizer, start_exporter=False)
-    model.fit(np.full((8, 3), 10.0, "float32"), np.full((8, 1), 0.5, "float32"), epochs=1, batch_size=8, verbose=0)
+    y = [np.full((8, 1), 0.5, "float32")] * outputs
+    model.fit(np.full((8, 3), 10.0, "float32"), y if outputs > 1 else y[0], epochs=1, batch_size=8, verbose=0)
     ours = [v for v in gradtel.report()["variables"] if v["optimizer"] == handle.name]
-    # by layer/variable (the names start with the model's: sequential/hid/kernel)
-    return {v["name"].split("/", 1)[1]: v["cause"]["category"] for v in ours if v["status"] == "zero"}
+    # by layer/variable (a Sequential's names start with the model's: sequential/hid/kernel)
+    return {"/".join(v["name"].split("/")[-2:]): v["cause"]["category"] for v in ours if v["status"] == "zero"}
 
 
 def test_a_saturated_output_is_not_blamed_on_the_relus_before_it(instrumented_cleanup: None) -> None:
@@ -166,3 +167,16 @@ def test_a_dead_relu_keeps_its_cause_while_a_later_bias_trains(instrumented_clea
         "hid/bias": "dead_activation",
         "out/kernel": "other",
     }
+
+
+def test_a_clipped_head_is_not_blamed_on_its_relu_while_another_head_trains(instrumented_cleanup: None) -> None:
+    """The clip saturates (every output above 1): the clipped head's gradients are all zero, the other head's are
+    not. The ReLU's witnesses are the layers used after it, not the whole step."""
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(4, activation="relu", name="hid", kernel_initializer="ones")(inputs)
+    raw = keras.layers.Dense(1, name="raw", kernel_initializer="ones")(hidden)
+    clipped = keras.layers.Lambda(lambda t: keras.ops.clip(t, 0.0, 1.0), name="clip")(raw)
+    model = keras.Model(inputs, [clipped, keras.layers.Dense(1, name="reg")(inputs)])
+    assert _zero_causes(model, outputs=2) == dict.fromkeys(
+        ["hid/kernel", "hid/bias", "raw/kernel", "raw/bias"], "other"
+    )
