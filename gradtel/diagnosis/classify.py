@@ -134,6 +134,32 @@ class Analysis:
         return rules
 
     @cached_property
+    def entered_branches(self) -> dict[int, frozenset[tuple[int, int]]]:
+        """Per tensor, the cond branches (cond, index) that a gradient path from it to the loss enters; one pass,
+        newest node first, as ``DataflowGraph.newest_downstream``."""
+        reach, flow = self.zero_reach, self.flow
+        entered: dict[int, frozenset[tuple[int, int]]] = {}
+        for node in reversed(flow.nodes):
+            found: frozenset[tuple[int, int]] = frozenset()
+            if node.branch_of is not None and any(k in reach for k in node.outputs):
+                found = frozenset((node.branch_of,))
+            for out in node.outputs:
+                if flow.producer.get(out) is node and out in entered:
+                    found |= entered[out]
+            if found:
+                for key in node.inputs:
+                    entered[key] = entered[key] | found if key in entered else found
+        return entered
+
+    def in_both_branches(self, keys: set[int]) -> bool:
+        """Whether gradient paths from these tensors enter two branches of one cond: one of them was taken."""
+        seen: dict[int, int] = {}
+        for cond, index in (b for k in keys for b in self.entered_branches.get(k, ())):
+            if seen.setdefault(cond, index) != index:
+                return True
+        return False
+
+    @cached_property
     def half_on_path(self) -> dict[int, Node]:
         """Per tensor, the newest float16 op on a gradient path from it to the loss."""
         return self._culprits(lambda n: n.half and n.kind != LINK)
@@ -249,6 +275,7 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
             "outside_tape",
             f"A value computed from `{name}` before the step (here) is used in the step as a constant, so the "
             "gradient cannot reach the variable",
+            op=stale.op_type,
             location=stale.location(),
         )
     if not (analysis.loss_ancestors & analysis.trainable_keys):
@@ -449,7 +476,7 @@ def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> C
             location=half.location(),
         )
     for category, avoiding, culprits in analysis.zero_rules:
-        if keys & avoiding:
+        if keys & avoiding or (category == "untaken_branch" and analysis.in_both_branches(keys)):
             continue
         culprit = _newest(culprits, keys)
         if culprit is None and category == "zero_gradient_op":

@@ -43,6 +43,8 @@ class Node:
     label: str | None = None
     branch: Where = None
     in_branch: bool = False
+    #: Graph mode, inside a cond's branch: (that cond, the branch's index), to tell one branch from the other.
+    branch_of: tuple[int, int] | None = None
     half: bool = False  # an output is float16: gradients through it can underflow without loss scaling
     zero_filled: bool = False  # in a cond branch or loop body: a None gradient through it becomes zeros
 

@@ -58,21 +58,33 @@ def _flags(tensors: Any) -> tuple[bool, ...]:
     return tuple(carries_gradient(t.dtype) for t in tensors)
 
 
+#: Where an op sits: inside which cond's branch (its location, and (cond, branch index)), or (None, None).
+_Inside = tuple[Where, tuple[int, int] | None]
+
+
 def build(graph: Any) -> DataflowGraph:
     """The dataflow graph of a FuncGraph as it stands now (ops added later are not seen)."""
     flow = DataflowGraph()
-    _add_graph(flow, graph, seq=None, branch=None, depth=0, filled=False)
+    _add_graph(flow, graph, seq=None, branch=None, branch_of=None, depth=0, filled=False)
     return flow
 
 
-def _add_graph(flow: DataflowGraph, graph: Any, seq: int | None, branch: Where, depth: int, filled: bool) -> None:
+def _add_graph(
+    flow: DataflowGraph,
+    graph: Any,
+    seq: int | None,
+    branch: Where,
+    branch_of: tuple[int, int] | None,
+    depth: int,
+    filled: bool,
+) -> None:
     """Add ``graph``'s ops; ``filled``: inside a cond branch or a loop body, where TensorFlow's control-flow gradients
-    turn a None gradient into zeros."""
+    turn a None gradient into zeros; ``branch``/``branch_of``: inside a cond branch, where and which (Node)."""
     for op in graph.get_operations():
         if op.type == "Placeholder" and op.outputs[0]._id in flow.producer:
             continue  # a body's argument: already produced by the link from the caller's input
         op_seq = op._id if seq is None else seq
-        if depth < _MAX_DEPTH and _inline(flow, graph, op, op_seq, branch, depth, filled):
+        if depth < _MAX_DEPTH and _inline(flow, graph, op, op_seq, (branch, branch_of), depth, filled):
             continue
         kind = CUSTOM_GRADIENT if "_gradient_op_type" in op.node_def.attr else _kind_of(op)
         flow.add(
@@ -87,6 +99,7 @@ def _add_graph(flow: DataflowGraph, graph: Any, seq: int | None, branch: Where, 
                 kind,
                 branch=branch,
                 in_branch=branch is not None,
+                branch_of=branch_of,
                 half=has_half(op.outputs),
                 zero_filled=filled,
             )
@@ -97,7 +110,15 @@ def _kind_of(op: Any) -> str:
     return FUNCTION if op.type in _CONTROL_FLOW_OPS else "op"
 
 
-def _link(flow: DataflowGraph, sources: list[Any], target: Any, seq: int, op: Any, branch: Where) -> None:
+def _link(
+    flow: DataflowGraph,
+    sources: list[Any],
+    target: Any,
+    seq: int,
+    op: Any,
+    inside: tuple[Where, tuple[int, int] | None],
+) -> None:
+    branch, branch_of = inside
     flow.add(
         Node(
             "Identity",
@@ -110,11 +131,20 @@ def _link(flow: DataflowGraph, sources: list[Any], target: Any, seq: int, op: An
             LINK,
             branch=branch,
             in_branch=branch is not None,
+            branch_of=branch_of,
         )
     )
 
 
-def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, depth: int, filled: bool) -> bool:
+def _inline(
+    flow: DataflowGraph,
+    graph: Any,
+    op: Any,
+    seq: int,
+    inside: _Inside,
+    depth: int,
+    filled: bool,
+) -> bool:
     """Add a control-flow or call op as its bodies linked to its inputs and outputs; False if not one.
 
     A body may have more outputs than its op: once a tape differentiates a call, TensorFlow appends the
@@ -133,31 +163,32 @@ def _inline(flow: DataflowGraph, graph: Any, op: Any, seq: int, branch: Where, d
         if len(body.inputs) != len(inputs) or len(body.outputs) < len(outputs):
             return False
         for outer, inner in zip(inputs, body.inputs, strict=True):
-            _link(flow, [outer], inner, seq, op, branch)
-        _add_graph(flow, body, seq, branch, depth + 1, filled)
+            _link(flow, [outer], inner, seq, op, inside)
+        _add_graph(flow, body, seq, *inside, depth + 1, filled)
         for inner, outer in zip(body.outputs[: len(outputs)], outputs, strict=True):
-            _link(flow, [inner], outer, seq, op, branch)
+            _link(flow, [inner], outer, seq, op, inside)
         return True
     if kind == "branches":
         args = inputs[1:]
         if any(len(b.inputs) != len(args) or len(b.outputs) < len(outputs) for b in graphs):
             return False
         site = functools.partial(_op_location, op)
-        for body in graphs:
+        cond = len(flow.nodes)  # one number per cond of this flow
+        for index, body in enumerate(graphs):
             for outer, inner in zip(args, body.inputs, strict=True):
-                _link(flow, [outer], inner, seq, op, site)
-            _add_graph(flow, body, seq, site, depth + 1, True)
+                _link(flow, [outer], inner, seq, op, (site, (cond, index)))
+            _add_graph(flow, body, seq, site, (cond, index), depth + 1, True)
         for j, outer in enumerate(outputs):
-            _link(flow, [body.outputs[j] for body in graphs], outer, seq, op, branch)
+            _link(flow, [body.outputs[j] for body in graphs], outer, seq, op, inside)
         return True
     (body,) = graphs
     if not (len(body.inputs) == len(body.outputs) == len(inputs) == len(outputs)):
         return False
     for j, inner in enumerate(body.inputs):
-        _link(flow, [inputs[j], body.outputs[j]], inner, seq, op, branch)
-    _add_graph(flow, body, seq, branch, depth + 1, True)
+        _link(flow, [inputs[j], body.outputs[j]], inner, seq, op, inside)
+    _add_graph(flow, body, seq, *inside, depth + 1, True)
     for j, outer in enumerate(outputs):
-        _link(flow, [inputs[j], body.outputs[j]], outer, seq, op, branch)
+        _link(flow, [inputs[j], body.outputs[j]], outer, seq, op, inside)
     return True
 
 

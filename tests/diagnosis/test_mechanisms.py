@@ -281,3 +281,24 @@ def test_an_integer_made_inside_a_called_tf_function_is_blamed_in_its_body(diagn
     assert {(c.category, c.op, os.path.basename(c.location)) for c in result.causes.values()} == {
         ("non_differentiable_op", "TopKV2", where)
     }
+
+
+def test_a_variable_used_in_both_branches_of_a_cond_gets_no_untaken_branch_hint(diagnoser: Diagnoser) -> None:
+    """One of a cond's branches always runs: a variable whose paths enter both is no untaken branch's."""
+    x = tf.ones((2, 3))
+    shared, only = keras.layers.Dense(1, name="shared"), keras.layers.Dense(1, name="only")
+    shared(x), only(x)  # built before the trace
+    variables = shared.trainable_variables + only.trainable_variables
+    box = {}
+
+    @tf.function
+    def step(flag):
+        with tf.GradientTape() as tape:
+            a = shared(x)
+            loss = tf.reduce_sum(tf.cond(flag, lambda: a * 2.0, lambda: a + only(x)))
+        box["result"] = diagnoser.diagnose(list(tape.gradient(loss, variables)), variables)
+        return loss
+
+    step(tf.constant(True))
+    hints = {variable_path(variables[i]): h.category for i, h in box["result"].zero_hints.items()}
+    assert hints == {"only/kernel": "untaken_branch", "only/bias": "untaken_branch"}
