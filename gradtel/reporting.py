@@ -120,7 +120,8 @@ def _origin_findings(records: list[VariableRecord]) -> list[dict[str, Any]]:
                 "followed": len(later),
                 "resume_before_step": step,
                 "explanation": (
-                    f"The first non-finite (NaN/Inf) gradient of optimizer '{optimizer}' was at its step {step}, in "
+                    f"The first non-finite gradient (NaN/Inf, or a norm past float32's ~1.8e19) of optimizer "
+                    f"'{optimizer}' was at its step {step}, in "
                     f"{', '.join(sorted(names))} (layer {where}).{spread} Check the ops of that layer and what "
                     "feeds it at that step: log or sqrt of a value <= 0, a division by ~0, exp or pow overflowing, a "
                     "custom loss term, an input batch holding NaN; and the learning rate (an exploding norm in the "
