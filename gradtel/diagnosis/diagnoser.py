@@ -231,8 +231,11 @@ class Diagnoser:
                         UNKNOWN, f"Diagnosing `{variable_path(variable)}` failed ({error!r})"
                     )
         if analysis is not None:
-            with contextlib.suppress(Exception):  # without witnesses every hint stands
-                result.witnesses = relu_witnesses(analysis, hinted, result.zero_hints)
+            if call_graph is None:  # eager: the recording is bounded, and it moves on after this step
+                with contextlib.suppress(Exception):  # without witnesses every hint stands
+                    result.witnesses = relu_witnesses(analysis, hinted, result.zero_hints)
+            elif result.zero_hints and call is not None:  # a trace: walked if a gradient turns out zero (resolve)
+                result.resolve = _later_witnesses(weakref.ref(call_graph), call, hinted, dict(result.zero_hints))
             self._note_influencers(analysis, keys_of)
         return result
 
@@ -367,6 +370,22 @@ def _keys(variable: Any, keys_of: Callable[[Any], set[int]]) -> set[int]:
 def _eager_keys(resource: Any) -> set[int]:
     """Eager mode: the recorder knows a handle by its own tensor id."""
     return {resource._id} if hasattr(resource, "_id") else set()
+
+
+def _later_witnesses(
+    graph_ref: weakref.ref[Any], call: GradientCall, hinted: list[tuple[int, set[int]]], hints: dict[int, Cause]
+) -> Callable[[], tuple[dict[int, Cause], dict[int, frozenset[int]]]]:
+    """The hints as they are, and their witnesses worked out from the traced graph when first asked for (the walks
+    are per ReLU, and most traces never see a zero gradient); none once the graph is gone."""
+    light = dataclasses.replace(call, watched=())
+
+    def resolve() -> tuple[dict[int, Cause], dict[int, frozenset[int]]]:
+        graph = graph_ref()
+        if graph is None:
+            return hints, {}
+        return hints, relu_witnesses(Analysis(graph_source.build(graph), light), hinted, hints)
+
+    return resolve
 
 
 def _best_call(tapes: TapeHook, graph: Any, variables: list) -> GradientCall | None:

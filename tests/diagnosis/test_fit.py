@@ -124,13 +124,14 @@ def test_tf_keras_fit_argmax_layer(diagnoser: Diagnoser) -> None:
         assert cause.location.endswith(f"{os.sep}test_fit.py:{culprit_line(Hard)}")
 
 
-def _zero_causes(model: keras.Model, outputs: int = 1) -> dict[str, str]:
-    """Fit one batch with the model's optimizer instrumented; the report's causes of its zero gradients."""
+def _zero_causes(model: keras.Model, outputs: int = 1, unused: int = 0) -> dict[str, str]:
+    """Fit one batch with the model's optimizer instrumented; the report's causes of its zero gradients. The last
+    ``unused`` of the model's outputs have no loss (their variables' gradients are missing)."""
     import gradtel
 
-    model.compile(optimizer="sgd", loss=["mse"] * outputs)
+    model.compile(optimizer="sgd", loss=["mse"] * outputs + [None] * unused)
     handle = gradtel.instrument(model.optimizer, start_exporter=False)
-    y = [np.full((8, 1), 0.5, "float32")] * outputs
+    y = [np.full((8, 1), 0.5, "float32")] * outputs + [np.zeros((8, 1), "float32")] * unused
     model.fit(np.full((8, 3), 10.0, "float32"), y if outputs > 1 else y[0], epochs=1, batch_size=8, verbose=0)
     ours = [v for v in gradtel.report()["variables"] if v["optimizer"] == handle.name]
     # by layer/variable (a Sequential's names start with the model's: sequential/hid/kernel)
@@ -169,14 +170,18 @@ def test_a_dead_relu_keeps_its_cause_while_a_later_bias_trains(instrumented_clea
     }
 
 
-def test_a_clipped_head_is_not_blamed_on_its_relu_while_another_head_trains(instrumented_cleanup: None) -> None:
+@pytest.mark.parametrize("unused", [0, 1], ids=["all_present", "one_head_missing"])
+def test_a_clipped_head_is_not_blamed_on_its_relu_while_another_head_trains(
+    instrumented_cleanup: None, unused: int
+) -> None:
     """The clip saturates (every output above 1): the clipped head's gradients are all zero, the other head's are
-    not. The ReLU's witnesses are the layers used after it, not the whole step."""
+    not. The ReLU's witnesses are the layers used after it, not the whole step. With a head whose gradients are
+    missing the trace is walked at once (its witnesses later, from the graph), without one the walk is deferred."""
     inputs = keras.Input((3,))
     hidden = keras.layers.Dense(4, activation="relu", name="hid", kernel_initializer="ones")(inputs)
     raw = keras.layers.Dense(1, name="raw", kernel_initializer="ones")(hidden)
     clipped = keras.layers.Lambda(lambda t: keras.ops.clip(t, 0.0, 1.0), name="clip")(raw)
-    model = keras.Model(inputs, [clipped, keras.layers.Dense(1, name="reg")(inputs)])
-    assert _zero_causes(model, outputs=2) == dict.fromkeys(
-        ["hid/kernel", "hid/bias", "raw/kernel", "raw/bias"], "other"
-    )
+    heads = [clipped, keras.layers.Dense(1, name="reg")(inputs), keras.layers.Dense(1, name="aux")(inputs)]
+    model = keras.Model(inputs, heads[: 2 + unused])
+    expected = dict.fromkeys(["hid/kernel", "hid/bias", "raw/kernel", "raw/bias"], "other")
+    assert _zero_causes(model, outputs=2, unused=unused) == expected
