@@ -151,6 +151,30 @@ class EagerRecorder:
     def _recording(self) -> bool:
         return self.armed and not getattr(self._local, "paused", False)
 
+    def note_gradient(self, target: Any, sources: Any, result: Any) -> None:
+        """An eager ``tape.gradient`` call, as one opaque op from the target and the sources to the gradients.
+
+        Why: its backward ops are not recorded (the recorder pauses for them), yet a gradient can feed a loss (a
+        gradient penalty, a Hessian-vector product); without this op such a loss would look computed from nothing.
+        Whether the op ran while another tape recorded decides, like any op's, whether that tape sees the path.
+        """
+        if not self._recording():
+            return
+        inputs = [t for t in nest.flatten((target, sources)) if hasattr(t, "_id")]
+        outputs = [t for t in nest.flatten(result) if t is not None and hasattr(t, "_id")]
+        self.seq += 1
+        node = Node(
+            "GradientTape.gradient",
+            _keys(inputs),
+            _keys(outputs),
+            self.seq,
+            _flags(inputs),
+            _flags(outputs),
+            location_of_stack(2),
+            FUNCTION,
+        )
+        self.graph.add(node)
+
     # -- sources of facts ------------------------------------------------------------------------------
 
     def _on_op(

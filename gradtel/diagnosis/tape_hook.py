@@ -58,9 +58,15 @@ def _graph_clock(graph: Any) -> int:
 class TapeHook:
     """Installs the GradientTape patches and keeps the most recent gradient calls per graph."""
 
-    def __init__(self, eager_clock: Callable[[], int], eager_pause: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        eager_clock: Callable[[], int],
+        eager_pause: Callable[[], Any],
+        eager_note: Callable[[Any, Any, Any], None] = lambda target, sources, result: None,
+    ) -> None:
         self._eager_clock = eager_clock
         self._eager_pause = eager_pause
+        self._eager_note = eager_note  # an eager gradient call, as one op of the recording
         self._originals: dict[str, Any] = {}
         # Each hook keeps its own intervals on the tape: two installed hooks (a process's diagnoser and another
         # one) must not close each other's.
@@ -91,9 +97,13 @@ class TapeHook:
         def patched_gradient(tape: Any, target: Any, sources: Any, *args: Any, **kwargs: Any) -> Any:
             with contextlib.suppress(Exception):
                 hook._remember(tape, target, sources)
-            pause = hook._eager_pause() if context.executing_eagerly() else contextlib.nullcontext()
-            with pause:
-                return gradient(tape, target, sources, *args, **kwargs)
+            eager = context.executing_eagerly()
+            with hook._eager_pause() if eager else contextlib.nullcontext():
+                result = gradient(tape, target, sources, *args, **kwargs)
+            if eager:  # its backward ops are not recorded (paused): the call stands for them
+                with contextlib.suppress(Exception):
+                    hook._eager_note(target, sources, result)
+            return result
 
         tape_class._push_tape = _push_tape
         tape_class._pop_tape = _pop_tape

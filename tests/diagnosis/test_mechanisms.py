@@ -302,3 +302,33 @@ def test_a_variable_used_in_both_branches_of_a_cond_gets_no_untaken_branch_hint(
     step(tf.constant(True))
     hints = {variable_path(variables[i]): h.category for i, h in box["result"].zero_hints.items()}
     assert hints == {"only/kernel": "untaken_branch", "only/bias": "untaken_branch"}
+
+
+def test_a_loss_made_from_a_gradient_taken_after_the_outer_tape_is_outside_the_tape(diagnoser: Diagnoser) -> None:
+    """tensorflow/tensorflow#41510: forces (a gradient) taken after the outer tape's block feed its loss. The eager
+    recorder does not record backward ops; the gradient call stands for them, so the loss is not 'computed from
+    nothing' (loss_disconnected) but from values made while the outer tape was not recording."""
+    x = tf.reshape(tf.range(6, dtype=tf.float32), (2, 3))
+    w = tf.Variable(tf.ones((3, 2)), name="w")
+    with tf.GradientTape() as outer, tf.GradientTape() as inner:
+        inner.watch(x)
+        energy = tf.reduce_sum(tf.tanh(x @ w))
+    forces = inner.gradient(energy, x)
+    loss = tf.reduce_mean(tf.square(forces - 1.0))  # LOSS
+    result = diagnoser.diagnose([outer.gradient(loss, w)], [w])
+    where = _line_of("# LOSS", test_a_loss_made_from_a_gradient_taken_after_the_outer_tape_is_outside_the_tape)
+    assert [(c.category, os.path.basename(c.location)) for c in result.causes.values()] == [("outside_tape", where)]
+
+
+def test_a_variable_read_only_before_the_tape_is_not_said_to_be_read_inside_it(diagnoser: Diagnoser) -> None:
+    """A fresh copy made before the tape (tf.Variable(w)) and trained in w's place: w is read, but never while the
+    tape records, so not_on_loss_path ('read inside the tape') has no evidence."""
+    x = tf.ones((2, 3))
+    w = tf.Variable(tf.ones((3, 1)), name="w")
+    copy = tf.Variable(w)  # COPY
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(x @ copy)
+    result = diagnoser.diagnose([tape.gradient(loss, w)], [w])
+    (cause,) = result.causes.values()
+    where = _line_of("# COPY", test_a_variable_read_only_before_the_tape_is_not_said_to_be_read_inside_it)
+    assert cause.category == "unknown" and where in cause.explanation
