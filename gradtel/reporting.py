@@ -17,6 +17,7 @@ from typing import Any
 
 from gradtel import registry, statistics
 from gradtel.config import Config
+from gradtel.naming import unique_names
 from gradtel.records import VariableRecord, nonfinite_origins
 from gradtel.statistics import Report
 from gradtel.vocabulary import Finding, MissingCause, State, ZeroCause, fix_for
@@ -164,8 +165,11 @@ def _findings_and_notes(
             groups[category].append(record.name)
     notes: dict[str, list[str]] = defaultdict(list)
     patterns = [h.expect_missing for h in registry.handles()]
-    for name, tracked in not_optimized:
-        if any(p.matches(name) for p in patterns):
+    # A variable no optimizer got may share its path with one that did (keras.models.clone_model keeps the layer
+    # names): it is named apart (``#2``), as duplicates among the variables are. Patterns match the path.
+    shown = unique_names([path for path, _ in not_optimized], {r.name: 2 for r in records})
+    for (path, tracked), name in zip(not_optimized, shown, strict=True):
+        if any(p.matches(path) for p in patterns):
             groups[Finding.EXPECTED_MISSING].append(name)
         elif tracked:
             notes[Finding.NOT_OPTIMIZED].append(name)

@@ -152,3 +152,27 @@ def test_a_tf_keras_attribute_left_out_of_the_optimizer_is_a_note():
     # The report is the process's: variables of earlier tests may be in it too; this one is a note, not a fault.
     assert "frozen_raw/raw_w" not in _groups(report["findings"]).get("untracked_variable", [])
     assert "frozen_raw/raw_w" in _groups(report["notes"])["not_optimized"]
+
+
+def test_a_left_out_clone_sharing_its_paths_with_the_trained_model_is_named_apart():
+    """keras.models.clone_model keeps the layer names: the clone's variables have the trained ones' paths. A note
+    naming the bare path would name a variable the optimizer does get."""
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="twin_dense")], name="twin_model")
+    clone = keras.models.clone_model(model)
+    assert [v.path for v in clone.trainable_variables] == [v.path for v in model.trainable_variables]
+    opt = keras.optimizers.SGD(0.1)
+    gradtel.instrument(opt, name="clone-notes", start_exporter=False)
+    try:
+        x = tf.ones((2, 3))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x) - clone(x))
+        opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        report = gradtel.report()
+    finally:
+        gradtel.uninstrument(opt)
+    ours = {v["name"] for v in report["variables"] if v["optimizer"] == "clone-notes"}
+    assert ours == {"twin_model/twin_dense/kernel", "twin_model/twin_dense/bias"}
+    noted = set(_groups(report["notes"])["not_optimized"])
+    assert {"twin_model/twin_dense/kernel#2", "twin_model/twin_dense/bias#2"} <= noted and not noted & ours
