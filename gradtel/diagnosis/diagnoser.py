@@ -320,14 +320,17 @@ class Diagnoser:
 
 def _untracked_by_keras3(variables: list) -> set[int]:
     """ids of those plain tf.Variables that a Keras 3 layer holds (as an attribute, or in a list, dict or set
-    attribute, which Keras 3 turns into its tracked containers) while no Keras 3 variable wraps them.
+    attribute, which Keras 3 turns into its tracked containers), directly or through a ``tf.Module`` it holds,
+    while no Keras 3 variable wraps them.
 
-    Keras keeps no link from a tf.Variable back to its holders, so the heap is asked, once, at report time, for
-    the candidates only (one walk of the garbage collector's objects: 20 to 90 ms for a Keras process's 280,000).
+    Keras keeps no link from a tf.Variable back to its holders, so the heap is asked, at report time, for the
+    candidates only (one walk of the garbage collector's objects: 20 to 90 ms for a Keras process's 280,000; two
+    more when a candidate sits in a ``tf.Module``, whose holder is asked for in turn).
     A referrer is a Keras 3 variable (its ``__dict__`` holds ``_path`` and, as ``_value``, the tf.Variable), a
     Keras 3 layer (a ``Tracker`` as ``_tracker``; Python 3.11 hands out the object or its ``__dict__``), a tracked
-    container, or anything else (ignored). Without Keras 3 loaded nothing is untracked: tf_keras and tf.Module
-    track plain tf.Variables themselves."""
+    container, a ``tf.Module`` (Keras 3 tracks none: its variables are not the layer's), or anything else
+    (ignored). Without Keras 3 loaded nothing is untracked: tf_keras and tf.Module track plain tf.Variables
+    themselves."""
     import gc
     import sys
 
@@ -340,21 +343,52 @@ def _untracked_by_keras3(variables: list) -> set[int]:
         for name in ("TrackedList", "TrackedDict", "TrackedOrderedDict", "TrackedSet")
         if hasattr(tracking, name)
     )
-    wrapped: set[int] = set()
-    held: set[int] = set()
-    for holder in gc.get_referrers(*variables):
-        with contextlib.suppress(Exception):  # an odd referrer (a property raising on __dict__) is not a holder
-            if isinstance(holder, containers):
-                held.update(map(id, holder.values() if isinstance(holder, dict) else holder))
-                continue
-            attributes = holder if type(holder) is dict else getattr(holder, "__dict__", None)
-            if not isinstance(attributes, dict):
-                continue
-            if "_path" in attributes and "_value" in attributes:
-                wrapped.add(id(attributes["_value"]))
-            elif isinstance(attributes.get("_tracker"), tracking.Tracker):
-                held.update(map(id, attributes.values()))
-    return (held - wrapped) & {id(v) for v in variables}
+
+    def in_keras3(holders: list) -> tuple[set[int], set[int], list]:
+        """(ids held by a Keras 3 layer or container, ids a Keras 3 variable wraps, the other attribute dicts)."""
+        held: set[int] = set()
+        wrapped: set[int] = set()
+        others: list = []
+        for holder in holders:
+            with contextlib.suppress(Exception):  # an odd referrer (a property raising on __dict__) is not a holder
+                if isinstance(holder, containers):
+                    held.update(map(id, holder.values() if isinstance(holder, dict) else holder))
+                    continue
+                attributes = holder if type(holder) is dict else getattr(holder, "__dict__", None)
+                if not isinstance(attributes, dict):
+                    continue
+                if "_path" in attributes and "_value" in attributes:
+                    wrapped.add(id(attributes["_value"]))
+                elif isinstance(attributes.get("_tracker"), tracking.Tracker):
+                    held.update(map(id, attributes.values()))
+                else:
+                    others.append(holder)
+        return held, wrapped, others
+
+    candidates = {id(v) for v in variables}
+    held, wrapped, others = in_keras3(gc.get_referrers(*variables))
+    modules = _modules_holding(others, candidates - held)
+    if modules:
+        layer_held, _, _ = in_keras3(gc.get_referrers(*modules))
+        for module in modules:
+            if id(module) in layer_held:
+                held.update(map(id, vars(module).values()))
+    return (held - wrapped) & candidates
+
+
+def _modules_holding(holders: list, candidates: set[int]) -> list:
+    """The tf.Modules among ``holders`` (objects, or their ``__dict__``) that hold one of ``candidates``."""
+    import gc
+
+    def holds(attributes: dict) -> bool:
+        return any(id(value) in candidates for value in attributes.values())
+
+    modules = [h for h in holders if isinstance(h, tf.Module) and holds(vars(h))]
+    dicts = [h for h in holders if type(h) is dict and holds(h)]
+    if dicts:
+        owners = gc.get_referrers(*dicts)
+        modules += [o for o in owners if isinstance(o, tf.Module) and any(vars(o) is d for d in dicts)]
+    return modules
 
 
 def _key(grads: list, variables: list) -> _Key:

@@ -121,6 +121,35 @@ def test_not_optimized_names_plain_variables_in_a_python_list(diagnoser: Diagnos
     assert diagnoser.not_optimized([*layer.trainable_variables, *layer.extras]) == []
 
 
+class _Affine(tf.Module):
+    def __init__(self) -> None:
+        super().__init__(name="affine")
+        self.shift = tf.Variable(0.5, name="module_shift")
+
+
+class _HoldsAModule(keras.layers.Layer):
+    """tensorflow/probability#946: a Keras 3 layer holding a tf.Module; Keras 3 tracks neither it nor its variables."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 1), name="kernel")
+        self.affine = _Affine()
+
+    def call(self, inputs):
+        return tf.matmul(inputs, self.kernel) + self.affine.shift
+
+
+def test_not_optimized_names_variables_of_a_tf_module_held_by_a_keras3_layer_untracked(diagnoser: Diagnoser) -> None:
+    layer = _HoldsAModule(name="holder")
+    layer(tf.ones((1, 3)))
+    assert [variable_path(v) for v in layer.trainable_variables] == ["holder/kernel"]  # the premise
+    standalone = _Affine()  # a tf.Module the script holds itself: its choice, only a note
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(layer(tf.ones((2, 3)))) * standalone.shift
+    diagnoser.diagnose(list(tape.gradient(loss, layer.trainable_variables)), layer.trainable_variables)
+    expected = [("holder/module_shift", False), ("module_shift", True)]  # untracked; a note
+    assert diagnoser.not_optimized(layer.trainable_variables) == expected
+
+
 def test_diagnose_never_raises_and_reports_unknown(diagnoser: Diagnoser) -> None:
     result = diagnoser.diagnose([None, np.zeros(2)], ["not a variable", object()])
     assert list(result.causes) == [0]
