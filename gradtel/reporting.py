@@ -85,9 +85,10 @@ _FINDING_TEXT: dict[str, str] = {
     "disagree on what trains: make the forward pass the same on every replica (no branch "
     "on the replica id or on per-replica data shapes).",
     Finding.UNTRACKED_VARIABLE: "These plain tf.Variables are read in the training step and influence the loss, but "
-    "Keras 3 does not track them (a tf.Variable set on a Keras 3 layer or kept in a Python "
-    "list is not a Keras variable), so they are not in model.trainable_variables and never "
-    "train: create them with self.add_weight(...) or keras.Variable(...).",
+    "Keras 3 does not track them (a tf.Variable set on a Keras 3 layer, kept in a Python "
+    "list or held by a tf.Module on the layer is not a Keras variable), so they are not in "
+    "model.trainable_variables and never train: create them with self.add_weight(...) or "
+    "keras.Variable(...).",
     Finding.NOT_OPTIMIZED: "These trainable variables influence the loss but the program gave them to no optimizer, as "
     "a frozen feature extractor or a target network updated by assign is meant to be. If they "
     "should train, pass them to an optimizer; if not, trainable=False says so.",
