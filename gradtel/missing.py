@@ -67,15 +67,21 @@ class MissingGradientReporter:
 
     @contextlib.contextmanager
     def enriched_errors(self, tables: Tables, variables: Sequence[Any] | None) -> Iterator[None]:
-        """Keras's 'No gradients provided for any variable' error, followed by gradtel's explanation."""
+        """Keras's 'No gradients provided for any variable' error, followed by gradtel's explanation; any error of a
+        step whose replicas disagreed on which gradients exist is kept for the report, and re-raised unchanged."""
         try:
             yield
-        except ValueError as error:
-            if not str(error).startswith("No gradients provided") or variables is None:
+        except Exception as error:
+            no_gradients = isinstance(error, ValueError) and str(error).startswith("No gradients provided")
+            table = None
+            with contextlib.suppress(Exception):
+                table = tables.get(variables) if variables is not None else None
+                # The report and the gate keep the diagnosis of a step that never ran: every gradient None, or
+                # replicas that disagree on which exist (Keras 3's update then fails, an AssertionError).
+                if table is not None and (no_gradients or table.disagreement):
+                    table.raised = (str(error) or type(error).__name__).splitlines()[0]
+            if not no_gradients or variables is None:
                 raise
-            table = tables.get(variables)
-            if table is not None:  # the report and the gate keep the diagnosis of a step that never ran
-                table.raised = str(error).splitlines()[0]
             raise ValueError(f"{error}\n{explain_all_missing(table, len(variables))}") from error
 
 

@@ -74,6 +74,36 @@ def test_replicas_that_disagree_on_a_missing_gradient_are_flagged(strategy):
     gradtel.uninstrument(optimizer)
 
 
+def test_a_disagreement_that_fails_keras_update_is_still_reported(strategy):
+    """tensorflow/tensorflow#27716: a branch on the replica id. Keras 3's distributed update fails (the replicas'
+    gradient lists differ) before any statistics ran; the report still names the variables, as a step that raised."""
+    with strategy.scope():
+        a = tf.Variable([1.0, 2.0], name="kept")
+        b = tf.Variable([3.0], name="replica0_only")
+    optimizer = keras.optimizers.SGD()
+    gradtel.instrument(optimizer, name="disagree_fails", start_exporter=False)
+
+    @tf.function
+    def step():
+        def replica_fn():
+            replica = tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group)
+            optimizer.apply_gradients(zip([tf.ones(2), tf.ones(1) if replica == 0 else None], [a, b], strict=True))
+
+        strategy.run(replica_fn)
+
+    try:
+        with pytest.raises(Exception) as raised:
+            step()
+        assert not isinstance(raised.value, ValueError) or "No gradients" not in str(raised.value)  # Keras's own
+        report = gradtel.report()
+    finally:
+        gradtel.uninstrument(optimizer)
+    (entry,) = [o for o in report["optimizers"] if o["name"] == "disagree_fails"]
+    assert entry["steps"] == 0 and entry["raised"]
+    states = {v["name"]: v["status"] for v in report["variables"] if v["optimizer"] == "disagree_fails"}
+    assert states == {"kept": "missing", "replica0_only": "replica_disagreement"}
+
+
 def test_loss_scale_optimizer_reports_unscaled_norms_and_counts_skipped_steps_apart():
     var = keras.Variable(np.ones(3, "float32"), name="w")
     optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=1024.0)
