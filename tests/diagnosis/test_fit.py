@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 
 import keras
@@ -124,13 +125,17 @@ def test_tf_keras_fit_argmax_layer(diagnoser: Diagnoser) -> None:
         assert cause.location.endswith(f"{os.sep}test_fit.py:{culprit_line(Hard)}")
 
 
+_RUNS = itertools.count()
+
+
 def _zero_causes(model: keras.Model, outputs: int = 1, unused: int = 0) -> dict[str, str]:
     """Fit one batch with the model's optimizer instrumented; the report's causes of its zero gradients. The last
     ``unused`` of the model's outputs have no loss (their variables' gradients are missing)."""
     import gradtel
 
     model.compile(optimizer="sgd", loss=["mse"] * outputs + [None] * unused)
-    handle = gradtel.instrument(model.optimizer, start_exporter=False)
+    # A name of its own: the report holds every handle of the process, earlier tests' uninstrumented ones too
+    handle = gradtel.instrument(model.optimizer, name=f"zero_causes_{next(_RUNS)}", start_exporter=False)
     y = [np.full((8, 1), 0.5, "float32")] * outputs + [np.zeros((8, 1), "float32")] * unused
     model.fit(np.full((8, 3), 10.0, "float32"), y if outputs > 1 else y[0], epochs=1, batch_size=8, verbose=0)
     ours = [v for v in gradtel.report()["variables"] if v["optimizer"] == handle.name]
