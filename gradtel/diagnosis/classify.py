@@ -309,9 +309,9 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
     if not recorded_reads:  # read, but only while no tape recorded: whatever it fed is not on the tape
         return make_cause(
             UNKNOWN,
-            f"`{name}` is read in this step only while the tape was not recording (at {reads[0].location()}), and "
-            "nothing computed from it reaches the loss: a copy made before the tape (outside_tape) or an unused "
-            "value (not_on_loss_path)",
+            f"`{name}` is read, but only while no tape was recording (at {reads[0].location()}), and nothing "
+            "computed from it reaches the loss: a copy made before the tape (outside_tape), or a read this step "
+            "does not use (unused)",
         )
     return make_cause(
         "not_on_loss_path",
