@@ -53,14 +53,14 @@ class VariableTable:
         while len(self.diagnoses) > DIAGNOSES_KEPT:
             del self.diagnoses[next(iter(self.diagnoses))]
 
-    def _zero_hint(self, index: int) -> tuple[Cause | None, frozenset[int]]:
+    def _zero_hint(self, index: int) -> tuple[Cause | None, frozenset[int] | None]:
         """The newest diagnosis's hint for a variable whose gradient turned out all-zero (None if none), and its
-        witnesses in that diagnosis."""
+        witnesses in that diagnosis (None: none needed)."""
         for diagnosis in reversed(list(self.diagnoses.values())):
             hint = diagnosis.zero_hints.get(index)
             if hint is not None:
-                return hint, diagnosis.witnesses.get(index, frozenset())
-        return None, frozenset()
+                return hint, diagnosis.witnesses.get(index)
+        return None, None
 
     def zero_causes(self, states: np.ndarray) -> dict[int, Cause | None]:
         """The causes of one step's all-zero gradients (``states``: the table's STATE row), by variable index: each

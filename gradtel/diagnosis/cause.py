@@ -66,25 +66,31 @@ def make_cause(category: str, detail: str, op: str | None = None, location: str 
 
 
 def settle_zero_hints(
-    hints: dict[int, tuple[Cause | None, frozenset[int]]], zero: set[int], names: Sequence[str]
+    hints: dict[int, tuple[Cause | None, frozenset[int] | None]], zero: set[int], names: Sequence[str]
 ) -> dict[int, Cause | None]:
     """The causes of one step's all-zero gradients (``zero``), from each one's hint and the hint's witnesses.
 
     Why: a ``dead_activation`` hint is structural (every path from the variable to the loss crosses a ReLU); the
     zero is what happened. A dead ReLU outputs zeros, but the gradient still reaches it: the layers used after it
     get one (a bias's gradient does not depend on the ReLU's output at all). So when every variable used after the
-    ReLU (its witnesses) is zero too, the zero came from nearer the loss (a saturated output or clip, a loss
-    constant for this batch): the ReLU explains nothing, and the cause is ``other``.
+    ReLU, up to the next op that can zero a gradient (its witnesses), is zero too, the zero came from nearer the
+    loss (a saturated tanh, sigmoid or clip after it, a loss constant for this batch): the ReLU explains nothing,
+    and the cause is ``other``. So too when that stretch holds no variable but ends at such an op (no witness
+    either way). ``witnesses`` None: the ReLU is the last thing that can zero the gradient; the hint stands.
     """
     settled: dict[int, Cause | None] = {}
     for i, (hint, witnesses) in hints.items():
         settled[i] = hint
-        if hint is not None and hint.category == ZeroCause.DEAD_ACTIVATION and witnesses and witnesses <= zero:
-            after = names[min(witnesses)]
-            settled[i] = make_cause(
-                ZeroCause.OTHER,
-                f"Every path from `{names[i]}` to the loss crosses a {hint.op or 'ReLU'} (at {hint.location}), but "
-                f"the gradients of what is used after it are zero too (`{after}`): the zero comes from nearer the "
-                "loss, not from a dead activation",
-            )
+        if hint is None or hint.category != ZeroCause.DEAD_ACTIVATION or witnesses is None or not witnesses <= zero:
+            continue
+        after = (
+            f"the gradients used after it are zero too (`{names[min(witnesses)]}`)"
+            if witnesses
+            else ("another op that can zero a gradient (a clip, tanh or sigmoid) follows it with no layer between")
+        )
+        settled[i] = make_cause(
+            ZeroCause.OTHER,
+            f"Every path from `{names[i]}` to the loss crosses a {hint.op or 'ReLU'} (at {hint.location}), but "
+            f"{after}: the zero may come from nearer the loss, not from a dead activation",
+        )
     return settled

@@ -27,6 +27,7 @@ from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, OP, Cros
 from gradtel.diagnosis.op_rules import (
     ASSIGN_OPS,
     GATING_ACTIVATIONS,
+    SATURATING_OPS,
     USER_GRADIENT_OPS,
     ZERO_GRADIENT_OPS,
     blocking_category,
@@ -512,12 +513,16 @@ def relu_witnesses(
     analysis: Analysis, hinted: Sequence[tuple[int, set[int]]], hints: dict[int, Cause]
 ) -> dict[int, frozenset[int]]:
     """For each ``dead_activation`` hint (by variable index), the variables of ``hinted`` (index, tensor ids) used
-    by an op after its ReLU on the way to the loss: the layers after it, whose gradients a dead ReLU leaves alone
-    (``settle_zero_hints``). One walk per distinct ReLU: in a chain of layers every hint names the same one."""
+    between its ReLU and the next op that can zero a gradient (``SATURATING_OPS``): the layer after the ReLU, whose
+    gradient a dead ReLU leaves alone (``settle_zero_hints``). Empty when that stretch holds no variable but ends at
+    such an op (``ReLU(max_value=1)`` is a Relu then a clip): nothing then tells the two apart. No entry when it
+    reaches the loss with no variable (an output ReLU: nothing after it can zero the gradient). One walk per
+    distinct ReLU: in a chain of layers every hint names the same one."""
     culprits = next((table for category, _, table in analysis.zero_rules if category == "dead_activation"), None)
     if culprits is None:
         return {}
-    after_relu: dict[int, frozenset[int]] = {}
+    flow, reach = analysis.flow, analysis.zero_reach
+    after_relu: dict[int, frozenset[int] | None] = {}
     witnesses: dict[int, frozenset[int]] = {}
     for index, keys in hinted:
         hint = hints.get(index)
@@ -525,9 +530,17 @@ def relu_witnesses(
         if relu is None or (id(relu) not in after_relu and len(after_relu) >= _MAX_WITNESSED_RELUS):
             continue
         if id(relu) not in after_relu:
-            after = analysis.flow.descendants(relu.outputs)
-            after_relu[id(relu)] = frozenset(i for i, k in hinted if _used_with(analysis.flow, k, after))
-        witnesses[index] = after_relu[id(relu)]
+            stretch = flow.descendants(relu.outputs, crosses=lambda n: n.op_type not in SATURATING_OPS)
+            used = frozenset(i for i, k in hinted if _used_with(flow, k, stretch))
+            gated = any(
+                n.op_type in SATURATING_OPS and any(out in reach for out in n.outputs)
+                for key in stretch
+                for n in flow.consumers.get(key, ())
+            )
+            after_relu[id(relu)] = used if used or gated else None
+        found = after_relu[id(relu)]
+        if found is not None:
+            witnesses[index] = found
     return witnesses
 
 

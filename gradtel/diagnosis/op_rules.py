@@ -26,6 +26,9 @@ NONE_GRADIENT_OPS = frozenset({"Round", "Floor", "Ceil", "Rint", "ArgMax", "ArgM
 ZERO_GRADIENT_OPS = frozenset({"Sign"})
 #: Activations whose gradient is zero where the unit is inactive.
 GATING_ACTIVATIONS = frozenset({"Relu", "Relu6"})
+#: Ops whose gradient is exactly zero where their input saturates or is clipped: any of them after a ReLU can zero
+#: the gradient the ReLU receives. Not a select: Keras's Dropout is one, and a dead ReLU is often followed by it.
+SATURATING_OPS = GATING_ACTIVATIONS | frozenset({"Tanh", "Sigmoid", "Elu", "Selu", "Minimum", "Maximum", "ClipByValue"})
 #: tf.numpy_function: runs Python, registered without a gradient.
 NUMPY_FUNCTION_OPS = frozenset({"PyFunc", "PyFuncStateless"})
 #: Ops registered with a gradient that may still be None because it depends on user code (tf.py_function).

@@ -190,3 +190,52 @@ def test_a_clipped_head_is_not_blamed_on_its_relu_while_another_head_trains(
     model = keras.Model(inputs, heads[: 2 + unused])
     expected = dict.fromkeys(["hid/kernel", "hid/bias", "raw/kernel", "raw/bias"], "other")
     assert _zero_causes(model, outputs=2, unused=unused) == expected
+
+
+def test_a_saturated_tanh_after_a_live_relu_is_not_blamed_on_the_relu(instrumented_cleanup: None) -> None:
+    """The layer right after the ReLU gets no gradient (its tanh is at exactly 1.0) while a head after the tanh
+    does: the ReLU's witnesses are what lies between it and the next op that can zero a gradient."""
+    ones = {"kernel_initializer": "ones"}
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="relu", name="hid", **ones),
+            keras.layers.Dense(2, activation="tanh", name="sat", **ones),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
+    assert _zero_causes(model) == dict.fromkeys(["hid/kernel", "hid/bias", "sat/kernel", "sat/bias"], "other")
+
+
+def test_a_relu_with_a_max_value_at_its_cap_is_no_dead_relu(instrumented_cleanup: None) -> None:
+    """keras.layers.ReLU(max_value=1.0) is a Relu then a clip: with every unit above the cap the clip zeroes the
+    gradient, and no layer between the two tells which did."""
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(
+                4, name="pre", kernel_initializer="ones", bias_initializer=keras.initializers.Constant(50.0)
+            ),
+            keras.layers.ReLU(max_value=1.0),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
+    assert _zero_causes(model) == {"pre/kernel": "other", "pre/bias": "other"}
+
+
+def test_a_dead_relu_followed_by_dropout_keeps_its_cause(instrumented_cleanup: None) -> None:
+    """Keras's Dropout is a select: no op that can zero a gradient by saturation, so the layer after it witnesses."""
+    dead = {"kernel_initializer": "ones", "bias_initializer": keras.initializers.Constant(-1000.0)}
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="relu", name="hid", **dead),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    assert _zero_causes(model) == {
+        "hid/kernel": "dead_activation",
+        "hid/bias": "dead_activation",
+        "out/kernel": "other",
+    }
