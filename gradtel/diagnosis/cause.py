@@ -37,7 +37,8 @@ class Diagnosis:
     Both are keyed by the index of the variable in the list given to the optimizer. The hints of a traced step with
     no missing gradient are worked out when first asked for (``resolve``: a zero gradient showed up, from the
     exporter's or the report's thread), not while the step is traced: most steps never need them.
-    ``witnesses``: for a ``dead_activation`` hint, the variables used after its ReLU (``settle_zero_hints``).
+    ``witnesses``: for a ``dead_activation`` hint, the variables used between its ReLU and the next op that can
+    zero a gradient (``classify.relu_witnesses``; no entry: nothing to check), read by ``settle_zero_hints``.
     """
 
     causes: dict[int, Cause] = field(default_factory=dict)
