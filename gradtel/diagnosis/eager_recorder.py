@@ -223,7 +223,7 @@ class EagerRecorder:
         for handle_key, dtype, shape in reversed(pending):
             for tensor in orphans:
                 if tensor.dtype == dtype and tensor.shape == shape:
-                    orphans.remove(tensor)
+                    orphans = [t for t in orphans if t is not tensor]  # not list.remove: == on tensors is an op
                     self.graph.add(
                         Node(
                             "ReadVariableOp",

@@ -332,3 +332,20 @@ def test_a_variable_read_only_before_the_tape_is_not_said_to_be_read_inside_it(d
     (cause,) = result.causes.values()
     where = _line_of("# COPY", test_a_variable_read_only_before_the_tape_is_not_said_to_be_read_inside_it)
     assert cause.category == "unknown" and where in cause.explanation
+
+
+def test_a_fast_path_read_beside_other_unexplained_inputs_is_linked(diagnoser: Diagnoser) -> None:
+    """tensorflow/tensorflow#14894: tf.histogram_fixed_width(variable, range, nbins) in eager mode. The variable is
+    read in C++ beside other inputs no recorded op made (the range, the int32 bin count); matching the read to its
+    input must not compare tensors with == (an Equal op: it failed on int32 against float32, and the whole op went
+    unrecorded, so the loss looked computed from no variable: loss_disconnected)."""
+    v = tf.Variable([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], name="values")
+    value_range = tf.constant([0.0, 10.0])
+    with tf.GradientTape() as tape:
+        counts = tf.histogram_fixed_width(v, value_range, 11)  # HISTOGRAM
+        loss = tf.reduce_sum(tf.cast(counts, tf.float32))
+    result = diagnoser.diagnose([tape.gradient(loss, v)], [v])
+    where = _line_of("# HISTOGRAM", test_a_fast_path_read_beside_other_unexplained_inputs_is_linked)
+    assert [(c.category, c.op, os.path.basename(c.location)) for c in result.causes.values()] == [
+        ("non_differentiable_op", "HistogramFixedWidth", where)
+    ]
