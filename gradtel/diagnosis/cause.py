@@ -84,11 +84,10 @@ def settle_zero_hints(
         settled[i] = hint
         if hint is None or hint.category != ZeroCause.DEAD_ACTIVATION or witnesses is None or not witnesses <= zero:
             continue
-        after = (
-            f"the gradients used after it are zero too (`{names[min(witnesses)]}`)"
-            if witnesses
-            else ("another op that can zero a gradient (a clip, tanh or sigmoid) follows it with no layer between")
-        )
+        if witnesses:
+            after = f"the gradients used after it are zero too (`{names[min(witnesses)]}`)"
+        else:
+            after = "another op that can zero a gradient (a clip, tanh or sigmoid) follows it with no layer between"
         settled[i] = make_cause(
             ZeroCause.OTHER,
             f"Every path from `{names[i]}` to the loss crosses a {hint.op or 'ReLU'} (at {hint.location}), but "

@@ -235,7 +235,7 @@ class Diagnoser:
                 with contextlib.suppress(Exception):  # without witnesses every hint stands
                     result.witnesses = relu_witnesses(analysis, hinted, result.zero_hints)
             elif result.zero_hints and call is not None:  # a trace: walked if a gradient turns out zero (resolve)
-                result.resolve = _later_witnesses(weakref.ref(call_graph), call, hinted, dict(result.zero_hints))
+                result.resolve = _later_witnesses(_later_analysis(call_graph, call), hinted, dict(result.zero_hints))
             self._note_influencers(analysis, keys_of)
         return result
 
@@ -253,8 +253,7 @@ class Diagnoser:
         turns out zero, and which watched variables fed its loss when the report asks (``not_optimized``). Only
         what those need is kept: the graph weakly, each variable's tensor ids, name and dtype flag, the watched
         variables weakly. Start-up then pays nothing per variable for the diagnosis of a healthy model."""
-        graph_ref = weakref.ref(call_graph)
-        light = dataclasses.replace(call, watched=())
+        analysis = _later_analysis(call_graph, call)
         hinted = [
             (i, _keys(v, keys_of), variable_path(v), _is_float16(g, v))
             for i, (g, v) in enumerate(zip(grads, variables, strict=False))
@@ -264,10 +263,6 @@ class Diagnoser:
             for v in call.watched
             if is_trainable(v) and graph_source.carries_gradient(dtype_of(v))
         ]
-
-        def analysis() -> Analysis | None:
-            graph = graph_ref()
-            return None if graph is None else Analysis(graph_source.build(graph), light)
 
         def hints() -> tuple[dict[int, Cause], dict[int, frozenset[int]]]:
             found = analysis()
@@ -406,18 +401,28 @@ def _eager_keys(resource: Any) -> set[int]:
     return {resource._id} if hasattr(resource, "_id") else set()
 
 
+def _later_analysis(call_graph: Any, call: GradientCall) -> Callable[[], Analysis | None]:
+    """The trace's analysis, built again when asked for (None once the graph is gone): what is kept meanwhile is
+    the graph, weakly, and the gradient call without its watched variables."""
+    graph_ref = weakref.ref(call_graph)
+    light = dataclasses.replace(call, watched=())
+
+    def analysis() -> Analysis | None:
+        graph = graph_ref()
+        return None if graph is None else Analysis(graph_source.build(graph), light)
+
+    return analysis
+
+
 def _later_witnesses(
-    graph_ref: weakref.ref[Any], call: GradientCall, hinted: list[tuple[int, set[int]]], hints: dict[int, Cause]
+    analysis: Callable[[], Analysis | None], hinted: list[tuple[int, set[int]]], hints: dict[int, Cause]
 ) -> Callable[[], tuple[dict[int, Cause], dict[int, frozenset[int]]]]:
     """The hints as they are, and their witnesses worked out from the traced graph when first asked for (the walks
     are per ReLU, and most traces never see a zero gradient); none once the graph is gone."""
-    light = dataclasses.replace(call, watched=())
 
     def resolve() -> tuple[dict[int, Cause], dict[int, frozenset[int]]]:
-        graph = graph_ref()
-        if graph is None:
-            return hints, {}
-        return hints, relu_witnesses(Analysis(graph_source.build(graph), light), hinted, hints)
+        found = analysis()
+        return hints, {} if found is None else relu_witnesses(found, hinted, hints)
 
     return resolve
 

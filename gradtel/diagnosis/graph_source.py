@@ -65,26 +65,19 @@ _Inside = tuple[Where, tuple[int, int] | None]
 def build(graph: Any) -> DataflowGraph:
     """The dataflow graph of a FuncGraph as it stands now (ops added later are not seen)."""
     flow = DataflowGraph()
-    _add_graph(flow, graph, seq=None, branch=None, branch_of=None, depth=0, filled=False)
+    _add_graph(flow, graph, seq=None, inside=(None, None), depth=0, filled=False)
     return flow
 
 
-def _add_graph(
-    flow: DataflowGraph,
-    graph: Any,
-    seq: int | None,
-    branch: Where,
-    branch_of: tuple[int, int] | None,
-    depth: int,
-    filled: bool,
-) -> None:
+def _add_graph(flow: DataflowGraph, graph: Any, seq: int | None, inside: _Inside, depth: int, filled: bool) -> None:
     """Add ``graph``'s ops; ``filled``: inside a cond branch or a loop body, where TensorFlow's control-flow gradients
-    turn a None gradient into zeros; ``branch``/``branch_of``: inside a cond branch, where and which (Node)."""
+    turn a None gradient into zeros; ``inside``: inside a cond branch, where and which (Node)."""
+    branch, branch_of = inside
     for op in graph.get_operations():
         if op.type == "Placeholder" and op.outputs[0]._id in flow.producer:
             continue  # a body's argument: already produced by the link from the caller's input
         op_seq = op._id if seq is None else seq
-        if depth < _MAX_DEPTH and _inline(flow, graph, op, op_seq, (branch, branch_of), depth, filled):
+        if depth < _MAX_DEPTH and _inline(flow, graph, op, op_seq, inside, depth, filled):
             continue
         kind = CUSTOM_GRADIENT if "_gradient_op_type" in op.node_def.attr else _kind_of(op)
         flow.add(
@@ -164,7 +157,7 @@ def _inline(
             return False
         for outer, inner in zip(inputs, body.inputs, strict=True):
             _link(flow, [outer], inner, seq, op, inside)
-        _add_graph(flow, body, seq, *inside, depth + 1, filled)
+        _add_graph(flow, body, seq, inside, depth + 1, filled)
         for inner, outer in zip(body.outputs[: len(outputs)], outputs, strict=True):
             _link(flow, [inner], outer, seq, op, inside)
         return True
@@ -175,9 +168,10 @@ def _inline(
         site = functools.partial(_op_location, op)
         cond = len(flow.nodes)  # one number per cond of this flow
         for index, body in enumerate(graphs):
+            in_body = (site, (cond, index))
             for outer, inner in zip(args, body.inputs, strict=True):
-                _link(flow, [outer], inner, seq, op, (site, (cond, index)))
-            _add_graph(flow, body, seq, site, (cond, index), depth + 1, True)
+                _link(flow, [outer], inner, seq, op, in_body)
+            _add_graph(flow, body, seq, in_body, depth + 1, True)
         for j, outer in enumerate(outputs):
             _link(flow, [body.outputs[j] for body in graphs], outer, seq, op, inside)
         return True
@@ -186,7 +180,7 @@ def _inline(
         return False
     for j, inner in enumerate(body.inputs):
         _link(flow, [inputs[j], body.outputs[j]], inner, seq, op, inside)
-    _add_graph(flow, body, seq, *inside, depth + 1, True)
+    _add_graph(flow, body, seq, inside, depth + 1, True)
     for j, outer in enumerate(outputs):
         _link(flow, [inputs[j], body.outputs[j]], outer, seq, op, inside)
     return True
