@@ -341,10 +341,13 @@ def _command(how: str, script: pathlib.Path, report: pathlib.Path) -> list[str]:
     return python
 
 
-def _run_case(case: tuple[str, str, str, dict[str, str]], tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+def _run_case(
+    case: tuple[str, str, str, dict[str, str]], tmp_path: pathlib.Path, scripts: dict[bool, pathlib.Path]
+) -> subprocess.CompletedProcess:
+    """Run one case with its script, written before (by callback or not)."""
     how, setting, value, others = case
     report = tmp_path / f"{how}-{setting}.json"
-    command = _command(how, _script(tmp_path, callback=how == "callback"), report)
+    command = _command(how, scripts[how == "callback"], report)
     return subprocess.run(
         command, env=_env(**others, **{setting: value}), capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
@@ -353,9 +356,12 @@ def _run_case(case: tuple[str, str, str, dict[str, str]], tmp_path: pathlib.Path
 @pytest.mark.slow
 def test_bad_settings_in_real_processes_are_one_line_and_the_job_finishes(tmp_path):
     """Each way of running gradtel, with a bad setting: exit 0, training done, exactly one line naming the setting
-    and its value, no traceback. The processes run three at a time (each is mostly TensorFlow's import)."""
+    and its value, no traceback. The processes run three at a time (each is mostly TensorFlow's import); the
+    scripts are written before any of them starts (rewriting one while another process reads it ran an empty
+    file)."""
+    scripts = {callback: _script(tmp_path, callback) for callback in (False, True)}
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda case: _run_case(case, tmp_path), PROCESS_CASES))
+        results = list(pool.map(lambda case: _run_case(case, tmp_path, scripts), PROCESS_CASES))
     for (how, setting, value, _), proc in zip(PROCESS_CASES, results, strict=True):
         where = f"{how} {setting}={value}:\n{proc.stderr[-3000:]}"
         assert proc.returncode == 0, where
