@@ -20,7 +20,7 @@ from gradtel import layout
 from gradtel.naming import PatternSet, layer_of, unique_names, variable_path
 
 if TYPE_CHECKING:
-    from gradtel.diagnosis.cause import Cause
+    from gradtel.diagnosis.cause import Cause, ReluCheck
 
 #: Diagnoses kept per table for their zero hints (one per trace, or per eager missing set).
 DIAGNOSES_KEPT = 8
@@ -53,7 +53,7 @@ class VariableTable:
         while len(self.diagnoses) > DIAGNOSES_KEPT:
             del self.diagnoses[next(iter(self.diagnoses))]
 
-    def _zero_hint(self, index: int) -> tuple[Cause | None, frozenset[int] | None]:
+    def _zero_hint(self, index: int) -> tuple[Cause | None, ReluCheck | None]:
         """The newest diagnosis's hint for a variable whose gradient turned out all-zero (None if none), and its
         witnesses in that diagnosis (None: none needed)."""
         for diagnosis in reversed(list(self.diagnoses.values())):

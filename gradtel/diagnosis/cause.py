@@ -27,6 +27,27 @@ class Cause:
         return {**asdict(self), "category": str(self.category)}
 
 
+@dataclass(frozen=True)
+class ReluCheck:
+    """One ReLU on a variable's gradient path, with the variables whose gradients tell whether it was dead in a step
+    (``classify.relu_witnesses``); ``next``: the next ReLU towards the loss.
+
+    ``direct``: variables that multiply its output (through ops that keep zeros zero, ``ZERO_KEEPING_OPS``) and are
+    used nowhere else: their gradient is the ReLU's output times the gradient arriving, so it is zero when the ReLU
+    is dead and not zero only when it is not. ``used``: every variable used between it and the next op that can zero
+    a gradient (``SATURATING_OPS``), the direct ones included: a bias there gets a gradient even from a dead ReLU.
+    ``gated``: that stretch ends at such an op. ``unchecked``: a next ReLU was not worked out (``next`` None).
+    """
+
+    op: str
+    location: str | None
+    direct: frozenset[int]
+    used: frozenset[int]
+    gated: bool
+    next: ReluCheck | None = None
+    unchecked: bool = False
+
+
 _RESOLVING = threading.Lock()
 
 
@@ -37,14 +58,14 @@ class Diagnosis:
     Both are keyed by the index of the variable in the list given to the optimizer. The hints of a traced step with
     no missing gradient are worked out when first asked for (``resolve``: a zero gradient showed up, from the
     exporter's or the report's thread), not while the step is traced: most steps never need them.
-    ``witnesses``: for a ``dead_activation`` hint, the variables used between its ReLU and the next op that can
-    zero a gradient (``classify.relu_witnesses``; no entry: nothing to check), read by ``settle_zero_hints``.
+    ``witnesses``: for a ``dead_activation`` hint, the ReLU nearest the variable on its gradient path, chained to
+    the next ones (``classify.relu_witnesses``; no entry: nothing to check), read by ``settle_zero_hints``.
     """
 
     causes: dict[int, Cause] = field(default_factory=dict)
     hints: dict[int, Cause] = field(default_factory=dict)
-    witnesses: dict[int, frozenset[int]] = field(default_factory=dict)
-    resolve: Callable[[], tuple[dict[int, Cause], dict[int, frozenset[int]]]] | None = None
+    witnesses: dict[int, ReluCheck] = field(default_factory=dict)
+    resolve: Callable[[], tuple[dict[int, Cause], dict[int, ReluCheck]]] | None = None
 
     @property
     def zero_hints(self) -> dict[int, Cause]:
@@ -67,30 +88,108 @@ def make_cause(category: str, detail: str, op: str | None = None, location: str 
 
 
 def settle_zero_hints(
-    hints: dict[int, tuple[Cause | None, frozenset[int] | None]], zero: set[int], names: Sequence[str]
+    hints: dict[int, tuple[Cause | None, ReluCheck | None]], zero: set[int], names: Sequence[str]
 ) -> dict[int, Cause | None]:
-    """The causes of one step's all-zero gradients (``zero``), from each one's hint and the hint's witnesses.
+    """The causes of one step's all-zero gradients (``zero``), from each one's hint and its ReLUs' witnesses.
 
     Why: a ``dead_activation`` hint is structural (every path from the variable to the loss crosses a ReLU); the
-    zero is what happened. A dead ReLU outputs zeros, but the gradient still reaches it: the layers used after it
-    get one (a bias's gradient does not depend on the ReLU's output at all). So when every variable used after the
-    ReLU, up to the next op that can zero a gradient (its witnesses), is zero too, the zero came from nearer the
-    loss (a saturated tanh, sigmoid or clip after it, a loss constant for this batch): the ReLU explains nothing,
-    and the cause is ``other``. So too when that stretch holds no variable but ends at such an op (no witness
-    either way). ``witnesses`` None: the ReLU is the last thing that can zero the gradient; the hint stands.
+    zero is what happened, and the step's other gradients tell which ReLU, if any, output only zeros. A dead ReLU
+    still passes the gradient it receives to what comes after it (a bias's gradient does not depend on the ReLU's
+    output), while the weights that multiply its zeros get none. So, from the ReLU nearest the variable towards the
+    loss (``_dead_relu``): a weight multiplying its output has a gradient, so it did not output only zeros and a
+    gradient reached the layer after it (the zero comes from that layer's weights); everything after it is zero
+    too, so the zero reached it from nearer the loss (a saturated tanh or sigmoid, a loss constant for the batch,
+    or a dead ReLU further on); a variable after it has a gradient while it passes none back: that ReLU is dead, and
+    it is named. With none found dead the cause is ``other``, naming what was seen. A ReLU with nothing after it to
+    tell (an output ReLU) keeps the hint, as does a chain not worked out.
     """
     settled: dict[int, Cause | None] = {}
-    for i, (hint, witnesses) in hints.items():
+    for i, (hint, check) in hints.items():
         settled[i] = hint
-        if hint is None or hint.category != ZeroCause.DEAD_ACTIVATION or witnesses is None or not witnesses <= zero:
+        if hint is None or hint.category != ZeroCause.DEAD_ACTIVATION or check is None:
             continue
-        if witnesses:
-            after = f"the gradients used after it are zero too (`{names[min(witnesses)]}`)"
-        else:
-            after = "another op that can zero a gradient (a clip, tanh or sigmoid) follows it with no layer between"
+        dead, seen = _dead_relu(check, zero, names)
+        if dead is None and seen is None:
+            continue  # the hint stands
+        if dead is not None:
+            if dead.used - zero:  # else nothing after it tells: the hint stands
+                settled[i] = make_cause(
+                    ZeroCause.DEAD_ACTIVATION,
+                    f"`{names[i]}` reaches the loss through a {dead.op} that output only zeros in this step: "
+                    f"{_dead_evidence(dead, zero, names)}",
+                    op=dead.op,
+                    location=dead.location,
+                )
+            continue
         settled[i] = make_cause(
             ZeroCause.OTHER,
-            f"Every path from `{names[i]}` to the loss crosses a {hint.op or 'ReLU'} (at {hint.location}), but "
-            f"{after}: the zero may come from nearer the loss, not from a dead activation",
+            f"Every path from `{names[i]}` to the loss crosses a {hint.op or 'ReLU'} (at {hint.location}), but {seen}: "
+            "the zero does not come from a dead activation",
         )
+    _blame_zero_inputs(settled, [check for hint, check in hints.values() if check is not None], zero, names)
     return settled
+
+
+def _blame_zero_inputs(
+    settled: dict[int, Cause | None], chains: Sequence[ReluCheck], zero: set[int], names: Sequence[str]
+) -> None:
+    """A weight that multiplies the output of a ReLU this step shows dead has a zero gradient for that reason (its
+    gradient is that output times the gradient arriving), whatever its own path to the loss: say so."""
+    seen: set[int] = set()
+    for check in chains:
+        current: ReluCheck | None = check
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            live = sorted(current.used - zero)
+            if current.direct and current.direct <= zero and live:
+                for j in sorted(current.direct):
+                    found = settled.get(j)
+                    if found is None or found.category != ZeroCause.DEAD_ACTIVATION:
+                        settled[j] = make_cause(
+                            ZeroCause.DEAD_ACTIVATION,
+                            f"`{names[j]}` multiplies the output of a {current.op} that output only zeros in this "
+                            f"step (`{names[live[0]]}` after it has a gradient): its gradient, that output times the "
+                            "gradient arriving, is zero",
+                            op=current.op,
+                            location=current.location,
+                        )
+            current = current.next
+
+
+def _dead_relu(check: ReluCheck, zero: set[int], names: Sequence[str]) -> tuple[ReluCheck | None, str | None]:
+    """Along the chain from ``check``: (the ReLU this step's gradients show dead, None); (None, what was seen
+    instead) when none is; (None, None) when the chain cannot tell (the hint stands)."""
+    alive: str | None = None  # a ReLU shown to pass values, and a gradient to reach the layer after it
+    quiet: str | None = None  # a ReLU after which every gradient is zero too
+    current: ReluCheck | None = check
+    while current is not None:
+        passing = sorted(current.direct - zero)
+        if passing:
+            alive = alive or (
+                f"`{names[passing[0]]}`, which multiplies the output of the {current.op} at {current.location}, has a "
+                "gradient: that ReLU did not output only zeros, and a gradient reached the layer after it (weights "
+                "there that are all zero, as a zeros initializer leaves them, would explain the zero)"
+            )
+        elif current.used - zero:
+            return current, None
+        elif current.used or current.gated:
+            quiet = quiet or (
+                f"the gradients used after it are zero too (`{names[min(current.used)]}`)"
+                if current.used
+                else "another op that can zero a gradient (a clip, tanh or sigmoid) follows it with no layer between"
+            )
+        else:  # nothing after this ReLU to tell: it stays the suspect unless one before it was shown to pass values
+            return (None, alive) if alive else (current, None)
+        if current.unchecked:
+            return None, None
+        current = current.next
+    return None, alive or quiet
+
+
+def _dead_evidence(dead: ReluCheck, zero: set[int], names: Sequence[str]) -> str:
+    """Why this ReLU reads as dead: a variable after it has a gradient (and the weights on its output have none)."""
+    live = sorted(dead.used - zero)
+    if dead.direct:
+        weight = names[min(dead.direct)]
+        return f"`{names[live[0]]}` after it has a gradient while `{weight}`, which multiplies its output, has none"
+    return f"`{names[live[0]]}` after it has a gradient, so one reaches it, while the variables before it get none"

@@ -22,14 +22,16 @@ from functools import cached_property
 from typing import Any
 
 from gradtel.diagnosis import graph_source
-from gradtel.diagnosis.cause import UNKNOWN, Cause, make_cause
+from gradtel.diagnosis.cause import UNKNOWN, Cause, ReluCheck, make_cause
 from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, OP, Crossing, DataflowGraph, Node
 from gradtel.diagnosis.op_rules import (
     ASSIGN_OPS,
     GATING_ACTIVATIONS,
+    MULTIPLYING_OPS,
     SATURATING_OPS,
     USER_GRADIENT_OPS,
     ZERO_GRADIENT_OPS,
+    ZERO_KEEPING_OPS,
     blocking_category,
     describe_op,
 )
@@ -511,58 +513,86 @@ _MAX_WITNESSED_RELUS = 64
 
 def relu_witnesses(
     analysis: Analysis, hinted: Sequence[tuple[int, set[int]]], hints: dict[int, Cause]
-) -> dict[int, frozenset[int]]:
-    """For each ``dead_activation`` hint (by variable index), the variables of ``hinted`` (index, tensor ids) used
-    between its ReLU and the next op that can zero a gradient (``SATURATING_OPS``): the layer after the ReLU, whose
-    gradient a dead ReLU leaves alone (``settle_zero_hints``). Empty when that stretch holds no variable but ends at
-    such an op (``ReLU(max_value=1)`` is a Relu then a clip): nothing then tells the two apart. No entry when it
-    reaches the loss with no variable (an output ReLU: nothing after it can zero the gradient). One walk per
-    distinct ReLU: in a chain of layers every hint names the same one."""
-    culprits = next((table for category, _, table in analysis.zero_rules if category == "dead_activation"), None)
-    if culprits is None:
+) -> dict[int, ReluCheck]:
+    """For each ``dead_activation`` hint (by variable index), the ReLU nearest the variable on its gradient path,
+    chained to the next ones towards the loss, each with the variables of ``hinted`` (index, tensor ids) whose
+    gradients tell whether it output only zeros (``ReluCheck``, read by ``settle_zero_hints``). One walk per
+    distinct ReLU, at most ``_MAX_WITNESSED_RELUS`` (a chain cut there leaves its hint standing): in a chain of
+    layers the variables share them."""
+    wanted = [(i, keys) for i, keys in hinted if (h := hints.get(i)) is not None and h.category == "dead_activation"]
+    if not wanted:
         return {}
-    flow, reach = analysis.flow, analysis.zero_reach
-    after_relu: dict[int, frozenset[int] | None] = {}
-    witnesses: dict[int, frozenset[int]] = {}
-    for index, keys in hinted:
-        hint = hints.get(index)
-        relu = _newest(culprits, keys) if hint is not None and hint.category == "dead_activation" else None
-        if relu is None or (id(relu) not in after_relu and len(after_relu) >= _MAX_WITNESSED_RELUS):
-            continue
-        if id(relu) not in after_relu:
-            stretch = flow.descendants(relu.outputs, crosses=lambda n: n.op_type not in SATURATING_OPS)
-            used = frozenset(i for i, k in hinted if _used_with(flow, k, stretch))
-            gated = any(
-                n.op_type in SATURATING_OPS and any(out in reach for out in n.outputs)
-                for key in stretch
-                for n in flow.consumers.get(key, ())
-            )
-            after_relu[id(relu)] = used if used or gated else None
-        found = after_relu[id(relu)]
-        if found is not None:
-            witnesses[index] = found
+    reach = analysis.zero_reach
+    nearest = analysis.flow.newest_downstream(
+        lambda n: n.op_type in GATING_ACTIVATIONS and any(k in reach for k in n.outputs), oldest=True
+    )
+    uses = {i: _uses(analysis, keys) for i, keys in hinted}
+    checks: dict[int, ReluCheck] = {}
+    witnesses: dict[int, ReluCheck] = {}
+    for index, keys in wanted:
+        chain: list[Node] = []
+        relu = _oldest(nearest, keys)
+        while relu is not None and id(relu) not in checks and len(checks) + len(chain) < _MAX_WITNESSED_RELUS:
+            chain.append(relu)
+            relu = _oldest(nearest, set(relu.outputs))
+        after = checks.get(id(relu)) if relu is not None else None
+        unchecked = relu is not None and after is None
+        for node in reversed(chain):
+            after = checks[id(node)] = _relu_check(analysis, node, uses, after, unchecked)
+            unchecked = False
+        if after is not None:
+            witnesses[index] = after
     return witnesses
 
 
-def _used_with(flow: DataflowGraph, keys: set[int], after: set[int]) -> bool:
-    """Whether the variable's value (read, then through identities and casts) is an input of an op that also
-    takes one of the tensors ``after``."""
+def _relu_check(
+    analysis: Analysis, relu: Node, uses: dict[int, list[Node]], after: ReluCheck | None, unchecked: bool
+) -> ReluCheck:
+    """One ReLU's witnesses: the variables used between it and the next op that can zero a gradient, and those of
+    them that multiply its output, zeros kept (``ReluCheck``)."""
+    flow = analysis.flow
+    stretch = flow.descendants(relu.outputs, crosses=lambda n: n.op_type not in SATURATING_OPS)
+    zeros = flow.descendants(relu.outputs, crosses=lambda n: n.op_type in ZERO_KEEPING_OPS)
+    used = frozenset(i for i, ops in uses.items() if any(k in stretch for n in ops for k in n.inputs))
+    direct = frozenset(
+        i
+        for i in used
+        if len(uses[i]) == 1 and uses[i][0].op_type in MULTIPLYING_OPS and any(k in zeros for k in uses[i][0].inputs)
+    )
+    gated = any(
+        n.op_type in SATURATING_OPS and any(out in analysis.zero_reach for out in n.outputs)
+        for key in stretch
+        for n in flow.consumers.get(key, ())
+    )
+    return ReluCheck(relu.op_type, relu.location(), direct, used, gated, after, unchecked)
+
+
+def _uses(analysis: Analysis, keys: set[int]) -> list[Node]:
+    """The ops of the forward pass (those the loss is computed from) that use the variable's value (read, then
+    through identities and casts); not the backward pass's, which use it too."""
+    flow, forward = analysis.flow, analysis.loss_ancestors
     stack = [out for node in flow.readers(keys) for out in node.outputs]
     seen = set(stack)
+    found: dict[int, Node] = {}
     while stack:
         for node in flow.consumers.get(stack.pop(), ()):
             if node.kind == LINK or node.op_type in _PASS_THROUGH:
                 fresh = [out for out in node.outputs if out not in seen]
                 seen.update(fresh)
                 stack.extend(fresh)
-            elif any(k in after for k in node.inputs):
-                return True
-    return False
+            elif any(out in forward for out in node.outputs):
+                found[id(node)] = node
+    return list(found.values())
 
 
 def _newest(table: dict[int, Node], keys: set[int]) -> Node | None:
     found = [table[k] for k in keys if k in table]
     return max(found, key=lambda n: n.seq) if found else None
+
+
+def _oldest(table: dict[int, Node], keys: set[int]) -> Node | None:
+    found = [table[k] for k in keys if k in table]
+    return min(found, key=lambda n: n.seq) if found else None
 
 
 def influences_loss(analysis: Analysis, keys: set[int]) -> bool:

@@ -200,25 +200,29 @@ class DataflowGraph:
                     stack.append(key)
         return seen
 
-    def newest_downstream(self, selected: Callable[[Node], bool]) -> dict[int, Node]:
-        """For every tensor, the newest selected node computed from it (over live edges), in ONE pass.
+    def newest_downstream(self, selected: Callable[[Node], bool], oldest: bool = False) -> dict[int, Node]:
+        """For every tensor, the newest selected node computed from it (over live edges), in ONE pass; ``oldest``:
+        the oldest one instead (in a chain of layers, the nearest to the tensor).
 
         Nodes are visited newest first, so a node's outputs are settled before its inputs; a loop's back edge
         (a While body feeding its own inputs) is the one edge this order misses, which only costs a hint.
         The diagnosis of N variables asks this once instead of walking the graph once per variable.
         """
+
+        def better(node: Node, than: Node | None) -> bool:
+            return than is None or (node.seq < than.seq if oldest else node.seq > than.seq)
+
         best: dict[int, Node] = {}
         for node in reversed(self.nodes):
             found = node if selected(node) else None
             for out in node.outputs:
                 later = best.get(out)
-                if later is not None and self.producer.get(out) is node and (found is None or later.seq > found.seq):
+                if later is not None and self.producer.get(out) is node and better(later, found):
                     found = later
             if found is None:
                 continue
             for key in node.inputs:
-                current = best.get(key)
-                if current is None or found.seq > current.seq:
+                if better(found, best.get(key)):
                     best[key] = found
         return best
 

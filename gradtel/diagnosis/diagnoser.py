@@ -26,7 +26,7 @@ from tensorflow.python.eager import context
 from tensorflow.python.framework import ops
 
 from gradtel.diagnosis import graph_source
-from gradtel.diagnosis.cause import UNKNOWN, Cause, Diagnosis, make_cause
+from gradtel.diagnosis.cause import UNKNOWN, Cause, Diagnosis, ReluCheck, make_cause
 from gradtel.diagnosis.classify import Analysis, explain_missing, influences_loss, relu_witnesses, zero_hint
 from gradtel.diagnosis.eager_recorder import EagerRecorder
 from gradtel.diagnosis.pipeline_hook import PipelineHook
@@ -264,7 +264,7 @@ class Diagnoser:
             if is_trainable(v) and graph_source.carries_gradient(dtype_of(v))
         ]
 
-        def hints() -> tuple[dict[int, Cause], dict[int, frozenset[int]]]:
+        def hints() -> tuple[dict[int, Cause], dict[int, ReluCheck]]:
             found = analysis()
             if found is None:
                 return {}, {}
@@ -416,11 +416,11 @@ def _later_analysis(call_graph: Any, call: GradientCall) -> Callable[[], Analysi
 
 def _later_witnesses(
     analysis: Callable[[], Analysis | None], hinted: list[tuple[int, set[int]]], hints: dict[int, Cause]
-) -> Callable[[], tuple[dict[int, Cause], dict[int, frozenset[int]]]]:
+) -> Callable[[], tuple[dict[int, Cause], dict[int, ReluCheck]]]:
     """The hints as they are, and their witnesses worked out from the traced graph when first asked for (the walks
     are per ReLU, and most traces never see a zero gradient); none once the graph is gone."""
 
-    def resolve() -> tuple[dict[int, Cause], dict[int, frozenset[int]]]:
+    def resolve() -> tuple[dict[int, Cause], dict[int, ReluCheck]]:
         found = analysis()
         return hints, {} if found is None else relu_witnesses(found, hinted, hints)
 

@@ -29,6 +29,18 @@ GATING_ACTIVATIONS = frozenset({"Relu", "Relu6"})
 #: Ops whose gradient is exactly zero where their input saturates or is clipped: any of them after a ReLU can zero
 #: the gradient the ReLU receives. Not a select: Keras's Dropout is one, and a dead ReLU is often followed by it.
 SATURATING_OPS = GATING_ACTIVATIONS | frozenset({"Tanh", "Sigmoid", "Elu", "Selu", "Minimum", "Maximum", "ClipByValue"})
+#: Ops whose output is all zero when their data input is (reshapes, casts, pools, a product): a ReLU's zeros stay
+#: zeros through them. Not a concat, an add or a select: each may mix in values that are not zero.
+ZERO_KEEPING_OPS = frozenset(
+    {"Identity", "Reshape", "Transpose", "Squeeze", "ExpandDims", "Cast", "StridedSlice", "Slice", "Pad", "Mul"}
+    | {"MaxPool", "MaxPoolV2", "MaxPool3D", "AvgPool", "AvgPool3D", "Mean", "Sum"}
+)
+#: Ops whose gradient for one operand is a product with the other: all zero when the other operand is all zero
+#: (a kernel's gradient is its input times the gradient arriving).
+MULTIPLYING_OPS = frozenset(
+    {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Mul"}
+    | {"Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput"}
+)
 #: tf.numpy_function: runs Python, registered without a gradient.
 NUMPY_FUNCTION_OPS = frozenset({"PyFunc", "PyFuncStateless"})
 #: Ops registered with a gradient that may still be None because it depends on user code (tf.py_function).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import os
+from typing import Any
 
 import keras
 import numpy as np
@@ -15,9 +16,9 @@ from gradtel.diagnosis import Diagnoser, Diagnosis
 from gradtel.naming import variable_path
 
 
-def culprit_line(cls: type) -> int:
-    """The line marked ``# CULPRIT`` in a class's source."""
-    lines, first = inspect.getsourcelines(cls)
+def culprit_line(code: Any) -> int:
+    """The line marked ``# CULPRIT`` in a class's or function's source."""
+    lines, first = inspect.getsourcelines(code)
     return first + next(i for i, line in enumerate(lines) if "# CULPRIT" in line)
 
 
@@ -168,11 +169,52 @@ def test_a_dead_relu_keeps_its_cause_while_a_later_bias_trains(instrumented_clea
         ]
     )
     # out/kernel is zero because its input (the dead layer's output) is; out/bias gets a gradient
-    assert _zero_causes(model) == {
-        "hid/kernel": "dead_activation",
-        "hid/bias": "dead_activation",
-        "out/kernel": "other",
-    }
+    assert _zero_causes(model) == dict.fromkeys(["hid/kernel", "hid/bias", "out/kernel"], "dead_activation")
+
+
+def test_a_zero_initialised_layer_after_a_live_relu_is_no_dead_relu(instrumented_cleanup: None) -> None:
+    """The head's kernel is all zero, so nothing reaches the ReLU layer; the ReLU is active, which the head's
+    kernel shows: its gradient (the ReLU's output times the gradient arriving) is not zero."""
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="relu", name="hid", kernel_initializer="ones"),
+            keras.layers.Dense(1, name="out", kernel_initializer="zeros"),
+        ]
+    )
+    assert _zero_causes(model) == {"hid/kernel": "other", "hid/bias": "other"}
+
+
+def test_the_relu_named_dead_is_the_one_that_output_zeros(instrumented_cleanup: None) -> None:
+    """Two ReLU layers, the first dead, the second alive on its bias: the first one's variables, and the second's
+    kernel (which multiplies the dead output), are blamed on the first ReLU's line, not on the ReLU nearest the
+    loss; the second's bias trains."""
+    import gradtel
+
+    first = keras.layers.Dense(4, activation="relu", kernel_initializer="ones", bias_initializer=_minus_1000)
+    second = keras.layers.Dense(4, activation="relu", kernel_initializer="ones", bias_initializer="ones")
+    head = keras.layers.Dense(1)
+    optimizer = keras.optimizers.SGD(0.0)
+    handle = gradtel.instrument(optimizer, name=f"zero_causes_{next(_RUNS)}", start_exporter=False)
+
+    @tf.function
+    def step(x: tf.Tensor) -> None:
+        with tf.GradientTape() as tape:
+            hidden = first(x)  # CULPRIT
+            loss = tf.reduce_mean(tf.square(head(second(hidden)) - 0.5))
+        variables = first.trainable_variables + second.trainable_variables + head.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+
+    step(tf.fill((8, 3), 10.0))
+    where = f"{os.sep}test_fit.py:{culprit_line(step.python_function)}"
+    ours = [v for v in gradtel.report()["variables"] if v["optimizer"] == handle.name]
+    zero = {v["name"]: (v["cause"]["category"], v["cause"]["location"]) for v in ours if v["status"] == "zero"}
+    assert {name: (category, location.endswith(where)) for name, (category, location) in zero.items()} == dict.fromkeys(
+        [first.kernel.path, first.bias.path, second.kernel.path], ("dead_activation", True)
+    ), zero
+
+
+_minus_1000 = keras.initializers.Constant(-1000.0)
 
 
 @pytest.mark.parametrize("unused", [0, 1], ids=["all_present", "one_head_missing"])
@@ -234,6 +276,7 @@ def test_a_dead_relu_followed_by_dropout_keeps_its_cause(instrumented_cleanup: N
             keras.layers.Dense(1, name="out"),
         ]
     )
+    # out/kernel is not blamed: the select between keeps a dead output zero, which its op alone does not show
     assert _zero_causes(model) == {
         "hid/kernel": "dead_activation",
         "hid/bias": "dead_activation",
