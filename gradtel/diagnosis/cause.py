@@ -34,18 +34,26 @@ class ReluCheck:
 
     ``direct``: variables that multiply its output (through ops that keep zeros zero, ``ZERO_KEEPING_OPS``) and are
     used nowhere else: their gradient is the ReLU's output times the gradient arriving, so it is zero when the ReLU
-    is dead and not zero only when it is not. ``used``: every variable used between it and the next op that can zero
-    a gradient (``SATURATING_OPS``), the direct ones included: a bias there gets a gradient even from a dead ReLU.
-    ``gated``: that stretch ends at such an op. ``unchecked``: a next ReLU was not worked out (``next`` None).
+    is dead and not zero only when it is not. ``biases``: variables added to such a product (the next layer's bias):
+    their gradient is the gradient arriving there, whatever the ReLU output. ``used``: every variable used between
+    it and the next op that can zero a gradient (``SATURATING_OPS``), the others included. ``gated``: that stretch
+    ends at such an op. ``unchecked``: a next ReLU was not worked out (``next`` None).
     """
 
     op: str
     location: str | None
     direct: frozenset[int]
+    biases: frozenset[int]
     used: frozenset[int]
     gated: bool
     next: ReluCheck | None = None
     unchecked: bool = False
+
+    @property
+    def reached(self) -> frozenset[int]:
+        """The variables whose gradient shows that a gradient reached this ReLU's output side: the bias added to
+        the product with its output; without one, the other variables used after it."""
+        return self.biases or self.used - self.direct
 
 
 _RESOLVING = threading.Lock()
@@ -112,7 +120,7 @@ def settle_zero_hints(
         if dead is None and seen is None:
             continue  # the hint stands
         if dead is not None:
-            if dead.used - zero:  # else nothing after it tells: the hint stands
+            if dead.reached - zero:  # else nothing after it tells: the hint stands
                 settled[i] = make_cause(
                     ZeroCause.DEAD_ACTIVATION,
                     f"`{names[i]}` reaches the loss through a {dead.op} that output only zeros in this step: "
@@ -140,7 +148,7 @@ def _blame_zero_inputs(
         current: ReluCheck | None = check
         while current is not None and id(current) not in seen:
             seen.add(id(current))
-            live = sorted(current.used - zero)
+            live = sorted(current.reached - zero)
             if current.direct and current.direct <= zero and live:
                 for j in sorted(current.direct):
                     found = settled.get(j)
@@ -170,7 +178,7 @@ def _dead_relu(check: ReluCheck, zero: set[int], names: Sequence[str]) -> tuple[
                 "gradient: that ReLU did not output only zeros, and a gradient reached the layer after it (weights "
                 "there that are all zero, as a zeros initializer leaves them, would explain the zero)"
             )
-        elif current.used - zero:
+        elif current.reached - zero:
             return current, None
         elif current.used or current.gated:
             quiet = quiet or (
@@ -188,7 +196,7 @@ def _dead_relu(check: ReluCheck, zero: set[int], names: Sequence[str]) -> tuple[
 
 def _dead_evidence(dead: ReluCheck, zero: set[int], names: Sequence[str]) -> str:
     """Why this ReLU reads as dead: a variable after it has a gradient (and the weights on its output have none)."""
-    live = sorted(dead.used - zero)
+    live = sorted(dead.reached - zero)
     if dead.direct:
         weight = names[min(dead.direct)]
         return f"`{names[live[0]]}` after it has a gradient while `{weight}`, which multiplies its output, has none"

@@ -25,6 +25,7 @@ from gradtel.diagnosis import graph_source
 from gradtel.diagnosis.cause import UNKNOWN, Cause, ReluCheck, make_cause
 from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, OP, Crossing, DataflowGraph, Node
 from gradtel.diagnosis.op_rules import (
+    ADDING_OPS,
     ASSIGN_OPS,
     GATING_ACTIVATIONS,
     MULTIPLYING_OPS,
@@ -243,11 +244,12 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
     variable at all, the variable was not read, or what it fed does not reach the loss.
 
     ``left_tensorflow`` needs evidence of a round trip: a value computed from the variable was copied out
-    (``.numpy()``, ``float()``) and after it a NumPy value, the copied number itself, or (for a loss that depends
-    on no trainable variable) any Python float entered the loss; or the loss depends on no trainable variable but
-    on a NumPy value created after the variable was used. A tensor fed to a model from NumPy, or an output that
-    is simply unused, is not one. A copy for logging followed by a Python constant in a loss that does depend on
-    other variables (``0.5 * loss``) could be either, so it is ``unknown``.
+    (``.numpy()``, ``float()``) and after it what came back into the loss could be the copy (``_came_back``); or
+    the loss depends on no trainable variable but on a NumPy value created after the variable was used. A tensor
+    fed to a model from NumPy, or an output that is simply unused, is not one. A copy for logging followed by a
+    Python constant in a loss that does depend on other variables (``0.5 * loss``), or an actor's probabilities
+    copied out to sample an action followed by the rewards' returns in the critic's loss, could be either, so it is
+    ``unknown``.
     """
     escapes = [
         e
@@ -257,8 +259,7 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
     returns = analysis.imports_into_loss
     whole_loss = not (analysis.loss_ancestors & analysis.trainable_keys)  # nothing trainable left in the loss
     for escape in escapes:
-        after = [c for c in returns if c.seq >= escape.seq]
-        if any(c.numpy or whole_loss or (c.value is not None and c.value == escape.value) for c in after):
+        if any(_came_back(c, escape, whole_loss) for c in returns if c.seq >= escape.seq):
             return make_cause(
                 "left_tensorflow",
                 f"A value computed from `{name}` was converted to NumPy inside the tape and the loss was "
@@ -321,6 +322,15 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
         f"`{name}` is read inside the tape but nothing computed from it reaches the loss",
         location=recorded_reads[0].location(),
     )
+
+
+def _came_back(value: Crossing, escape: Crossing, whole_loss: bool) -> bool:
+    """Whether a value that entered the loss after ``escape`` may be the copy come back: any, when the loss
+    depends on no trainable variable any more; else the copied number itself, or a NumPy array with the copy's
+    leading (batch) dimension (NumPy maths on the copy: a clip, a square, an argmax along the last axis)."""
+    if whole_loss or (value.value is not None and value.value == escape.value):
+        return True
+    return value.numpy and bool(value.shape) and bool(escape.shape) and value.shape[0] == escape.shape[0]
 
 
 def _stale_capture(analysis: Analysis, variable: Any) -> Node | None:
@@ -548,8 +558,8 @@ def relu_witnesses(
 def _relu_check(
     analysis: Analysis, relu: Node, uses: dict[int, list[Node]], after: ReluCheck | None, unchecked: bool
 ) -> ReluCheck:
-    """One ReLU's witnesses: the variables used between it and the next op that can zero a gradient, and those of
-    them that multiply its output, zeros kept (``ReluCheck``)."""
+    """One ReLU's witnesses: the variables used between it and the next op that can zero a gradient, those of them
+    that multiply its output (zeros kept), and those added to such a product (``ReluCheck``)."""
     flow = analysis.flow
     stretch = flow.descendants(relu.outputs, crosses=lambda n: n.op_type not in SATURATING_OPS)
     zeros = flow.descendants(relu.outputs, crosses=lambda n: n.op_type in ZERO_KEEPING_OPS)
@@ -559,12 +569,16 @@ def _relu_check(
         for i in used
         if len(uses[i]) == 1 and uses[i][0].op_type in MULTIPLYING_OPS and any(k in zeros for k in uses[i][0].inputs)
     )
+    products = {out for i in direct for out in uses[i][0].outputs}
+    biases = frozenset(
+        i for i in used if any(n.op_type in ADDING_OPS and any(k in products for k in n.inputs) for n in uses[i])
+    )
     gated = any(
         n.op_type in SATURATING_OPS and any(out in analysis.zero_reach for out in n.outputs)
         for key in stretch
         for n in flow.consumers.get(key, ())
     )
-    return ReluCheck(relu.op_type, relu.location(), direct, used, gated, after, unchecked)
+    return ReluCheck(relu.op_type, relu.location(), direct, biases, used, gated, after, unchecked)
 
 
 def _uses(analysis: Analysis, keys: set[int]) -> list[Node]:

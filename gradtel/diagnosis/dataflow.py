@@ -74,6 +74,9 @@ class Crossing:
     #: float brought in; None for an array. A Python float in the loss is evidence of a round trip only where it
     #: is a copied value (``0.5 * loss`` also brings one in).
     value: float | None = None
+    #: The shape of the NumPy value that crossed (``()`` for a number): an array that comes back with the copy's
+    #: leading (batch) dimension may be NumPy maths on it; one of another shape (a reward, a target) shows nothing.
+    shape: tuple[int, ...] = ()
 
 
 class DataflowGraph:

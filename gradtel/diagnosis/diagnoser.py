@@ -182,7 +182,7 @@ class Diagnoser:
     def _full(self, grads: list, variables: list, graph: Any, step_start: int) -> Diagnosis:
         """Walk the step's dataflow graph for every variable (the missing ones and the zero hints)."""
         self._note_optimized(variables)
-        call = _best_call(self._tapes, graph, variables)
+        call = _best_call(self._tapes, graph, variables, grads)
         result = Diagnosis()
         analysis, call_graph = None, None
         keys_of: Any = _eager_keys
@@ -202,7 +202,7 @@ class Diagnoser:
                 analysis = Analysis(
                     flow,
                     call,
-                    step_start if call.graph is None else -1,
+                    _eager_step_start(step_start, call) if call.graph is None else -1,
                     read_in_pipeline=self._pipeline.read_in_pipeline,
                     function_graph=self._recorder.function_graph,
                 )
@@ -427,10 +427,26 @@ def _later_witnesses(
     return resolve
 
 
-def _best_call(tapes: TapeHook, graph: Any, variables: list) -> GradientCall | None:
-    """The newest gradient call whose sources cover most of these variables: in this graph (or an outer
-    one) when tracing, else eager calls, else calls made inside tf.functions."""
+def _eager_step_start(step_start: int, call: GradientCall) -> int:
+    """Where this eager step's recording starts: after the previous optimizer step, or where the call's tape began
+    recording if earlier (two optimizers stepped from one persistent tape: the second's forward pass ran before the
+    first one stepped)."""
+    return min([step_start, *(start for start, _ in call.intervals)])
+
+
+def _best_call(tapes: TapeHook, graph: Any, variables: list, grads: list) -> GradientCall | None:
+    """The gradient call these gradients came from: in this graph (or an outer one) when tracing, else eager
+    calls, else calls made inside tf.functions. The one that returned these very gradients; else the one whose
+    sources cover most of these variables, and of those the one that returned None for the same ones (two calls on
+    one tape with the same sources, an actor's loss and a critic's); else the newest."""
     wanted = {identity(v) for v in variables}
+    given = {id(g) for g in grads if g is not None}
+    absent = {identity(v) for v, g in zip(variables, grads, strict=False) if g is None}
+
+    def agreeing(call: GradientCall) -> int:
+        missing = call.result.missing
+        return -1 if missing is None else -len((missing ^ absent) & wanted & call.sources)
+
     candidates: list[GradientCall] = []
     current = graph
     while current is not None and not candidates:
@@ -440,7 +456,10 @@ def _best_call(tapes: TapeHook, graph: Any, variables: list) -> GradientCall | N
         candidates = tapes.calls_for(None) or list(reversed(list(tapes.graph_calls())))
     if not candidates:
         return None
-    return max(enumerate(candidates), key=lambda ic: (len(ic[1].sources & wanted), -ic[0]))[1]
+    return max(
+        enumerate(candidates),
+        key=lambda ic: (len(ic[1].result.gradients & given), len(ic[1].sources & wanted), agreeing(ic[1]), -ic[0]),
+    )[1]
 
 
 def _cheap(variable: Any, name: str) -> Cause | None:

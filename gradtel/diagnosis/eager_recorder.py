@@ -265,7 +265,8 @@ class EagerRecorder:
             copied = method(tensor, *args, **kwargs)
             if noted is not None:
                 with contextlib.suppress(Exception):
-                    recorder.graph.add_escape(Crossing(tensor._id, *noted, value=_scalar(copied)))
+                    crossing = Crossing(tensor._id, *noted, value=_scalar(copied), shape=np.shape(copied))
+                    recorder.graph.add_escape(crossing)
             return copied
 
         exported.__name__ = method.__name__
@@ -367,9 +368,9 @@ class EagerRecorder:
             from_numpy = isinstance(value, np.ndarray | np.generic) and value.dtype.kind in "fc"
             if (from_numpy or isinstance(value, float)) and recorder._recording() and carries_gradient(tensor.dtype):
                 with contextlib.suppress(Exception):
-                    number = None if from_numpy else float(value)
                     where = location_of_stack(2)
-                    recorder.graph.add_import(Crossing(tensor._id, recorder.seq, where, from_numpy, number))
+                    crossing = Crossing(tensor._id, recorder.seq, where, from_numpy, _scalar(value), np.shape(value))
+                    recorder.graph.add_import(crossing)
             return tensor
 
         return convert_to_eager_tensor

@@ -26,9 +26,12 @@ NONE_GRADIENT_OPS = frozenset({"Round", "Floor", "Ceil", "Rint", "ArgMax", "ArgM
 ZERO_GRADIENT_OPS = frozenset({"Sign"})
 #: Activations whose gradient is zero where the unit is inactive.
 GATING_ACTIVATIONS = frozenset({"Relu", "Relu6"})
-#: Ops whose gradient is exactly zero where their input saturates or is clipped: any of them after a ReLU can zero
-#: the gradient the ReLU receives. Not a select: Keras's Dropout is one, and a dead ReLU is often followed by it.
-SATURATING_OPS = GATING_ACTIVATIONS | frozenset({"Tanh", "Sigmoid", "Elu", "Selu", "Minimum", "Maximum", "ClipByValue"})
+#: Ops whose gradient is exactly zero where their input saturates or is clipped (a softmax whose output is exactly
+#: one-hot): any of them after a ReLU can zero the gradient the ReLU receives. Not a select: Keras's Dropout is one,
+#: and a dead ReLU is often followed by it.
+SATURATING_OPS = GATING_ACTIVATIONS | frozenset(
+    {"Tanh", "Sigmoid", "Softmax", "Elu", "Selu", "Minimum", "Maximum", "ClipByValue"}
+)
 #: Ops whose output is all zero when their data input is (reshapes, casts, pools, a product): a ReLU's zeros stay
 #: zeros through them. Not a concat, an add or a select: each may mix in values that are not zero.
 ZERO_KEEPING_OPS = frozenset(
@@ -41,6 +44,8 @@ MULTIPLYING_OPS = frozenset(
     {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Mul"}
     | {"Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput"}
 )
+#: Ops that add a bias to a product (a layer's bias after its kernel).
+ADDING_OPS = frozenset({"BiasAdd", "AddV2", "Add"})
 #: tf.numpy_function: runs Python, registered without a gradient.
 NUMPY_FUNCTION_OPS = frozenset({"PyFunc", "PyFuncStateless"})
 #: Ops registered with a gradient that may still be None because it depends on user code (tf.py_function).

@@ -12,7 +12,7 @@ import contextlib
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -27,9 +27,20 @@ _MAX_CALLS = 8
 _INTERVALS = "_gradtel_intervals"  # per hook: f"{_INTERVALS}_{id(hook)}"
 
 
+@dataclass
+class CallResult:
+    """What one gradient call returned, noted once it returns: the sources whose gradient was None, and the ids of
+    the gradients. Two calls on one tape with the same sources (A2C's actor and critic losses, a GAN's two) are
+    told apart by them: an optimizer is given one call's gradients."""
+
+    missing: frozenset[int] | None = None
+    gradients: frozenset[int] = frozenset()
+
+
 @dataclass(frozen=True)
 class GradientCall:
-    """One ``tape.gradient`` call: what was differentiated, against what, and when the tape recorded."""
+    """One ``tape.gradient`` call: what was differentiated, against what, when the tape recorded, what it
+    returned."""
 
     targets: tuple[int, ...]
     sources: frozenset[int]
@@ -38,6 +49,7 @@ class GradientCall:
     graph: weakref.ref | None
     seq: int
     tape_location: str | None = None  # the user's line that opened the tape (``with tf.GradientTape(...)``)
+    result: CallResult = field(default_factory=CallResult, compare=False)
 
     @cached_property
     def watched_ids(self) -> frozenset[int]:
@@ -95,13 +107,16 @@ class TapeHook:
             pop(tape)
 
         def patched_gradient(tape: Any, target: Any, sources: Any, *args: Any, **kwargs: Any) -> Any:
+            call = None
             with contextlib.suppress(Exception):
-                hook._remember(tape, target, sources)
+                call = hook._remember(tape, target, sources)
             eager = context.executing_eagerly()
             with hook._eager_pause() if eager else contextlib.nullcontext():
                 result = gradient(tape, target, sources, *args, **kwargs)
-            if eager:  # its backward ops are not recorded (paused): the call stands for them
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if call is not None:
+                    _note_result(call, sources, result)
+                if eager:  # its backward ops are not recorded (paused): the call stands for them
                     hook._eager_note(target, sources, result)
             return result
 
@@ -133,7 +148,7 @@ class TapeHook:
         if intervals and intervals[-1][2] == float("inf"):
             intervals[-1][2] = self._clock()[1]
 
-    def _remember(self, tape: Any, target: Any, sources: Any) -> None:
+    def _remember(self, tape: Any, target: Any, sources: Any) -> GradientCall:
         graph, now = self._clock()
         graph_ref = _graph_ref(graph)
         mine = [interval for interval in tape.__dict__.get(self._intervals, ()) if interval[0] == graph_ref]
@@ -151,6 +166,7 @@ class TapeHook:
             self._eager_calls.append(call)
         else:
             self._graph_calls.setdefault(graph, deque(maxlen=_MAX_CALLS)).append(call)
+        return call
 
     def calls_for(self, graph: Any) -> list[GradientCall]:
         """Gradient calls made in ``graph`` (None: eager), newest first."""
@@ -161,6 +177,15 @@ class TapeHook:
         """Gradient calls made in any live FuncGraph."""
         for calls in list(self._graph_calls.values()):
             yield from calls
+
+
+def _note_result(call: GradientCall, sources: Any, result: Any) -> None:
+    """Keep which sources got None, and the gradients' ids (a structure like ``sources``)."""
+    flat_sources, flat = tf.nest.flatten(sources), tf.nest.flatten(result, expand_composites=False)
+    if len(flat) != len(flat_sources):
+        return
+    call.result.missing = frozenset(identity(s) for s, g in zip(flat_sources, flat, strict=True) if g is None)
+    call.result.gradients = frozenset(id(g) for g in flat if g is not None)
 
 
 def _target_key(target: Any) -> int | None:

@@ -185,6 +185,21 @@ def test_a_zero_initialised_layer_after_a_live_relu_is_no_dead_relu(instrumented
     assert _zero_causes(model) == {"hid/kernel": "other", "hid/bias": "other"}
 
 
+def test_a_softmax_saturated_to_one_hot_before_a_live_relu_is_no_dead_relu(instrumented_cleanup: None) -> None:
+    """A Gumbel-softmax at a temperature near zero (ericjang/gumbel-softmax#2): its output is exactly one-hot, so
+    nothing reaches the encoder; the decoder's ReLU after it is alive (its layer after it trains, kernel too)."""
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, name="enc", kernel_initializer=keras.initializers.RandomNormal(seed=0)),
+            keras.layers.Lambda(lambda t: keras.ops.softmax(t * 1e6), name="cold_softmax"),
+            keras.layers.Dense(4, activation="relu", name="dec", kernel_initializer="ones", bias_initializer="ones"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    assert _zero_causes(model) == {"enc/kernel": "other", "enc/bias": "other"}
+
+
 def test_the_relu_named_dead_is_the_one_that_output_zeros(instrumented_cleanup: None) -> None:
     """Two ReLU layers, the first dead, the second alive on its bias: the first one's variables, and the second's
     kernel (which multiplies the dead output), are blamed on the first ReLU's line, not on the ReLU nearest the

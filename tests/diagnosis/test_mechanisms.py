@@ -349,3 +349,74 @@ def test_a_fast_path_read_beside_other_unexplained_inputs_is_linked(diagnoser: D
     assert [(c.category, c.op, os.path.basename(c.location)) for c in result.causes.values()] == [
         ("non_differentiable_op", "HistogramFixedWidth", where)
     ]
+
+
+def _actor_critic(sample_with_numpy: bool):
+    """One persistent tape, two losses with the same sources, two optimizers each given every variable (an A2C
+    loop, tensorflow#48547): the actor's loss stops at the critic's value, the critic's never reads the actor."""
+    inputs = keras.Input((4,))
+    trunk = keras.layers.Dense(8, activation="relu", name="trunk")(inputs)
+    model = keras.Model(
+        inputs,
+        [keras.layers.Dense(2, activation="softmax", name="actor")(trunk), keras.layers.Dense(1, name="critic")(trunk)],
+    )
+    actor_opt, critic_opt = keras.optimizers.SGD(0.01), keras.optimizers.SGD(0.01)
+    actor_handle = gradtel.instrument(actor_opt, name="actor_opt", start_exporter=False)
+    critic_handle = gradtel.instrument(critic_opt, name="critic_opt", start_exporter=False)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        with tf.GradientTape(persistent=True) as tape:
+            probs, value = model(np.ones((1, 4), np.float32))  # READ
+            if sample_with_numpy:  # the action is drawn in NumPy; the return comes back as a NumPy number
+                p = np.squeeze(probs.numpy()).astype("float64")
+                action = int(rng.choice(2, p=p / p.sum()))
+                ret = np.float32(1.0 + action)
+            else:
+                action, ret = 0, np.float32(1.0)
+            advantage = ret - tf.stop_gradient(value[0, 0])  # STOP
+            actor_loss = -tf.math.log(probs[0, action]) * advantage
+            critic_loss = tf.square(value[0, 0] - ret)
+        actor_grads = tape.gradient(actor_loss, model.trainable_variables)
+        critic_grads = tape.gradient(critic_loss, model.trainable_variables)
+        del tape
+        actor_opt.apply_gradients(zip(actor_grads, model.trainable_variables, strict=True))
+        critic_opt.apply_gradients(zip(critic_grads, model.trainable_variables, strict=True))
+    return _causes(actor_handle), _causes(critic_handle)
+
+
+def test_two_optimizers_fed_from_one_persistent_tape_are_each_matched_to_their_own_gradient_call(
+    instrumented_cleanup,
+) -> None:
+    """The actor's optimizer gets the actor loss's gradients (matched by identity, not to the newest call, the
+    critic's), and the critic's optimizer sees the reads made before the actor's optimizer stepped."""
+    actor, critic = _actor_critic(sample_with_numpy=False)
+    stop, read = _line_of("# STOP", _actor_critic), _line_of("# READ", _actor_critic)
+    assert actor == dict.fromkeys(["critic/kernel", "critic/bias"], ("stop_gradient", stop))
+    assert critic == dict.fromkeys(["actor/kernel", "actor/bias"], ("not_on_loss_path", read))
+
+
+def test_probabilities_copied_out_to_sample_an_action_are_no_round_trip(instrumented_cleanup) -> None:
+    """The actor's probabilities go to NumPy to draw an action, and a NumPy number (the return) enters the critic's
+    loss: nothing shows that number is the copy, so the critic's missing actor gradients are unknown, not
+    left_tensorflow (a NumPy array with the copy's batch dimension would be)."""
+    actor, critic = _actor_critic(sample_with_numpy=True)
+    assert actor == dict.fromkeys(
+        ["critic/kernel", "critic/bias"], ("stop_gradient", _line_of("# STOP", _actor_critic))
+    )
+    assert critic == dict.fromkeys(["actor/kernel", "actor/bias"], ("unknown", ""))
+
+
+def test_numpy_maths_on_a_copied_batch_is_left_tensorflow(diagnoser: Diagnoser) -> None:
+    """An auxiliary head's batch copied out, clipped in NumPy and brought back into a loss that also depends on
+    another head: the array that came back has the copy's batch dimension."""
+    x = tf.ones((4, 3))
+    main = keras.layers.Dense(1, name="main")
+    aux = keras.layers.Dense(1, name="aux")
+    with tf.GradientTape() as tape:
+        clipped = np.clip(aux(x).numpy(), 0.0, 1.0)  # COPIED
+        loss = tf.reduce_mean(tf.square(main(x))) + tf.reduce_mean(tf.convert_to_tensor(clipped))
+    variables = main.trainable_variables + aux.trainable_variables
+    result = diagnoser.diagnose(list(tape.gradient(loss, variables)), variables)
+    where = _line_of("# COPIED", test_numpy_maths_on_a_copied_batch_is_left_tensorflow)
+    causes = {variable_path(variables[i]): (c.category, os.path.basename(c.location)) for i, c in result.causes.items()}
+    assert causes == dict.fromkeys(["aux/kernel", "aux/bias"], ("left_tensorflow", where))
