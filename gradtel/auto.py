@@ -33,6 +33,10 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "tensorflow.python.training.optimizer": ("Optimizer",),
 }
 
+#: Modules whose import starts the diagnosis without a class to instrument: the Keras layer base classes, whose
+#: ``__init__`` the diagnosis wraps to note where each layer is created (``diagnosis.layer_sites``).
+LAYER_MODULES = ("keras.src.layers.layer", "tf_keras.src.engine.base_layer")
+
 _lock = threading.RLock()
 _depth = threading.local()
 _options: dict[str, Any] = {}
@@ -94,8 +98,10 @@ def _start_diagnosis() -> None:
     """
     try:
         from gradtel import registry
+        from gradtel.diagnosis import layer_sites
 
         registry.diagnoser()
+        layer_sites.install()  # a layer module loaded after the diagnoser was
     except Exception:
         log.debug("gradtel: the diagnoser could not be installed at import", exc_info=True)
 
@@ -120,10 +126,10 @@ class _PatchingLoader(importlib.abc.Loader):
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Finds TARGETS modules through the other finders and wraps their loader."""
+    """Finds TARGETS and LAYER_MODULES modules through the other finders and wraps their loader."""
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> Any:
-        if fullname not in TARGETS:
+        if fullname not in TARGETS and fullname not in LAYER_MODULES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -145,7 +151,7 @@ def enable(**options: Any) -> None:
         if _finder is None:
             _finder = _PostImportFinder()
             sys.meta_path.insert(0, _finder)
-        for name in TARGETS:
+        for name in (*TARGETS, *LAYER_MODULES):
             if name in sys.modules:
                 _patch_module(sys.modules[name])
 

@@ -186,8 +186,13 @@ def _dead_relu(check: ReluCheck, zero: set[int], names: Sequence[str]) -> tuple[
                 if current.used
                 else "another op that can zero a gradient (a clip, tanh or sigmoid) follows it with no layer between"
             )
-        else:  # nothing after this ReLU to tell: it stays the suspect unless one before it was shown to pass values
-            return (None, alive) if alive else (current, None)
+        elif alive or current.op == "Relu6":  # nothing after it to tell, and a Relu6 is as likely at its cap
+            return None, alive or (
+                f"nothing after the {current.op} at {current.location} tells whether its units were below 0 or "
+                "above 6 (a hard sigmoid's cap)"
+            )
+        else:  # nothing after this ReLU to tell: it stays the suspect
+            return current, None
         if current.unchecked:
             return None, None
         current = current.next

@@ -27,6 +27,7 @@ from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, OP, Cros
 from gradtel.diagnosis.op_rules import (
     ADDING_OPS,
     ASSIGN_OPS,
+    CLIPPING_OPS,
     GATING_ACTIVATIONS,
     MULTIPLYING_OPS,
     SATURATING_OPS,
@@ -136,6 +137,13 @@ class Analysis:
             if any(avoid(n) for n in self.flow.nodes):
                 rules.append((category, self.zero_reach_avoiding(avoid), self._culprits(blame)))
         return rules
+
+    @cached_property
+    def clipping(self) -> tuple[set[int], dict[int, Node]]:
+        """The tensors a gradient reaches without crossing a clip (``CLIPPING_OPS``, whose gradient is exactly zero
+        over whole ranges of inputs), and per tensor the newest clip on a path from it."""
+        on = lambda n: n.op_type in CLIPPING_OPS  # noqa: E731
+        return self.zero_reach_avoiding(on), self._culprits(on)
 
     @cached_property
     def entered_branches(self) -> dict[int, frozenset[tuple[int, int]]]:
@@ -388,7 +396,7 @@ def _unexplained(analysis: Analysis, variable: Any, keys: set[int], name: str, r
                 "non_differentiable_op",
                 f"The gradient function of {label} returns None for `{name}`",
                 op="custom_gradient",
-                location=node.location(),
+                location=node.blamed_location(),
             )
         inner = _blocking_inside(analysis, node) if node.kind == FUNCTION else None
         if inner is not None:
@@ -396,13 +404,13 @@ def _unexplained(analysis: Analysis, variable: Any, keys: set[int], name: str, r
                 "non_differentiable_op",
                 f"`{name}` reaches the loss through a tf.function whose {describe_op(inner.op_type)} has no gradient",
                 op=inner.op_type,
-                location=inner.location() or node.location(),
+                location=inner.location() or node.blamed_location(),
             )
         return make_cause(
             "non_differentiable_op",
             f"The gradient of {describe_op(node.op_type)} on the path from `{name}` to the loss is None",
             op=node.op_type,
-            location=node.location(),
+            location=node.blamed_location(),
         )
     return make_cause(UNKNOWN, f"No cut was found on the paths from `{name}` to the loss")
 
@@ -446,7 +454,7 @@ def _cut_cause(analysis: Analysis, node: Node, key: int, name: str, reach_from_v
             f"The path from `{name}` to the loss becomes integer/bool at {describe_op(source.op_type)}, "
             "which has no gradient",
             op=source.op_type,
-            location=source.location(),
+            location=source.blamed_location(),
         )
     category = blocking_category(node.op_type) or UNKNOWN
     details = {
@@ -457,7 +465,7 @@ def _cut_cause(analysis: Analysis, node: Node, key: int, name: str, reach_from_v
         "which has no gradient",
     }
     detail = details.get(category, f"The path from `{name}` to the loss stops at {node.op_type}")
-    return make_cause(category, detail, op=node.op_type, location=node.location())
+    return make_cause(category, detail, op=node.op_type, location=node.blamed_location())
 
 
 def _zero_op(node: Node) -> bool:
@@ -492,7 +500,7 @@ def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> C
             "underflow",
             f"The gradient of `{name}` flows back through float16 ops ({half.op_type})",
             op=half.op_type,
-            location=half.location(),
+            location=half.blamed_location(),
         )
     for category, avoiding, culprits in analysis.zero_rules:
         if keys & avoiding or (category == "untaken_branch" and analysis.in_both_branches(keys)):
@@ -502,6 +510,15 @@ def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> C
             continue  # the second rule holds only with a zero op to blame
         if category == "untaken_branch":
             location = culprit.branch_location() if culprit is not None else None
+            unclipped, clips = analysis.clipping
+            if not keys & unclipped:  # the branch may have run, its gradient zeroed by the clip
+                gate = _newest(clips, keys)
+                return make_cause(
+                    "other",
+                    f"Every path from `{name}` to the loss runs inside a tf.cond branch (at {location}) and through "
+                    f"a {gate.op_type if gate else 'clip'} (at {gate.blamed_location() if gate else None}): "
+                    "the branch may not have run, or that op saturated",
+                )
             return make_cause(
                 category, f"Every path from `{name}` to the loss runs inside a tf.cond branch", location=location
             )
@@ -510,7 +527,7 @@ def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> C
             category,
             f"Every path from `{name}` to the loss goes through {op}",
             op=op,
-            location=culprit.location() if culprit is not None else None,
+            location=culprit.blamed_location() if culprit is not None else None,
         )
     return None
 
@@ -578,7 +595,7 @@ def _relu_check(
         for key in stretch
         for n in flow.consumers.get(key, ())
     )
-    return ReluCheck(relu.op_type, relu.location(), direct, biases, used, gated, after, unchecked)
+    return ReluCheck(relu.op_type, relu.blamed_location(), direct, biases, used, gated, after, unchecked)
 
 
 def _uses(analysis: Analysis, keys: set[int]) -> list[Node]:

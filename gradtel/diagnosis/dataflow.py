@@ -47,12 +47,23 @@ class Node:
     branch_of: tuple[int, int] | None = None
     half: bool = False  # an output is float16: gradients through it can underflow without loss scaling
     zero_filled: bool = False  # in a cond branch or loop body: a None gradient through it becomes zeros
+    #: Where the user created (or connected) the library layer that made this op, when a library model ran that
+    #: layer (``layer_sites``); None otherwise.
+    site: Where = None
 
     def location(self) -> str | None:
         """The user's ``file:line`` for this op, resolved on first use (tracebacks are costly)."""
         if callable(self.where):
             self.where = self.where()
         return self.where
+
+    def blamed_location(self) -> str | None:
+        """Where to point when this op itself is the culprit (it cuts or zeroes the gradient): its layer's line
+        when a library model ran that layer (every op of a model traced by ``fit`` has the ``fit`` line), else
+        ``location``. A read, or an op run before the tape, keeps the line that ran the model: that is the fix."""
+        if callable(self.site):
+            self.site = self.site()
+        return self.site or self.location()
 
     def branch_location(self) -> str | None:
         """Where the tf.cond whose branch holds this op was written."""

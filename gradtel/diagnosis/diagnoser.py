@@ -25,7 +25,7 @@ from tensorflow.python.autograph.impl import api as autograph
 from tensorflow.python.eager import context
 from tensorflow.python.framework import ops
 
-from gradtel.diagnosis import graph_source
+from gradtel.diagnosis import graph_source, layer_sites
 from gradtel.diagnosis.cause import UNKNOWN, Cause, Diagnosis, ReluCheck, make_cause
 from gradtel.diagnosis.classify import Analysis, explain_missing, influences_loss, relu_witnesses, zero_hint
 from gradtel.diagnosis.eager_recorder import EagerRecorder
@@ -75,6 +75,7 @@ class Diagnoser:
             self._tapes.install()
             self._pipeline.install()
             self._recorder.install()
+            layer_sites.install()
             self._installed = True
             self._arm()
         except Exception:
@@ -101,6 +102,8 @@ class Diagnoser:
             self._pipeline.uninstall()
         with contextlib.suppress(Exception):
             self._recorder.uninstall()
+        with contextlib.suppress(Exception):
+            layer_sites.uninstall()
         self._eager_cache.clear()
         self._graph_cache = weakref.WeakKeyDictionary()
         self._pending.clear()

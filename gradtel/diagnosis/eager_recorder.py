@@ -34,6 +34,7 @@ from tensorflow.python.framework import constant_op, func_graph, op_callbacks, o
 from tensorflow.python.ops import resource_variable_ops, script_ops
 from tensorflow.python.util import nest
 
+from gradtel.diagnosis import layer_sites
 from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, OP, Crossing, DataflowGraph, Node
 from gradtel.diagnosis.frames import location_of_stack
 from gradtel.diagnosis.graph_source import carries_gradient, has_half
@@ -188,7 +189,7 @@ class EagerRecorder:
                 op_type = op_type.decode()
             inputs, outputs = tuple(inputs or ()), tuple(outputs or ())
             self.seq += 1
-            location = location_of_stack(2)
+            location, site = layer_sites.stack_locations(2)
             if self._pending_reads:
                 self._add_fast_path_reads(inputs, location)
             kind = FUNCTION if op_type.startswith("__") else OP
@@ -203,6 +204,7 @@ class EagerRecorder:
                     location,
                     kind,
                     half=has_half(outputs),
+                    site=site,
                 )
             )
             self.graph.trim(self.max_nodes)

@@ -14,6 +14,7 @@ from typing import Any
 import tensorflow as tf
 from tensorflow.python.framework.ops import EagerTensor
 
+from gradtel.diagnosis import layer_sites
 from gradtel.diagnosis.dataflow import CUSTOM_GRADIENT, FUNCTION, LINK, DataflowGraph, Node, Where
 from gradtel.diagnosis.frames import location_of_traceback
 
@@ -93,6 +94,7 @@ def _add_graph(flow: DataflowGraph, graph: Any, seq: int | None, inside: _Inside
                 branch=branch,
                 in_branch=branch is not None,
                 branch_of=branch_of,
+                site=functools.partial(layer_sites.op_site, op),
                 half=has_half(op.outputs),
                 zero_filled=filled,
             )

@@ -26,12 +26,12 @@ NONE_GRADIENT_OPS = frozenset({"Round", "Floor", "Ceil", "Rint", "ArgMax", "ArgM
 ZERO_GRADIENT_OPS = frozenset({"Sign"})
 #: Activations whose gradient is zero where the unit is inactive.
 GATING_ACTIVATIONS = frozenset({"Relu", "Relu6"})
+#: Clips: their gradient is exactly zero over whole ranges of inputs (a tanh's or a sigmoid's only at extremes).
+CLIPPING_OPS = frozenset({"Minimum", "Maximum", "ClipByValue"})
 #: Ops whose gradient is exactly zero where their input saturates or is clipped (a softmax whose output is exactly
 #: one-hot): any of them after a ReLU can zero the gradient the ReLU receives. Not a select: Keras's Dropout is one,
 #: and a dead ReLU is often followed by it.
-SATURATING_OPS = GATING_ACTIVATIONS | frozenset(
-    {"Tanh", "Sigmoid", "Softmax", "Elu", "Selu", "Minimum", "Maximum", "ClipByValue"}
-)
+SATURATING_OPS = GATING_ACTIVATIONS | frozenset({"Tanh", "Sigmoid", "Softmax", "Elu", "Selu"} | CLIPPING_OPS)
 #: Ops whose output is all zero when their data input is (reshapes, casts, pools, a product): a ReLU's zeros stay
 #: zeros through them. Not a concat, an add or a select: each may mix in values that are not zero.
 ZERO_KEEPING_OPS = frozenset(

@@ -35,7 +35,7 @@ def relu_hidden_layer() -> Step:
         [
             keras.Input((3,)),
             keras.layers.Dense(4, name="relu_hidden"),
-            keras.layers.ReLU(),
+            keras.layers.ReLU(),  # CULPRIT: the layer's line, not the model call's (a library model runs it)
             keras.layers.Dense(1, name="linear_out"),
         ]
     )
@@ -43,7 +43,7 @@ def relu_hidden_layer() -> Step:
 
     def step():
         with tf.GradientTape() as tape:
-            pred = model(x)  # CULPRIT
+            pred = model(x)
             loss = tf.reduce_mean(tf.square(pred[:, 0] - y))
         return tape.gradient(loss, model.trainable_variables), model.trainable_variables
 

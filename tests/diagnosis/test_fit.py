@@ -297,3 +297,54 @@ def test_a_dead_relu_followed_by_dropout_keeps_its_cause(instrumented_cleanup: N
         "hid/bias": "dead_activation",
         "out/kernel": "other",
     }
+
+
+def _float_ids_into_embedding(sequential: bool) -> keras.Model:
+    """A Dense layer's float scores used as token ids (keras#11157): Keras's Embedding casts them to int32, an op
+    inside a library layer with no user frame of its own."""
+    if sequential:
+        return keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(4, name="scores"),
+                keras.layers.Embedding(10, 2, name="embed"),  # SEQUENTIAL
+                keras.layers.Flatten(),
+                keras.layers.Dense(1, name="out"),
+            ]
+        )
+    inputs = keras.Input((3,))
+    embed = keras.layers.Embedding(10, 2, name="embed")
+    tokens = embed(keras.layers.Dense(4, name="scores")(inputs))  # CONNECTED
+    return keras.Model(inputs, keras.layers.Dense(1, name="out")(keras.layers.Flatten()(tokens)))
+
+
+@pytest.mark.parametrize("how", ["fit", "eager_loop", "sequential_fit"])
+def test_a_cut_inside_a_library_layer_is_located_where_the_layer_was_connected(
+    instrumented_cleanup: None, how: str
+) -> None:
+    """Not the ``model.fit`` (or ``model(x)``) line, the only user frame of the Cast's creation: where the user
+    connected the Embedding in a functional model, or wrote it in a Sequential one."""
+    import gradtel
+
+    optimizer = keras.optimizers.SGD(0.1)
+    handle = gradtel.instrument(optimizer, name=f"layer_site_{next(_RUNS)}", start_exporter=False)
+    model = _float_ids_into_embedding(sequential=how == "sequential_fit")
+    x, y = np.ones((8, 3), "float32"), np.ones((8, 1), "float32")
+    if how == "eager_loop":
+        for _ in range(2):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x) - y))
+            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+    else:
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    marker = "# SEQUENTIAL" if how == "sequential_fit" else "# CONNECTED"
+    lines, first = inspect.getsourcelines(_float_ids_into_embedding)
+    where = f"{os.sep}test_fit.py:{first + next(i for i, line in enumerate(lines) if marker in line)}"
+    ours = [v for v in gradtel.report()["variables"] if v["optimizer"] == handle.name and v["status"] == "missing"]
+    causes = {v["name"]: (v["cause"]["category"], v["cause"]["op"], v["cause"]["location"]) for v in ours}
+    assert sorted(name.split("/", 1)[-1] if how == "sequential_fit" else name for name in causes) == [
+        "scores/bias",
+        "scores/kernel",
+    ], causes
+    assert all(c[:2] == ("non_differentiable_op", "Cast") and c[2].endswith(where) for c in causes.values()), causes

@@ -420,3 +420,33 @@ def test_numpy_maths_on_a_copied_batch_is_left_tensorflow(diagnoser: Diagnoser) 
     where = _line_of("# COPIED", test_numpy_maths_on_a_copied_batch_is_left_tensorflow)
     causes = {variable_path(variables[i]): (c.category, os.path.basename(c.location)) for i, c in result.causes.items()}
     assert causes == dict.fromkeys(["aux/kernel", "aux/bias"], ("left_tensorflow", where))
+
+
+def test_a_clip_inside_a_cond_branch_leaves_the_branch_in_doubt(diagnoser: Diagnoser) -> None:
+    """A dice loss whose ``if`` became a cond (keras#2994): every path runs inside the branch and through a clip.
+    The branch may not have run, or the clip saturated (it did, and the branch ran): other, naming both; a
+    variable used in a branch with no clip keeps untaken_branch."""
+    x = tf.ones((2, 3))
+    clipped, plain = keras.layers.Dense(1, name="clipped"), keras.layers.Dense(1, name="plain")
+    clipped(x), plain(x)
+    variables = clipped.trainable_variables + plain.trainable_variables
+    box = {}
+
+    @tf.function
+    def step(flag):
+        with tf.GradientTape() as tape:
+            score = tf.reduce_sum(tf.clip_by_value(clipped(x), 0.7, 1.0))  # CLIP
+            loss = tf.cond(flag, lambda: score + tf.reduce_sum(plain(x)), lambda: tf.constant(0.0))
+        box["result"] = diagnoser.diagnose(list(tape.gradient(loss, variables)), variables)
+        return loss
+
+    step(tf.constant(True))
+    hints = {variable_path(variables[i]): h for i, h in box["result"].zero_hints.items()}
+    assert {name: h.category for name, h in hints.items()} == {
+        "clipped/kernel": "other",
+        "clipped/bias": "other",
+        "plain/kernel": "untaken_branch",
+        "plain/bias": "untaken_branch",
+    }
+    where = _line_of("# CLIP", test_a_clip_inside_a_cond_branch_leaves_the_branch_in_doubt)
+    assert where in hints["clipped/kernel"].explanation
