@@ -109,7 +109,8 @@ def settle_zero_hints(
     too, so the zero reached it from nearer the loss (a saturated tanh or sigmoid, a loss constant for the batch,
     or a dead ReLU further on); a variable after it has a gradient while it passes none back: that ReLU is dead, and
     it is named. With none found dead the cause is ``other``, naming what was seen. A ReLU with nothing after it to
-    tell (an output ReLU) keeps the hint, as does a chain not worked out.
+    tell (an output ReLU) keeps the hint, as does a chain not worked out; a Relu6 there reads ``other`` (its zero
+    may be its cap at 6, a hard sigmoid's).
     """
     settled: dict[int, Cause | None] = {}
     for i, (hint, check) in hints.items():
