@@ -577,9 +577,13 @@ def _relu_check(
 ) -> ReluCheck:
     """One ReLU's witnesses: the variables used between it and the next op that can zero a gradient, those of them
     that multiply its output (zeros kept), and those added to such a product (``ReluCheck``)."""
-    flow = analysis.flow
-    stretch = flow.descendants(relu.outputs, crosses=lambda n: n.op_type not in SATURATING_OPS)
-    zeros = flow.descendants(relu.outputs, crosses=lambda n: n.op_type in ZERO_KEEPING_OPS)
+    flow, forward = analysis.flow, analysis.loss_ancestors
+
+    def ahead(node: Node) -> bool:  # the forward pass only: the backward pass reads every forward tensor too
+        return any(out in forward for out in node.outputs)
+
+    stretch = flow.descendants(relu.outputs, crosses=lambda n: n.op_type not in SATURATING_OPS and ahead(n))
+    zeros = flow.descendants(relu.outputs, crosses=lambda n: n.op_type in ZERO_KEEPING_OPS and ahead(n))
     used = frozenset(i for i, ops in uses.items() if any(k in stretch for n in ops for k in n.inputs))
     direct = frozenset(
         i
