@@ -121,7 +121,8 @@ class DataflowGraph:
             self.consumers.setdefault(key, []).append(node)
 
     def _as_state_write(self, node: Node) -> None:
-        """Rewrite an assignment as value (and previous state, for assign_add/sub) -> new pseudo state."""
+        """Rewrite an assignment as value (and previous state, for assign_add/sub and the partial writes of a
+        scatter or a slice) -> new pseudo state."""
         handle = node.inputs[0]
         state = self._next_pseudo
         self._next_pseudo -= 1

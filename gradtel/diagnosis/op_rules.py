@@ -14,8 +14,13 @@ from tensorflow.python.framework import ops
 
 #: Ops that read a variable: their first input is the variable's resource handle.
 READ_OPS = frozenset({"ReadVariableOp", "ResourceGather", "ResourceGatherNd"})
-#: Ops that write a variable: first input the handle, second the value written.
-ASSIGN_OPS = frozenset({"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp"})
+#: Ops that write a variable: first input the handle, then the value written (after indices for a scatter or a
+#: slice, which write part of it: the rest of the previous value stays).
+ASSIGN_OPS = frozenset(
+    {"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "ResourceStridedSliceAssign"}
+    | {f"ResourceScatter{kind}" for kind in ("Update", "Add", "Sub", "Mul", "Div", "Min", "Max")}
+    | {f"ResourceScatterNd{kind}" for kind in ("Update", "Add", "Sub", "Min", "Max")}
+)
 #: Ops whose output depends only on an input's shape (or dtype), never on its values.
 SHAPE_ONLY_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank", "ZerosLike", "OnesLike", "VariableShape"})
 #: Ops that stop the gradient on purpose.

@@ -9,6 +9,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import gradtel
@@ -450,3 +451,30 @@ def test_a_clip_inside_a_cond_branch_leaves_the_branch_in_doubt(diagnoser: Diagn
     }
     where = _line_of("# CLIP", test_a_clip_inside_a_cond_branch_leaves_the_branch_in_doubt)
     assert where in hints["clipped/kernel"].explanation
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("sliced", [False, True], ids=["scatter", "slice"])
+def test_a_value_written_into_part_of_another_variable_is_a_stateful_assign(
+    diagnoser: Diagnoser, mode: str, sliced: bool
+) -> None:
+    """``v`` reaches the loss only by being scattered (or slice-assigned) into ``table``, which the loss reads
+    (tensorflow#21925): a partial write is a write, which has no gradient; not 'nothing reaches the loss'."""
+    v = tf.Variable([1.0, 2.0], name="v")
+    table = tf.Variable(tf.zeros((3, 2)), trainable=False, name="table")
+    box = {}
+
+    def step():
+        with tf.GradientTape() as tape:
+            if sliced:
+                table[1].assign(v * 2.0)
+            else:
+                table.scatter_update(tf.IndexedSlices(v[None, :] * 2.0, tf.constant([1])))
+            loss = tf.reduce_sum(table * 3.0)
+        box["result"] = diagnoser.diagnose([tape.gradient(loss, v)], [v])
+
+    diagnoser.expect_optimizer()
+    (tf.function(step) if mode == "graph" else step)()
+    cause = box["result"].causes[0]
+    op = "ResourceStridedSliceAssign" if sliced else "ResourceScatterUpdate"
+    assert (cause.category, cause.op) == ("stateful_assign", op)
