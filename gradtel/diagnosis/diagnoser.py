@@ -301,7 +301,9 @@ class Diagnoser:
         a Keras variable around it: Keras 3 does not track it, so it cannot reach an optimizer through
         ``model.trainable_variables``, a bug. Any other (a Keras variable of a frozen feature extractor or of a
         target network updated by assign, a variable of a tf_keras layer or a tf.Module, one the script holds
-        itself) was left out by the program's choice."""
+        itself) was left out by the program's choice. A Keras 3 variable set ``trainable=False`` (a frozen layer)
+        is not listed: the tape still watches the tf.Variable inside it, which stays trainable, but the program
+        said the exclusion is intended."""
         try:
             while self._pending_influencers:
                 with contextlib.suppress(Exception):
@@ -310,16 +312,19 @@ class Diagnoser:
             given.update(k for k, ref in list(self._optimized.items()) if ref() is not None)
             found = [(ref(), name) for key, (ref, name) in list(self._influencers.items()) if key not in given]
             found = [(variable, name) for variable, name in found if variable is not None]
-            untracked = _untracked_by_keras3([variable for variable, _ in found])
-            return sorted((name, id(variable) not in untracked) for variable, name in found)
+            untracked, frozen = _keras3_standing([variable for variable, _ in found])
+            return sorted(
+                (name, id(variable) not in untracked) for variable, name in found if id(variable) not in frozen
+            )
         except Exception:
             return []
 
 
-def _untracked_by_keras3(variables: list) -> set[int]:
-    """ids of those plain tf.Variables that a Keras 3 layer holds (as an attribute, or in a list, dict or set
-    attribute, which Keras 3 turns into its tracked containers), directly or through a ``tf.Module`` it holds,
-    while no Keras 3 variable wraps them.
+def _keras3_standing(variables: list) -> tuple[set[int], set[int]]:
+    """(untracked, frozen): ids of those plain tf.Variables that a Keras 3 layer holds (as an attribute, or in a
+    list, dict or set attribute, which Keras 3 turns into its tracked containers), directly or through a
+    ``tf.Module`` it holds, while no Keras 3 variable wraps them; and ids of those a Keras 3 variable set
+    ``trainable=False`` wraps.
 
     Keras keeps no link from a tf.Variable back to its holders, so the heap is asked, at report time, for the
     candidates only (one walk of the garbage collector's objects: 20 to 90 ms for a Keras process's 280,000; two
@@ -334,7 +339,7 @@ def _untracked_by_keras3(variables: list) -> set[int]:
 
     tracking = sys.modules.get("keras.src.utils.tracking")
     if not variables or tracking is None:
-        return set()
+        return set(), set()
     # TrackedOrderedDict is Keras 3.14's; older Keras 3 releases have the others only.
     containers = tuple(
         getattr(tracking, name)
@@ -342,8 +347,11 @@ def _untracked_by_keras3(variables: list) -> set[int]:
         if hasattr(tracking, name)
     )
 
+    frozen: set[int] = set()
+
     def in_keras3(holders: list) -> tuple[set[int], set[int], list]:
-        """(ids held by a Keras 3 layer or container, ids a Keras 3 variable wraps, the other attribute dicts)."""
+        """(ids held by a Keras 3 layer or container, ids a Keras 3 variable wraps, the other attribute dicts);
+        ``frozen`` gets the ids a Keras 3 variable set ``trainable=False`` wraps."""
         held: set[int] = set()
         wrapped: set[int] = set()
         others: list = []
@@ -357,6 +365,8 @@ def _untracked_by_keras3(variables: list) -> set[int]:
                     continue
                 if "_path" in attributes and "_value" in attributes:
                     wrapped.add(id(attributes["_value"]))
+                    if attributes.get("_trainable") is False:
+                        frozen.add(id(attributes["_value"]))
                 elif isinstance(attributes.get("_tracker"), tracking.Tracker):
                     held.update(map(id, attributes.values()))
                 else:
@@ -371,7 +381,7 @@ def _untracked_by_keras3(variables: list) -> set[int]:
         for module in modules:
             if id(module) in layer_held:
                 held.update(map(id, vars(module).values()))
-    return (held - wrapped) & candidates
+    return (held - wrapped) & candidates, frozen & candidates
 
 
 def _modules_holding(holders: list, candidates: set[int]) -> list:

@@ -150,6 +150,23 @@ def test_not_optimized_names_variables_of_a_tf_module_held_by_a_keras3_layer_unt
     assert diagnoser.not_optimized(layer.trainable_variables) == expected
 
 
+def test_not_optimized_leaves_out_a_frozen_keras3_layer_but_names_an_assigned_target(diagnoser: Diagnoser) -> None:
+    """The keras.io transfer-learning recipe (``base.trainable = False``): the tape still watches the tf.Variables
+    inside the frozen Keras 3 variables (they stay trainable), but the program said the exclusion is intended. A
+    target network's trainable variables, given to no optimizer, keep their note."""
+    base = keras.layers.Dense(2, name="base")
+    target = keras.layers.Dense(1, name="target")
+    head = keras.layers.Dense(1, name="head")
+    x = tf.ones((2, 3))
+    head(base(x)), target(base(x))
+    base.trainable = False
+    with tf.GradientTape() as tape:
+        features = base(x)
+        loss = tf.reduce_mean(head(features)) + tf.reduce_mean(target(features))
+    diagnoser.diagnose(list(tape.gradient(loss, head.trainable_variables)), head.trainable_variables)
+    assert diagnoser.not_optimized(head.trainable_variables) == [("target/bias", True), ("target/kernel", True)]
+
+
 def test_diagnose_never_raises_and_reports_unknown(diagnoser: Diagnoser) -> None:
     result = diagnoser.diagnose([None, np.zeros(2)], ["not a variable", object()])
     assert list(result.causes) == [0]
