@@ -174,8 +174,8 @@ def _inline(
             for outer, inner in zip(args, body.inputs, strict=True):
                 _link(flow, [outer], inner, seq, op, in_body)
             _add_graph(flow, body, seq, in_body, depth + 1, True)
-        for j, outer in enumerate(outputs):
-            _link(flow, [body.outputs[j] for body in graphs], outer, seq, op, inside)
+        for j, outer in enumerate(outputs):  # the predicate (or branch index) decides the outputs too: no gradient
+            _link(flow, [inputs[0], *(body.outputs[j] for body in graphs)], outer, seq, op, inside)
         return True
     (body,) = graphs
     if not (len(body.inputs) == len(body.outputs) == len(inputs) == len(outputs)):

@@ -478,3 +478,27 @@ def test_a_value_written_into_part_of_another_variable_is_a_stateful_assign(
     cause = box["result"].causes[0]
     op = "ResourceStridedSliceAssign" if sliced else "ResourceScatterUpdate"
     assert (cause.category, cause.op) == ("stateful_assign", op)
+
+
+def test_a_variable_that_only_decides_a_cond_is_cut_where_its_path_turns_boolean(diagnoser: Diagnoser) -> None:
+    """A mixture-of-experts gate through ``K.switch`` (tensorflow#35334): the gate reaches the loss only through the
+    cond's predicate, which has no gradient: non_differentiable_op at the comparison, not not_on_loss_path."""
+    x = tf.ones((2, 3))
+    gate, expert_a, expert_b = (keras.layers.Dense(1, name=n) for n in ("gate", "expert_a", "expert_b"))
+    gate(x), expert_a(x), expert_b(x)
+    variables = gate.trainable_variables + expert_a.trainable_variables + expert_b.trainable_variables
+    box = {}
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            use_a = tf.reduce_mean(gate(x)) > 0.0  # GREATER
+            loss = tf.reduce_sum(tf.cond(use_a, lambda: expert_a(x), lambda: expert_b(x)))
+        box["result"] = diagnoser.diagnose(list(tape.gradient(loss, variables)), variables)
+
+    step()
+    causes = {variable_path(variables[i]): c for i, c in box["result"].causes.items()}
+    where = _line_of("# GREATER", test_a_variable_that_only_decides_a_cond_is_cut_where_its_path_turns_boolean)
+    assert {name: (c.category, c.op, os.path.basename(c.location)) for name, c in causes.items()} == dict.fromkeys(
+        ["gate/kernel", "gate/bias"], ("non_differentiable_op", "Greater", where)
+    )
