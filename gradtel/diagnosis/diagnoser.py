@@ -301,9 +301,9 @@ class Diagnoser:
         a Keras variable around it: Keras 3 does not track it, so it cannot reach an optimizer through
         ``model.trainable_variables``, a bug. Any other (a Keras variable of a frozen feature extractor or of a
         target network updated by assign, a variable of a tf_keras layer or a tf.Module, one the script holds
-        itself) was left out by the program's choice. A Keras 3 variable set ``trainable=False`` (a frozen layer)
-        is not listed: the tape still watches the tf.Variable inside it, which stays trainable, but the program
-        said the exclusion is intended."""
+        itself) was left out by the program's choice. A frozen layer's variables (``layer.trainable = False``, in
+        Keras 3 or tf_keras) are not listed: the tape still watches their tf.Variables, which stay trainable, but
+        the program said the exclusion is intended."""
         try:
             while self._pending_influencers:
                 with contextlib.suppress(Exception):
@@ -312,7 +312,7 @@ class Diagnoser:
             given.update(k for k, ref in list(self._optimized.items()) if ref() is not None)
             found = [(ref(), name) for key, (ref, name) in list(self._influencers.items()) if key not in given]
             found = [(variable, name) for variable, name in found if variable is not None]
-            untracked, frozen = _keras3_standing([variable for variable, _ in found])
+            untracked, frozen = _keras_standing([variable for variable, _ in found])
             return sorted(
                 (name, id(variable) not in untracked) for variable, name in found if id(variable) not in frozen
             )
@@ -320,11 +320,11 @@ class Diagnoser:
             return []
 
 
-def _keras3_standing(variables: list) -> tuple[set[int], set[int]]:
+def _keras_standing(variables: list) -> tuple[set[int], set[int]]:
     """(untracked, frozen): ids of those plain tf.Variables that a Keras 3 layer holds (as an attribute, or in a
     list, dict or set attribute, which Keras 3 turns into its tracked containers), directly or through a
-    ``tf.Module`` it holds, while no Keras 3 variable wraps them; and ids of those a Keras 3 variable set
-    ``trainable=False`` wraps.
+    ``tf.Module`` it holds, while no Keras 3 variable wraps them; and ids of those that a frozen layer holds
+    (``_frozen``).
 
     Keras keeps no link from a tf.Variable back to its holders, so the heap is asked, at report time, for the
     candidates only (one walk of the garbage collector's objects: 20 to 90 ms for a Keras process's 280,000; two
@@ -337,9 +337,14 @@ def _keras3_standing(variables: list) -> tuple[set[int], set[int]]:
     import gc
     import sys
 
-    tracking = sys.modules.get("keras.src.utils.tracking")
-    if not variables or tracking is None:
+    if not variables:
         return set(), set()
+    candidates = {id(v) for v in variables}
+    holders = gc.get_referrers(*variables)
+    frozen = _frozen(holders) & candidates
+    tracking = sys.modules.get("keras.src.utils.tracking")
+    if tracking is None:
+        return set(), frozen
     # TrackedOrderedDict is Keras 3.14's; older Keras 3 releases have the others only.
     containers = tuple(
         getattr(tracking, name)
@@ -347,11 +352,8 @@ def _keras3_standing(variables: list) -> tuple[set[int], set[int]]:
         if hasattr(tracking, name)
     )
 
-    frozen: set[int] = set()
-
     def in_keras3(holders: list) -> tuple[set[int], set[int], list]:
-        """(ids held by a Keras 3 layer or container, ids a Keras 3 variable wraps, the other attribute dicts);
-        ``frozen`` gets the ids a Keras 3 variable set ``trainable=False`` wraps."""
+        """(ids held by a Keras 3 layer or container, ids a Keras 3 variable wraps, the other attribute dicts)."""
         held: set[int] = set()
         wrapped: set[int] = set()
         others: list = []
@@ -360,28 +362,48 @@ def _keras3_standing(variables: list) -> tuple[set[int], set[int]]:
                 if isinstance(holder, containers):
                     held.update(map(id, holder.values() if isinstance(holder, dict) else holder))
                     continue
-                attributes = holder if type(holder) is dict else getattr(holder, "__dict__", None)
-                if not isinstance(attributes, dict):
+                attributes = _attributes(holder)
+                if attributes is None:
                     continue
                 if "_path" in attributes and "_value" in attributes:
                     wrapped.add(id(attributes["_value"]))
-                    if attributes.get("_trainable") is False:
-                        frozen.add(id(attributes["_value"]))
                 elif isinstance(attributes.get("_tracker"), tracking.Tracker):
                     held.update(map(id, attributes.values()))
                 else:
                     others.append(holder)
         return held, wrapped, others
 
-    candidates = {id(v) for v in variables}
-    held, wrapped, others = in_keras3(gc.get_referrers(*variables))
+    held, wrapped, others = in_keras3(holders)
     modules = _modules_holding(others, candidates - held)
     if modules:
         layer_held, _, _ = in_keras3(gc.get_referrers(*modules))
         for module in modules:
             if id(module) in layer_held:
                 held.update(map(id, vars(module).values()))
-    return (held - wrapped) & candidates, frozen & candidates
+    return (held - wrapped) & candidates, frozen
+
+
+def _frozen(holders: list) -> set[int]:
+    """ids of the variables that a frozen layer holds: the tf.Variable inside a Keras 3 variable set
+    ``trainable=False`` (``layer.trainable = False`` sets it; the tf.Variable stays trainable), or an attribute of
+    a tf_keras layer set ``trainable = False`` (its variables stay trainable too)."""
+    frozen: set[int] = set()
+    for holder in holders:
+        with contextlib.suppress(Exception):
+            attributes = _attributes(holder)
+            if attributes is None or attributes.get("_trainable") is not False:
+                continue
+            if "_path" in attributes and "_value" in attributes:
+                frozen.add(id(attributes["_value"]))
+            elif "_trainable_weights" in attributes:  # a tf_keras layer's
+                frozen.update(map(id, attributes.values()))
+    return frozen
+
+
+def _attributes(holder: Any) -> dict | None:
+    """A referrer's attribute dict: Python 3.11 hands out an object or its ``__dict__``."""
+    attributes = holder if type(holder) is dict else getattr(holder, "__dict__", None)
+    return attributes if isinstance(attributes, dict) else None
 
 
 def _modules_holding(holders: list, candidates: set[int]) -> list:

@@ -167,6 +167,23 @@ def test_not_optimized_leaves_out_a_frozen_keras3_layer_but_names_an_assigned_ta
     assert diagnoser.not_optimized(head.trainable_variables) == [("target/bias", True), ("target/kernel", True)]
 
 
+def test_not_optimized_leaves_out_a_frozen_tf_keras_model(diagnoser: Diagnoser) -> None:
+    """tf_keras's ``model.trainable = False`` never changes its tf.Variables' ``trainable`` (a frozen feature
+    extractor, keras#8585's discriminator): the program said so, no note."""
+    import tf_keras
+
+    base = tf_keras.Sequential([tf_keras.layers.Dense(2, name="frozen_base", input_shape=(3,))])
+    head = tf_keras.layers.Dense(1, name="tfk_head")
+    x = tf.ones((2, 3))
+    head(base(x))
+    base.trainable = False
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(head(base(x)))
+    diagnoser.diagnose(list(tape.gradient(loss, head.trainable_variables)), head.trainable_variables)
+    assert base.layers[0].kernel.trainable  # the premise: the tape watched it
+    assert diagnoser.not_optimized(head.trainable_variables) == []
+
+
 def test_diagnose_never_raises_and_reports_unknown(diagnoser: Diagnoser) -> None:
     result = diagnoser.diagnose([None, np.zeros(2)], ["not a variable", object()])
     assert list(result.causes) == [0]
