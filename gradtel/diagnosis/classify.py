@@ -325,11 +325,31 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
             "computed from it reaches the loss: a copy made before the tape (outside_tape), or a read this step "
             "does not use (unused)",
         )
+    unseen = _numbers_after(analysis, reach_from_var)
+    if unseen is not None:
+        return make_cause(
+            UNKNOWN,
+            f"`{name}` is read inside the tape (at {recorded_reads[0].location()}) and NumPy numbers entered the loss "
+            f"after values were computed from it (at {unseen.location}): NumPy reads a tensor without a copy gradtel "
+            "can see (np.log(t)), so the loss may have been computed from them (left_tensorflow), or they are "
+            "unrelated (not_on_loss_path)",
+        )
     return make_cause(
         "not_on_loss_path",
         f"`{name}` is read inside the tape but nothing computed from it reaches the loss",
         location=recorded_reads[0].location(),
     )
+
+
+def _numbers_after(analysis: Analysis, reach_from_var: set[int]) -> Crossing | None:
+    """The first NumPy number (a scalar, not an array: targets and inputs come as arrays) that entered the loss
+    after a value was computed from the variable in this step; None if none did."""
+    flow = analysis.flow
+    computed = [n.seq for k in reach_from_var if (n := flow.producer.get(k)) is not None and analysis.recorded(n)]
+    first = min((seq for seq in computed if seq > analysis.step_start), default=None)
+    if first is None:
+        return None
+    return next((c for c in analysis.imports_into_loss if c.numpy and not c.shape and c.seq > first), None)
 
 
 def _came_back(value: Crossing, escape: Crossing, whole_loss: bool) -> bool:
@@ -532,6 +552,8 @@ def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> C
     return None
 
 
+#: Ops that make a constant: a select's other input made by one is (most likely) a dropout's zeros.
+_CONSTANT_OPS = frozenset({"Const", "ZerosLike", "Fill"})
 #: Ops a variable's value passes through unchanged on its way to the op that uses it (Keras's autocast, reads).
 _PASS_THROUGH = frozenset({"Identity", "Cast", "ReadVariableOp"})
 #: Distinct ReLUs whose witnesses one diagnosis works out at most (one descendants walk each); hints beyond stand.
@@ -582,8 +604,16 @@ def _relu_check(
     def ahead(node: Node) -> bool:  # the forward pass only: the backward pass reads every forward tensor too
         return any(out in forward for out in node.outputs)
 
+    def keeps_zeros(node: Node) -> bool:  # Keras's Dropout: where(mask, x * scale, 0) keeps a zero x zero
+        if node.op_type in ZERO_KEEPING_OPS:
+            return True
+        if node.op_type not in ("SelectV2", "Select") or len(node.inputs) != 3:
+            return False
+        other = flow.producer.get(node.inputs[2])
+        return other is None or other.op_type in _CONSTANT_OPS
+
     stretch = flow.descendants(relu.outputs, crosses=lambda n: n.op_type not in SATURATING_OPS and ahead(n))
-    zeros = flow.descendants(relu.outputs, crosses=lambda n: n.op_type in ZERO_KEEPING_OPS and ahead(n))
+    zeros = flow.descendants(relu.outputs, crosses=lambda n: keeps_zeros(n) and ahead(n))
     used = frozenset(i for i, ops in uses.items() if any(k in stretch for n in ops for k in n.inputs))
     direct = frozenset(
         i

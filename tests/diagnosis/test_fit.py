@@ -172,13 +172,16 @@ def test_a_dead_relu_keeps_its_cause_while_a_later_bias_trains(instrumented_clea
     assert _zero_causes(model) == dict.fromkeys(["hid/kernel", "hid/bias", "out/kernel"], "dead_activation")
 
 
-def test_a_zero_initialised_layer_after_a_live_relu_is_no_dead_relu(instrumented_cleanup: None) -> None:
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+def test_a_zero_initialised_layer_after_a_live_relu_is_no_dead_relu(instrumented_cleanup: None, dropout: bool) -> None:
     """The head's kernel is all zero, so nothing reaches the ReLU layer; the ReLU is active, which the head's
-    kernel shows: its gradient (the ReLU's output times the gradient arriving) is not zero."""
+    kernel shows: its gradient (the ReLU's output times the gradient arriving) is not zero. Through a Dropout too
+    (a select that keeps zeros zero)."""
     model = keras.Sequential(
         [
             keras.Input((3,)),
             keras.layers.Dense(4, activation="relu", name="hid", kernel_initializer="ones"),
+            *([keras.layers.Dropout(0.5, seed=0)] if dropout else []),
             keras.layers.Dense(1, name="out", kernel_initializer="zeros"),
         ]
     )
@@ -281,7 +284,8 @@ def test_a_relu_with_a_max_value_at_its_cap_is_no_dead_relu(instrumented_cleanup
 
 
 def test_a_dead_relu_followed_by_dropout_keeps_its_cause(instrumented_cleanup: None) -> None:
-    """Keras's Dropout is a select: no op that can zero a gradient by saturation, so the layer after it witnesses."""
+    """Keras's Dropout is a select: no op that can zero a gradient by saturation, so the layer after it witnesses;
+    and it keeps zeros zero, so the kernel after it multiplies the dead output."""
     dead = {"kernel_initializer": "ones", "bias_initializer": keras.initializers.Constant(-1000.0)}
     model = keras.Sequential(
         [
@@ -291,12 +295,8 @@ def test_a_dead_relu_followed_by_dropout_keeps_its_cause(instrumented_cleanup: N
             keras.layers.Dense(1, name="out"),
         ]
     )
-    # out/kernel is not blamed: the select between keeps a dead output zero, which its op alone does not show
-    assert _zero_causes(model) == {
-        "hid/kernel": "dead_activation",
-        "hid/bias": "dead_activation",
-        "out/kernel": "other",
-    }
+    # Dropout is where(mask, x * scale, 0): it keeps the dead output zero, so out/kernel is blamed on the ReLU too
+    assert _zero_causes(model) == dict.fromkeys(["hid/kernel", "hid/bias", "out/kernel"], "dead_activation")
 
 
 def _float_ids_into_embedding(sequential: bool) -> keras.Model:

@@ -373,7 +373,7 @@ def _actor_critic(sample_with_numpy: bool):
                 action = int(rng.choice(2, p=p / p.sum()))
                 ret = np.float32(1.0 + action)
             else:
-                action, ret = 0, np.float32(1.0)
+                action, ret = 0, 1.0  # a NumPy number here would leave the critic's case in doubt (unknown)
             advantage = ret - tf.stop_gradient(value[0, 0])  # STOP
             actor_loss = -tf.math.log(probs[0, action]) * advantage
             critic_loss = tf.square(value[0, 0] - ret)
@@ -502,3 +502,20 @@ def test_a_variable_that_only_decides_a_cond_is_cut_where_its_path_turns_boolean
     assert {name: (c.category, c.op, os.path.basename(c.location)) for name, c in causes.items()} == dict.fromkeys(
         ["gate/kernel", "gate/bias"], ("non_differentiable_op", "Greater", where)
     )
+
+
+def test_numpy_numbers_in_the_loss_after_an_unseen_read_leave_the_cause_in_doubt(diagnoser: Diagnoser) -> None:
+    """``np.log(probs[0, a])`` reads the tensor through NumPy's buffer protocol, which no hook sees
+    (SciSharp/TensorFlow.NET#1197, the keras.io actor-critic with log-probabilities kept in NumPy); NumPy numbers
+    then enter a loss that another head keeps connected. Not not_on_loss_path: unknown, naming both."""
+    x = tf.ones((1, 3))
+    actor = keras.layers.Dense(2, activation="softmax", name="actor")
+    critic = keras.layers.Dense(1, name="critic")
+    with tf.GradientTape() as tape:
+        probs, value = actor(x), critic(x)
+        log_prob = np.log(probs[0, 0])  # a NumPy float32, read unseen
+        loss = -tf.constant(log_prob) * 0.5 + tf.reduce_sum(tf.square(value))
+    variables = actor.trainable_variables + critic.trainable_variables
+    result = diagnoser.diagnose(list(tape.gradient(loss, variables)), variables)
+    causes = {variable_path(variables[i]): c.category for i, c in result.causes.items()}
+    assert causes == {"actor/kernel": "unknown", "actor/bias": "unknown"}
