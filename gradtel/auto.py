@@ -101,7 +101,7 @@ def _start_diagnosis() -> None:
         from gradtel.diagnosis import layer_sites
 
         registry.diagnoser()
-        layer_sites.install()  # a layer module loaded after the diagnoser was
+        layer_sites.refresh()  # a layer module loaded after the diagnoser was
     except Exception:
         log.debug("gradtel: the diagnoser could not be installed at import", exc_info=True)
 

@@ -337,7 +337,7 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
     return make_cause(
         "not_on_loss_path",
         f"`{name}` is read inside the tape but nothing computed from it reaches the loss",
-        location=recorded_reads[0].location(),
+        location=recorded_reads[0].read_location(),
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from gradtel.diagnosis.op_rules import ASSIGN_OPS, READ_OPS, SHAPE_ONLY_OPS
 
@@ -48,8 +49,8 @@ class Node:
     half: bool = False  # an output is float16: gradients through it can underflow without loss scaling
     zero_filled: bool = False  # in a cond branch or loop body: a None gradient through it becomes zeros
     #: Where the user created (or connected) the library layer that made this op, when a library model ran that
-    #: layer (``layer_sites``); None otherwise.
-    site: Where = None
+    #: layer (a ``layer_sites.LayerSite``, or a callable that makes it); None otherwise.
+    site: Any = None
 
     def location(self) -> str | None:
         """The user's ``file:line`` for this op, resolved on first use (tracebacks are costly)."""
@@ -60,10 +61,20 @@ class Node:
     def blamed_location(self) -> str | None:
         """Where to point when this op itself is the culprit (it cuts or zeroes the gradient): its layer's line
         when a library model ran that layer (every op of a model traced by ``fit`` has the ``fit`` line), else
-        ``location``. A read, or an op run before the tape, keeps the line that ran the model: that is the fix."""
+        ``location``. An op run before the tape keeps the line that ran the model: that is the fix."""
+        site = self._layer_site()
+        return site.line if site is not None else self.location()
+
+    def read_location(self) -> str | None:
+        """Where to point for a read: the line that ran the model when the user called it (``model(x)``, where an
+        output is dropped), its layer's line when a library ran it (``fit``: the ``fit`` line tells nothing)."""
+        site = self._layer_site()
+        return site.line if site is not None and site.by_library else self.location()
+
+    def _layer_site(self) -> Any:
         if callable(self.site):
             self.site = self.site()
-        return self.site or self.location()
+        return self.site
 
     def branch_location(self) -> str | None:
         """Where the tf.cond whose branch holds this op was written."""

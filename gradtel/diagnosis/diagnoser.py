@@ -64,6 +64,7 @@ class Diagnoser:
         # retired and dropped) still trained its variables, which are then not "not optimized".
         self._optimized: dict[int, weakref.ref] = {}
         self._installed = False
+        self._layer_sites = False  # holds one install of layer_sites
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -76,6 +77,7 @@ class Diagnoser:
             self._pipeline.install()
             self._recorder.install()
             layer_sites.install()
+            self._layer_sites = True
             self._installed = True
             self._arm()
         except Exception:
@@ -102,8 +104,10 @@ class Diagnoser:
             self._pipeline.uninstall()
         with contextlib.suppress(Exception):
             self._recorder.uninstall()
-        with contextlib.suppress(Exception):
-            layer_sites.uninstall()
+        if self._layer_sites:
+            with contextlib.suppress(Exception):
+                layer_sites.uninstall()
+            self._layer_sites = False
         self._eager_cache.clear()
         self._graph_cache = weakref.WeakKeyDictionary()
         self._pending.clear()

@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import re
 import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from gradtel.diagnosis.frames import is_library_file, location_of_stack
 
@@ -51,6 +52,7 @@ class _Site:
 
 
 _lock = threading.Lock()
+_users = 0  # installs not yet matched by an uninstall
 _patched: list[tuple[type, str, Any]] = []
 #: layer name -> its layers' sites, the newest last; dead layers are pruned as names recur
 _sites: dict[str, list[_Site]] = {}
@@ -59,24 +61,42 @@ _calls: dict[Any, bool] = {}
 
 
 def install() -> None:
-    """Wrap ``__init__`` and the symbolic call of each Keras layer base class already imported (idempotent)."""
+    """Wrap ``__init__`` and the symbolic call of each Keras layer base class already imported; each call is matched
+    by one ``uninstall`` (a process may hold several diagnosers: the last one out unwraps)."""
+    global _users
     with _lock:
-        for module_name, class_name, symbolic, suffixed in _BASES:
-            cls = getattr(sys.modules.get(module_name), class_name, None)
-            if not isinstance(cls, type) or "__init__" not in cls.__dict__ or any(c is cls for c, _, _ in _patched):
-                continue
-            call = cls.__dict__.get("__call__")
-            code = getattr(inspect.unwrap(call), "__code__", None) if call is not None else None  # under Keras's filter
-            if code is not None:
-                _calls[code] = suffixed
-            _wrap(cls, "__init__", _note_created)
-            if symbolic in cls.__dict__:
-                _wrap(cls, symbolic, _note_connected)
+        _users += 1
+        _wrap_imported()
+
+
+def refresh() -> None:
+    """Wrap a layer base class imported since ``install`` (the post-import hook of ``gradtel run`` calls this)."""
+    with _lock:
+        if _users:
+            _wrap_imported()
+
+
+def _wrap_imported() -> None:
+    for module_name, class_name, symbolic, suffixed in _BASES:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if not isinstance(cls, type) or "__init__" not in cls.__dict__ or any(c is cls for c, _, _ in _patched):
+            continue
+        call = cls.__dict__.get("__call__")
+        code = getattr(inspect.unwrap(call), "__code__", None) if call is not None else None  # under Keras's filter
+        if code is not None:
+            _calls[code] = suffixed
+        _wrap(cls, "__init__", _note_created)
+        if symbolic in cls.__dict__:
+            _wrap(cls, symbolic, _note_connected)
 
 
 def uninstall() -> None:
-    """Restore the wrapped methods and forget every site."""
+    """Once every ``install`` is matched: restore the wrapped methods and forget every site."""
+    global _users
     with _lock:
+        _users = max(0, _users - 1)
+        if _users:
+            return
         while _patched:
             cls, name, original = _patched.pop()
             setattr(cls, name, original)
@@ -132,38 +152,57 @@ def _site(layer: Any) -> _Site | None:
     return None
 
 
-def stack_locations(skip: int = 1) -> tuple[str | None, str | None]:
+class LayerSite(NamedTuple):
+    """Where the library layer that made an op was connected or created, and whether a library (``fit``, a
+    Keras trainer) rather than the user's own call ran the model: then the user's frame says nothing of the op."""
+
+    line: str
+    by_library: bool
+
+
+def stack_locations(skip: int = 1) -> tuple[str | None, LayerSite | None]:
     """The innermost user frame of the current stack as ``file:line``, and, when a library layer run by a library
-    model is making the op (two layer calls or more before that frame), where that layer was created or connected
-    (else None)."""
+    model is making the op (two layer calls or more before that frame), its ``LayerSite`` (else None)."""
     frame: FrameType | None = sys._getframe(skip)
-    calls, layer = 0, None
+    calls, layer, called = 0, None, False
     while frame is not None:
         code = frame.f_code
         if code in _calls:
-            calls += 1
+            calls, called = calls + 1, True
             layer = frame.f_locals.get("self") if layer is None else layer
         elif not is_library_file(code.co_filename):
-            return f"{code.co_filename}:{frame.f_lineno}", site_of_layer(layer) if calls >= 2 else None
+            line = site_of_layer(layer) if calls >= 2 else None
+            return f"{code.co_filename}:{frame.f_lineno}", LayerSite(line, not called) if line else None
+        elif not _transparent(code.co_filename, code.co_name):
+            called = False
         frame = frame.f_back
     return None, None
 
 
-def op_site(op: Any) -> str | None:
-    """For a traced op made by a library layer run by a library model: where that layer was created or connected,
-    found by the op's name scope; else None."""
+def op_site(op: Any) -> LayerSite | None:
+    """For a traced op made by a library layer run by a library model: its ``LayerSite``, the layer found by the
+    op's name scope; else None."""
     try:
-        calls, suffixed = 0, False
+        calls, suffixed, called = 0, False, False
         for frame in reversed(list(op.traceback)):
             kind = _call_kind(frame.filename, frame.name)
             if kind is not None:
                 suffixed = kind if calls == 0 else suffixed
-                calls += 1
+                calls, called = calls + 1, True
             elif not is_library_file(frame.filename):
-                return site_of_scope(op.name, suffixed) if calls >= 2 else None
+                line = site_of_scope(op.name, suffixed) if calls >= 2 else None
+                return LayerSite(line, not called) if line else None
+            elif not _transparent(frame.filename, frame.name):
+                called = False
     except Exception:
         return None
     return None
+
+
+def _transparent(filename: str, function: str) -> bool:
+    """A library frame between a user's call and the layer it called: Keras's traceback filter, AutoGraph's
+    call machinery (a model called inside a tf.function)."""
+    return function == "error_handler" or f"{os.sep}autograph{os.sep}" in filename
 
 
 def site_of_layer(layer: Any) -> str | None:

@@ -61,10 +61,12 @@ def test_keras3_fit_round_layer(diagnoser: Diagnoser, jit: bool) -> None:
 
 
 def test_keras3_fit_output_without_loss(diagnoser: Diagnoser) -> None:
+    """An output without a loss, trained by fit: not_on_loss_path, read where the user connected the head (the
+    fit line, the only user frame of the read, tells nothing)."""
     inputs = keras.Input((3,))
     trunk = keras.layers.Dense(4, name="trunk")(inputs)
     main = keras.layers.Dense(1, name="main")(trunk)
-    aux = keras.layers.Dense(1, name="aux")(trunk)
+    aux = keras.layers.Dense(1, name="aux")(trunk)  # CULPRIT
     model = keras.Model(inputs, {"main": main, "aux": aux})
     model.compile(optimizer="sgd", loss={"main": "mse"})
     seen: list[tuple[Diagnosis, list]] = []
@@ -73,8 +75,12 @@ def test_keras3_fit_output_without_loss(diagnoser: Diagnoser) -> None:
     model.fit(x, {"main": y}, epochs=1, batch_size=4, verbose=0)
 
     result, variables = seen[0]
-    categories = {variable_path(variables[i]): c.category for i, c in result.causes.items()}
-    assert categories == {"aux/kernel": "not_on_loss_path", "aux/bias": "not_on_loss_path"}
+    causes = {variable_path(variables[i]): c for i, c in result.causes.items()}
+    assert {name: c.category for name, c in causes.items()} == dict.fromkeys(
+        ["aux/kernel", "aux/bias"], "not_on_loss_path"
+    )
+    where = f"{os.sep}test_fit.py:{culprit_line(test_keras3_fit_output_without_loss)}"
+    assert all(c.location.endswith(where) for c in causes.values()), causes
 
 
 def test_keras3_fit_dead_relu_hint(diagnoser: Diagnoser) -> None:
