@@ -112,8 +112,9 @@ MISSING_CAUSES: dict[str, str] = {
     "tape), so the tape cannot follow it; use TensorFlow ops and call the model directly.",
     MissingCause.STATEFUL_ASSIGN: "The value reaches the loss through Variable.assign, which is written, not "
     "differentiated; use the computed tensor instead of assigning it to a variable.",
-    MissingCause.NOT_TRAINABLE: "The variable has trainable=False, so the tape does not watch it; set "
-    "trainable=True or do not pass it to the optimizer.",
+    MissingCause.NOT_TRAINABLE: "The variable has trainable=False, so the tape does not watch it; pass only "
+    "trainable variables to the optimizer (model.trainable_variables, not model.variables: a BatchNorm's moving "
+    "statistics are updated by assignment, not trained), or set trainable=True if it should train.",
     MissingCause.INTEGER_DTYPE: "The variable is integer or boolean and cannot have a gradient; make it floating "
     "point or do not pass it to the optimizer.",
     MissingCause.UNKNOWN: "gradtel could not determine why this gradient is missing.",
