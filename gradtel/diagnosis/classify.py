@@ -259,11 +259,22 @@ def _no_path(analysis: Analysis, variable: Any, keys: set[int], name: str, reach
     copied out to sample an action followed by the rewards' returns in the critic's loss, could be either, so it is
     ``unknown``.
     """
-    escapes = [
+    crossed = [
         e
         for e in analysis.flow.escapes
         if e.tensor in reach_from_var and e.seq > analysis.step_start and analysis.in_tape(e.seq)
     ]
+    escapes = [e for e in crossed if not e.decision]
+    decision = next((e for e in crossed if e.decision and e.tensor in analysis.flow.producer), None)
+    if decision is not None:  # as a cond's predicate in graph mode: the path turns boolean there
+        source = analysis.flow.producer[decision.tensor]
+        return make_cause(
+            "non_differentiable_op",
+            f"`{name}` only decides a Python `if` (at {decision.location}) through {describe_op(source.op_type)}, "
+            "whose boolean has no gradient",
+            op=source.op_type,
+            location=source.blamed_location(),
+        )
     returns = analysis.imports_into_loss
     whole_loss = not (analysis.loss_ancestors & analysis.trainable_keys)  # nothing trainable left in the loss
     for escape in escapes:

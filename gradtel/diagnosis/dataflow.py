@@ -99,6 +99,8 @@ class Crossing:
     #: The shape of the NumPy value that crossed (``()`` for a number): an array that comes back with the copy's
     #: leading (batch) dimension may be NumPy maths on it; one of another shape (a reward, a target) shows nothing.
     shape: tuple[int, ...] = ()
+    #: A tensor turned into a Python bool (an eager ``if`` on it): it decides Python control flow, no value comes back.
+    decision: bool = False
 
 
 class DataflowGraph:

@@ -40,7 +40,7 @@ from gradtel.diagnosis.frames import location_of_stack
 from gradtel.diagnosis.graph_source import carries_gradient, has_half
 
 #: Ways a tensor's values leave TensorFlow that Python code can see (NumPy's buffer-protocol reads cannot be hooked).
-_ESCAPE_METHODS = ("numpy", "__array__", "__float__", "__int__")
+_ESCAPE_METHODS = ("numpy", "__array__", "__float__", "__int__", "__bool__")
 #: tf.functions remembered by name at most (the newest kept).
 _MAX_FUNCTIONS = 256
 
@@ -267,7 +267,10 @@ class EagerRecorder:
             copied = method(tensor, *args, **kwargs)
             if noted is not None:
                 with contextlib.suppress(Exception):
-                    crossing = Crossing(tensor._id, *noted, value=_scalar(copied), shape=np.shape(copied))
+                    if method.__name__ == "__bool__":  # an `if` on the tensor: a decision, no value to come back
+                        crossing = Crossing(tensor._id, *noted, decision=True)
+                    else:
+                        crossing = Crossing(tensor._id, *noted, value=_scalar(copied), shape=np.shape(copied))
                     recorder.graph.add_escape(crossing)
             return copied
 

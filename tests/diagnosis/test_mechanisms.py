@@ -519,3 +519,20 @@ def test_numpy_numbers_in_the_loss_after_an_unseen_read_leave_the_cause_in_doubt
     result = diagnoser.diagnose(list(tape.gradient(loss, variables)), variables)
     causes = {variable_path(variables[i]): c.category for i, c in result.causes.items()}
     assert causes == {"actor/kernel": "unknown", "actor/bias": "unknown"}
+
+
+def test_a_variable_that_only_decides_a_python_if_is_cut_where_its_path_turns_boolean(diagnoser: Diagnoser) -> None:
+    """The eager twin of the cond predicate: ``if tf.reduce_mean(gate(x)) > 0`` picks an expert in Python; the gate's
+    path turns boolean at the comparison (non_differentiable_op there), as a tf.cond's predicate does in a trace."""
+    x = tf.ones((2, 3))
+    gate, expert_a, expert_b = (keras.layers.Dense(1, name=n) for n in ("gate", "expert_a", "expert_b"))
+    gate(x), expert_a(x), expert_b(x)
+    variables = gate.trainable_variables + expert_a.trainable_variables + expert_b.trainable_variables
+    with tf.GradientTape() as tape:
+        expert = expert_a if tf.reduce_mean(gate(x)) > -1e9 else expert_b  # GREATER
+        loss = tf.reduce_sum(expert(x))
+    result = diagnoser.diagnose(list(tape.gradient(loss, variables)), variables)
+    causes = {variable_path(variables[i]): c for i, c in result.causes.items()}
+    where = _line_of("# GREATER", test_a_variable_that_only_decides_a_python_if_is_cut_where_its_path_turns_boolean)
+    gate_causes = {n: (c.category, c.op, os.path.basename(c.location)) for n, c in causes.items() if "gate" in n}
+    assert gate_causes == dict.fromkeys(["gate/kernel", "gate/bias"], ("non_differentiable_op", "Greater", where))
