@@ -54,8 +54,11 @@ class _Site:
 _lock = threading.Lock()
 _users = 0  # installs not yet matched by an uninstall
 _patched: list[tuple[type, str, Any]] = []
-#: layer name -> its layers' sites, the newest last; dead layers are pruned as names recur
+#: layer name -> its layers' sites, the newest last; dead layers are pruned as names recur, and names whose layers
+#: are all dead whenever the table doubles (from _PRUNE_FLOOR names): bounded by the live layers
 _sites: dict[str, list[_Site]] = {}
+_PRUNE_FLOOR = 1024
+_prune_at = _PRUNE_FLOOR
 #: code objects of the base classes' ``__call__`` (a frame running one is a layer being called), by base
 _calls: dict[Any, bool] = {}
 
@@ -125,10 +128,15 @@ def _note_created(layer: Any) -> None:
     name = getattr(layer, "name", None)
     if where is None or not isinstance(name, str):
         return
+    global _prune_at
     with _lock:
         alive = [site for site in _sites.get(name, ()) if site.layer() is not None]
         alive.append(_Site(weakref.ref(layer), where))
         _sites[name] = alive
+        if len(_sites) > _prune_at:  # names that never recur (models built again and again): drop the dead ones
+            for key in [k for k, sites in _sites.items() if all(site.layer() is None for site in sites)]:
+                del _sites[key]
+            _prune_at = max(_PRUNE_FLOOR, 2 * len(_sites))
 
 
 def _note_connected(layer: Any) -> None:
