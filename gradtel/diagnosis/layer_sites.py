@@ -43,6 +43,7 @@ _SUFFIX = re.compile(r"_\d+$")
 class _Site:
     layer: weakref.ref
     created: str
+    keras3: bool  # a Keras 3 layer (else tf_keras): the two frameworks count their default names apart
     connected: set[str] = field(default_factory=set)
 
     @property
@@ -88,7 +89,7 @@ def _wrap_imported() -> None:
         code = getattr(inspect.unwrap(call), "__code__", None) if call is not None else None  # under Keras's filter
         if code is not None:
             _calls[code] = suffixed
-        _wrap(cls, "__init__", _note_created)
+        _wrap(cls, "__init__", functools.partial(_note_created, keras3=suffixed))
         if symbolic in cls.__dict__:
             _wrap(cls, symbolic, _note_connected)
 
@@ -123,7 +124,7 @@ def _wrap(cls: type, name: str, note: Any) -> None:
     _patched.append((cls, name, original))
 
 
-def _note_created(layer: Any) -> None:
+def _note_created(layer: Any, keras3: bool) -> None:
     where = location_of_stack(3)
     name = getattr(layer, "name", None)
     if where is None or not isinstance(name, str):
@@ -131,7 +132,7 @@ def _note_created(layer: Any) -> None:
     global _prune_at
     with _lock:
         alive = [site for site in _sites.get(name, ()) if site.layer() is not None]
-        alive.append(_Site(weakref.ref(layer), where))
+        alive.append(_Site(weakref.ref(layer), where, keras3))
         _sites[name] = alive
         if len(_sites) > _prune_at:  # names that never recur (models built again and again): drop the dead ones
             for key in [k for k, sites in _sites.items() if all(site.layer() is None for site in sites)]:
@@ -221,10 +222,13 @@ def site_of_layer(layer: Any) -> str | None:
 
 def site_of_scope(op_name: str, suffixed: bool) -> str | None:
     """Where the layer an op belongs to was created, from the op's name (``model_1/dense_1/MatMul``): the innermost
-    scope that names live layers, if they all sit on one line; else None."""
+    scope that names layers of the op's framework (``suffixed``: Keras 3), the live ones if any, if they all sit on
+    one line; else None."""
     for scope in reversed(op_name.split("/")[:-1]):
         name = _SUFFIX.sub("", scope) if suffixed else scope
-        sites = {site.where for site in _sites.get(name, ()) if site.layer() is not None}
+        named = [site for site in _sites.get(name, ()) if site.keras3 == suffixed]
+        alive = [site for site in named if site.layer() is not None]
+        sites = {site.where for site in alive or named}  # a trace's hints may be asked after its model is gone
         if sites:
             return sites.pop() if len(sites) == 1 else None
     return None

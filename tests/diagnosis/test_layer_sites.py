@@ -8,6 +8,7 @@ import inspect
 
 import keras
 import pytest
+import tensorflow as tf
 
 from gradtel.diagnosis import layer_sites
 
@@ -65,3 +66,37 @@ def test_the_table_stays_bounded_by_the_live_layers(sites) -> None:
         keras.layers.Dense(1, name=f"throwaway_{i}")
     gc.collect()
     assert len(layer_sites._sites) <= 2 * layer_sites._PRUNE_FLOOR + 1
+
+
+def _traced_relu_step(diagnoser):
+    """A Sequential model's step traced, its zero hints deferred; only the graph outlives this function."""
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, name="gone_hidden"),
+            keras.layers.ReLU(),  # RELU
+            keras.layers.Dense(1, name="gone_out"),
+        ]
+    )
+    box = {}
+
+    @tf.function
+    def traced(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x))
+        grads = tape.gradient(loss, model.trainable_variables)
+        box["result"] = diagnoser.diagnose(list(grads), list(model.trainable_variables))
+
+    traced(tf.ones((2, 3)))
+    return box["result"], traced.get_concrete_function(tf.ones((2, 3))).graph
+
+
+def test_a_deferred_hint_names_the_layer_after_the_model_is_gone(diagnoser) -> None:
+    """A trace's zero hints are worked out when a zero shows up, maybe after the model was dropped (its layers'
+    weak references dead): the layer's line still stands, as the only layer of that name."""
+    result, graph = _traced_relu_step(diagnoser)
+    gc.collect()
+    lines, first = inspect.getsourcelines(_traced_relu_step)
+    where = f"{__file__}:{first + next(i for i, line in enumerate(lines) if '# RELU' in line)}"
+    assert {hint.location for hint in result.zero_hints.values()} == {where}
+    del graph
