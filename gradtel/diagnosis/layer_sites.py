@@ -90,8 +90,10 @@ def _wrap_imported() -> None:
         if code is not None:
             _calls[code] = suffixed
         _wrap(cls, "__init__", functools.partial(_note_created, keras3=suffixed))
-        if symbolic in cls.__dict__:
-            _wrap(cls, symbolic, _note_connected)
+        # Keras 3.15 defines symbolic_call on Layer, Keras 3.8 on its base Operation (then ops pass through it too)
+        owner = next((base for base in cls.__mro__ if symbolic in base.__dict__), None)
+        if owner is not None and not any(c is owner and n == symbolic for c, n, _ in _patched):
+            _wrap(owner, symbolic, _note_connected)
 
 
 def uninstall() -> None:
@@ -143,14 +145,16 @@ def _note_created(layer: Any, keras3: bool) -> None:
 def _note_connected(layer: Any) -> None:
     """A symbolic call: noted only when the user called the layer, the frame above its ``__call__`` (and Keras's
     traceback filter) being the user's (a Sequential model connecting its layers is not the user's line)."""
+    site = _site(layer)
+    if site is None:  # not a layer noted here (an op, in Keras 3.8)
+        return
     frame: FrameType | None = sys._getframe(2)
     while frame is not None and frame.f_code not in _calls:
         frame = frame.f_back
     frame = frame.f_back if frame is not None else None
     while frame is not None and frame.f_code.co_name == "error_handler" and is_library_file(frame.f_code.co_filename):
         frame = frame.f_back
-    site = _site(layer)
-    if frame is not None and site is not None and not is_library_file(frame.f_code.co_filename):
+    if frame is not None and not is_library_file(frame.f_code.co_filename):
         site.connected.add(f"{frame.f_code.co_filename}:{frame.f_lineno}")
 
 
