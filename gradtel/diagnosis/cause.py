@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gradtel.diagnosis.op_rules import CAPPED_ACTIVATIONS
 from gradtel.vocabulary import CauseName, MissingCause, ZeroCause, cause, fix_for
 
 #: Category used when the diagnosis itself failed or had nothing to go on.
@@ -187,7 +188,7 @@ def _dead_relu(check: ReluCheck, zero: set[int], names: Sequence[str]) -> tuple[
                 if current.used
                 else "another op that can zero a gradient (a clip, tanh or sigmoid) follows it with no layer between"
             )
-        elif alive or current.op == "Relu6":  # nothing after it to tell, and a Relu6 is as likely at its cap
+        elif alive or current.op in CAPPED_ACTIVATIONS:  # nothing after it to tell; a capped one may be at its cap
             return None, alive or (
                 f"nothing after the {current.op} at {current.location} tells whether its units were below 0 or "
                 "above 6 (a hard sigmoid's cap)"

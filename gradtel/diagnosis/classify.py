@@ -28,9 +28,11 @@ from gradtel.diagnosis.op_rules import (
     ADDING_OPS,
     ASSIGN_OPS,
     CLIPPING_OPS,
+    CONSTANT_OPS,
     GATING_ACTIVATIONS,
     MULTIPLYING_OPS,
     SATURATING_OPS,
+    SELECT_OPS,
     USER_GRADIENT_OPS,
     ZERO_GRADIENT_OPS,
     ZERO_KEEPING_OPS,
@@ -563,8 +565,6 @@ def zero_hint(analysis: Analysis, keys: set[int], name: str, float16: bool) -> C
     return None
 
 
-#: Ops that make a constant: a select's other input made by one is (most likely) a dropout's zeros.
-_CONSTANT_OPS = frozenset({"Const", "ZerosLike", "Fill"})
 #: Ops a variable's value passes through unchanged on its way to the op that uses it (Keras's autocast, reads).
 _PASS_THROUGH = frozenset({"Identity", "Cast", "ReadVariableOp"})
 #: Distinct ReLUs whose witnesses one diagnosis works out at most (one descendants walk each); hints beyond stand.
@@ -591,10 +591,10 @@ def relu_witnesses(
     witnesses: dict[int, ReluCheck] = {}
     for index, keys in wanted:
         chain: list[Node] = []
-        relu = _oldest(nearest, keys)
+        relu = _newest(nearest, keys, oldest=True)
         while relu is not None and id(relu) not in checks and len(checks) + len(chain) < _MAX_WITNESSED_RELUS:
             chain.append(relu)
-            relu = _oldest(nearest, set(relu.outputs))
+            relu = _newest(nearest, set(relu.outputs), oldest=True)
         after = checks.get(id(relu)) if relu is not None else None
         unchecked = relu is not None and after is None
         for node in reversed(chain):
@@ -618,10 +618,10 @@ def _relu_check(
     def keeps_zeros(node: Node) -> bool:  # Keras's Dropout: where(mask, x * scale, 0) keeps a zero x zero
         if node.op_type in ZERO_KEEPING_OPS:
             return True
-        if node.op_type not in ("SelectV2", "Select") or len(node.inputs) != 3:
+        if node.op_type not in SELECT_OPS or len(node.inputs) != 3:
             return False
         other = flow.producer.get(node.inputs[2])
-        return other is None or other.op_type in _CONSTANT_OPS
+        return other is None or other.op_type in CONSTANT_OPS
 
     stretch = flow.descendants(relu.outputs, crosses=lambda n: n.op_type not in SATURATING_OPS and ahead(n))
     zeros = flow.descendants(relu.outputs, crosses=lambda n: keeps_zeros(n) and ahead(n))
@@ -661,14 +661,10 @@ def _uses(analysis: Analysis, keys: set[int]) -> list[Node]:
     return list(found.values())
 
 
-def _newest(table: dict[int, Node], keys: set[int]) -> Node | None:
+def _newest(table: dict[int, Node], keys: set[int], oldest: bool = False) -> Node | None:
+    """The newest (``oldest``: the oldest) node the table gives for these tensors."""
     found = [table[k] for k in keys if k in table]
-    return max(found, key=lambda n: n.seq) if found else None
-
-
-def _oldest(table: dict[int, Node], keys: set[int]) -> Node | None:
-    found = [table[k] for k in keys if k in table]
-    return min(found, key=lambda n: n.seq) if found else None
+    return (min if oldest else max)(found, key=lambda n: n.seq) if found else None
 
 
 def influences_loss(analysis: Analysis, keys: set[int]) -> bool:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gradtel.diagnosis.op_rules import ASSIGN_OPS, READ_OPS, SHAPE_ONLY_OPS
+
+if TYPE_CHECKING:
+    from gradtel.diagnosis.layer_sites import LayerSite
 
 #: Node kinds: a real op, a synthetic edge into/out of a function body, or an op whose gradient is
 #: user code that the walker cannot see into (its gradient may be None even though it is registered).
@@ -50,7 +53,7 @@ class Node:
     zero_filled: bool = False  # in a cond branch or loop body: a None gradient through it becomes zeros
     #: Where the user created (or connected) the library layer that made this op, when a library model ran that
     #: layer (a ``layer_sites.LayerSite``, or a callable that makes it); None otherwise.
-    site: Any = None
+    site: LayerSite | Callable[[], LayerSite | None] | None = None
 
     def location(self) -> str | None:
         """The user's ``file:line`` for this op, resolved on first use (tracebacks are costly)."""
@@ -71,7 +74,7 @@ class Node:
         site = self._layer_site()
         return site.line if site is not None and site.by_library else self.location()
 
-    def _layer_site(self) -> Any:
+    def _layer_site(self) -> LayerSite | None:
         if callable(self.site):
             self.site = self.site()
         return self.site

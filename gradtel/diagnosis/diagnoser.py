@@ -45,7 +45,9 @@ class Diagnoser:
 
     def __init__(self, max_recorded_ops: int = 100_000) -> None:
         self._recorder = EagerRecorder(max_recorded_ops)
-        self._tapes = TapeHook(self._recorder.clock, self._recorder.paused, self._recorder.note_gradient)
+        self._tapes = TapeHook(
+            self._recorder.clock, self._recorder.paused, self._recorder.note_gradient, lambda: self._recorder.armed
+        )
         self._pipeline = PipelineHook()
         self._eager_cache: OrderedDict[_Key, Diagnosis] = OrderedDict()
         self._graph_cache: weakref.WeakKeyDictionary[Any, dict[_Key, Diagnosis]] = weakref.WeakKeyDictionary()

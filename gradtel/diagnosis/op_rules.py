@@ -49,6 +49,12 @@ MULTIPLYING_OPS = frozenset(
     {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Mul"}
     | {"Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput"}
 )
+#: Selects: one keeps a zero input zero when its other branch is a constant (Keras's Dropout: where(mask, x, 0)).
+SELECT_OPS = frozenset({"SelectV2", "Select"})
+#: Ops that make a constant: a select's other input made by one is (most likely) a dropout's zeros.
+CONSTANT_OPS = frozenset({"Const", "ZerosLike", "Fill"})
+#: Gating activations capped above too (a hard sigmoid's Relu6): a zero gradient may be the cap, not a dead unit.
+CAPPED_ACTIVATIONS = frozenset({"Relu6"})
 #: Ops that add a bias to a product (a layer's bias after its kernel).
 ADDING_OPS = frozenset({"BiasAdd", "AddV2", "Add"})
 #: tf.numpy_function: runs Python, registered without a gradient.

@@ -75,10 +75,14 @@ class TapeHook:
         eager_clock: Callable[[], int],
         eager_pause: Callable[[], Any],
         eager_note: Callable[[Any, Any, Any], None] = lambda target, sources, result: None,
+        eager_recording: Callable[[], bool] = lambda: True,
     ) -> None:
         self._eager_clock = eager_clock
         self._eager_pause = eager_pause
         self._eager_note = eager_note  # an eager gradient call, as one op of the recording
+        # Whether an eager call's result can be used: a step is diagnosed only while the recorder records, and noting
+        # it flattens every gradient (O(variables) on each eager step otherwise)
+        self._eager_recording = eager_recording
         self._originals: dict[str, Any] = {}
         # Each hook keeps its own intervals on the tape: two installed hooks (a process's diagnoser and another
         # one) must not close each other's.
@@ -114,7 +118,7 @@ class TapeHook:
             with hook._eager_pause() if eager else contextlib.nullcontext():
                 result = gradient(tape, target, sources, *args, **kwargs)
             with contextlib.suppress(Exception):
-                if call is not None:
+                if call is not None and (not eager or hook._eager_recording()):
                     _note_result(call, sources, result)
                 if eager:  # its backward ops are not recorded (paused): the call stands for them
                     hook._eager_note(target, sources, result)
